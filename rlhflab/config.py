@@ -1,0 +1,224 @@
+"""Typed, nested dataclass configs: YAML file + `key=value` overrides, validated on load.
+
+Every stage defines its config as a dataclass whose fields carry a docstring on the
+line below them (CleanRL style). `load_config(Cls, path, overrides)` builds one, checks
+every type, runs each dataclass's `validate()` and raises `ConfigError` naming the
+offending key and value. `save_config` writes the resolved config beside an output.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+from rlhflab.errors import ConfigError
+from rlhflab.io import atomic_write_text
+
+
+def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = (),
+                base: dict | None = None):
+    """Build `cls` from defaults <- `base` <- YAML file <- `key=value` overrides."""
+    raw: dict = {}
+    if base:
+        _merge(raw, base)
+    if path is not None:
+        _merge(raw, _read_yaml(Path(path)))
+    for item in overrides:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value", field=item)
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key, parsed)
+    obj = _build(cls, raw, prefix="", source=str(path) if path else None)
+    _validate(obj, prefix="")
+    return obj
+
+
+def save_config(obj, path: str | Path) -> None:
+    atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def check(condition: bool, key: str, value: Any, why: str) -> None:
+    """Raise ConfigError for `key` unless `condition` holds (used inside `validate()`)."""
+    if not condition:
+        raise ConfigError(f"{why} (got {value!r})", field=key)
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring under each field of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls, prefix: str = "") -> list[str]:
+    """One line per (dotted) field: key, default and docstring. Used by `--help-config`."""
+    lines, docs = [], field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    default_obj = cls()
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(describe(tp, key + "."))
+            continue
+        default = getattr(default_obj, f.name)
+        lines.append(f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
+    return lines
+
+
+# --------------------------------------------------------------------------- internals
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError("config file not found", file=str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"not valid UTF-8 (byte {e.start})", file=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
+                          line=None if line is None else line + 1) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("top level must be a mapping of key: value", file=str(path))
+    return data
+
+
+def _merge(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str, source: str | None):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping, got {type(raw).__name__}",
+                          field=prefix.rstrip(".") or "<root>", file=source)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown key (known: {', '.join(sorted(names))})",
+                              field=prefix + str(key), file=source)
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, key + ".", source)
+        else:
+            kwargs[name] = _coerce(value, tp, key, source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
+    origin = get_origin(tp)
+    bad = ConfigError(f"expected {_type_name(tp)}, got {value!r}", field=key, file=source)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError:
+                pass
+        raise bad
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"must be one of {list(get_args(tp))}, got {value!r}",
+                              field=key, file=source)
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item_tp, *_) = get_args(tp) or (Any,)
+        return [_coerce(v, item_tp, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _validate(obj, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        child = getattr(obj, f.name)
+        if dataclasses.is_dataclass(child):
+            _validate(child, prefix + f.name + ".")
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as e:
+            if e.field is not None and prefix and not e.field.startswith(prefix):
+                e.field = prefix + e.field
+                e.args = (str(e),)
+            raise
