@@ -1,0 +1,141 @@
+"""Model plumbing shared by every stage: loading, padding-safe forwards, log-probs, scores.
+
+Policies are `AutoModelForCausalLM`; reward and value models are
+`AutoModelForSequenceClassification` with one label, read at the last real token of
+each sequence (§3.5). Nothing here downloads: paths are local directories, and
+`trust_remote_code` stays off unless a caller passes it explicitly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
+                          AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase)
+
+from rlhflab.errors import InputError
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+REWARD_BIAS_KEY = "rlhflab_reward_bias"
+"""Config attribute holding the offset that makes demonstrations score mean 0 (§3.5)."""
+
+# Two GPT-2-shaped sizes about 10x apart in parameters, both trainable on 2 CPU cores.
+LAB_SIZES = {
+    "small": dict(n_layer=2, n_embd=64, n_head=4),
+    "large": dict(n_layer=4, n_embd=192, n_head=6),
+}
+
+
+def lab_model(size: str, tokenizer: PreTrainedTokenizerBase, n_positions: int = 256,
+              dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
+    """A fresh GPT-2-shaped model built from config (no download)."""
+    if size not in LAB_SIZES:
+        raise InputError(f"unknown size {size!r} (known: {', '.join(LAB_SIZES)})", field="size")
+    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                     pad_token_id=tokenizer.pad_token_id, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, **LAB_SIZES[size])
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(cfg)
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_dir(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise InputError(f"not a Hugging Face model directory (no config.json) for the {what}",
+                         file=str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    path = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load a tokenizer: {str(e).splitlines()[0]}", file=str(path)) from None
+    if tok.pad_token_id is None:
+        # Llama-style tokenizers ship without pad; reuse eos for padding only.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, **kw):
+    path = _check_dir(path, "policy")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                    trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot load a causal LM: {str(e).splitlines()[0]}", file=str(path)) from None
+
+
+def load_reward_model(path: str | Path, trust_remote_code: bool = False, **kw):
+    """A scalar-head model; from an LM directory the head starts fresh (§3.5: RM from SFT)."""
+    path = _check_dir(path, "reward model")
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code, **kw)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot load a reward model: {str(e).splitlines()[0]}", file=str(path)) from None
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so padded and unpadded forwards agree."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row, for left or right padding.  (B,)"""
+    T = attention_mask.shape[-1]
+    idx = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), idx, -1).max(-1).values
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden layer of a sequence-classification model's backbone.  (B, T, H)"""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head at every position (the value function's per-token output).  (B, T)"""
+    h = hidden_states(model, input_ids, attention_mask)
+    return model.score(h).squeeze(-1).float() + reward_bias(model)
+
+
+def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r_θ(x, y): the scalar head at the last real token, plus the demo-centring bias.  (B,)"""
+    values = token_values(model, input_ids, attention_mask)  # (B, T)
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
+def reward_bias(model) -> float:
+    return float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[labels] without keeping a full-vocabulary log-prob tensor.
+
+    logits (B, T, V), labels (B, T) -> (B, T).
+    """
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per position.  (B, T, V) -> (B, T)"""
+    logits = logits.float()
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
