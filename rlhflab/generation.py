@@ -1,0 +1,77 @@
+"""Batched sampling with the KV cache, for any Hugging Face causal LM.
+
+Prompts are left-padded so every row's next token sits in the last column; each step
+feeds one new token per row and reuses the cache. Rows that have emitted eos are
+padded from then on. Returns only the response tokens and, for free, the log-prob
+of each sampled token under the same temperature (§3.5 / App. C.4: the temperature
+used in rollouts is the one used for training log-probs).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhflab.models import position_ids
+from rlhflab.text import pad_left
+
+
+@dataclass
+class Generation:
+    responses: torch.Tensor
+    """(B, R) sampled token ids; after eos (included) the row holds pad."""
+    logprobs: torch.Tensor
+    """(B, R) log π(token) at the sampling temperature; 0 on padding."""
+    mask: torch.Tensor
+    """(B, R) 1 on response tokens up to and including eos."""
+    ended: torch.Tensor
+    """(B,) True where the response emitted eos (False: truncated at max_new_tokens)."""
+
+
+@torch.no_grad()
+def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+           temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+           force_length: bool = False) -> Generation:
+    """Sample one response per query.
+
+    force_length: never stop at eos (benchmarks compare fixed-length work).
+    """
+    device = next(model.parameters()).device
+    ids, mask = pad_left(queries, pad_id)
+    ids, mask = ids.to(device), mask.to(device)
+    B = ids.shape[0]
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lps = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    ended = torch.zeros(B, dtype=torch.bool, device=device)
+    resp_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+
+    past = None
+    step_ids, pos = ids, position_ids(mask)
+    for t in range(max_new_tokens):
+        o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
+                  past_key_values=past, use_cache=True)
+        past = o.past_key_values
+        logits = o.logits[:, -1, :].float()  # (B, V)
+        if force_length:
+            logits[:, eos_id] = float("-inf")
+        if greedy:
+            tok = logits.argmax(-1)
+            logp = torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
+        else:
+            logp_all = torch.log_softmax(logits / temperature, -1)
+            tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
+            logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        live = ~done
+        out[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
+        lps[:, t] = torch.where(live, logp, torch.zeros_like(logp))
+        resp_mask[:, t] = live.long()
+        hit = live & (tok == eos_id)
+        ended |= hit
+        done |= hit
+        if bool(done.all()):
+            break
+        step_ids = out[:, t: t + 1]
+        mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
+        pos = pos[:, -1:] + 1
+    return Generation(out, lps, resp_mask, ended)
