@@ -1,0 +1,80 @@
+"""Capability benchmarks (the alignment tax): scored the way the paper scores GPT-3.
+
+Items are in the web corpus's natural form, with no instruction template: reading
+(SQuAD-like, F1 of a greedy answer), arithmetic (DROP-like, exact match), continuation
+(HellaSwag-like, choice by mean log-likelihood) and cipher (translation-like, exact).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from rlhflab.data import iter_jsonl
+from rlhflab.generation import sample
+from rlhflab.models import token_logprobs
+from rlhflab.text import pad_right
+
+BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher")
+
+
+def load_benchmarks(world_dir: str | Path, limit: int | None = None) -> dict[str, list[dict]]:
+    out = {}
+    for name in BENCHMARKS:
+        rows = [obj for _, obj in iter_jsonl(Path(world_dir) / "benchmarks" / f"{name}.jsonl")]
+        out[name] = rows[:limit] if limit else rows
+    return out
+
+
+def _context_ids(tokenizer, text: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def _greedy(model, tokenizer, contexts: list[str], n_tokens: int = 6) -> list[str]:
+    gen = sample(model, [_context_ids(tokenizer, c) for c in contexts], pad_id=tokenizer.pad_token_id,
+                 eos_id=tokenizer.eos_token_id, max_new_tokens=n_tokens, greedy=True)
+    texts = [tokenizer.decode([t for t in r.tolist() if t != tokenizer.pad_token_id], skip_special_tokens=True)
+             for r in gen.responses]
+    return [re.split(r"[.\n]", t)[0].strip().lower() for t in texts]
+
+
+def _f1(pred: str, gold: str) -> float:
+    p, g = pred.split(), gold.lower().split()
+    common = sum(min(p.count(w), g.count(w)) for w in set(g))
+    return 0.0 if not common else 2 * common / (len(p) + len(g))
+
+
+@torch.no_grad()
+def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
+    correct = 0
+    for item in items:
+        ctx = _context_ids(tokenizer, item["context"])
+        ends = [tokenizer(e, add_special_tokens=False)["input_ids"] for e in item["endings"]]
+        ids, mask = pad_right([ctx + e for e in ends], tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
+        scores = [float(lp[k, len(ctx) - 1: len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
+        correct += int(max(range(len(ends)), key=scores.__getitem__) == item["label"])
+    return correct / max(1, len(items))
+
+
+@torch.no_grad()
+def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    out = {}
+    if bench.get("reading"):
+        preds = _greedy(model, tokenizer, [x["context"] for x in bench["reading"]])
+        out["reading"] = sum(_f1(p, x["answer"]) for p, x in zip(preds, bench["reading"])) / len(preds)
+    for name in ("arithmetic", "cipher"):
+        if bench.get(name):
+            preds = _greedy(model, tokenizer, [x["context"] for x in bench[name]])
+            out[name] = sum((p.split() or [""])[0] == x["answer"].lower() for p, x in zip(preds, bench[name])) / len(preds)
+    if bench.get("continuation"):
+        out["continuation"] = _choice_accuracy(model, tokenizer, bench["continuation"])
+    out["mean"] = sum(out.values()) / max(1, len(out))
+    model.train(was_training)
+    return {k: round(v, 4) for k, v in out.items()}

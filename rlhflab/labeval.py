@@ -1,0 +1,69 @@
+"""Measuring a policy against the lab world's truth (never a training signal).
+
+`respond` answers prompts in batches with the KV cache; `gold_of_policy` scores the
+answers with the gold scorer; `make_lab_evaluator` bundles gold quality, the style
+distribution and the capability benchmarks into the callable PPO logs every few steps.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from rlhflab.generation import sample
+from rlhflab.text import decode_response, encode_query
+from rlhflab.world.gold import STYLES
+
+
+@torch.no_grad()
+def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, greedy: bool = True,
+            temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[str]:
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10**9)
+    for i in range(0, len(prompts), batch_size):
+        queries = [encode_query(tokenizer, p) for p in prompts[i: i + batch_size]]
+        room = max(1, min(max_new_tokens, n_pos - max(len(q) for q in queries)))
+        gen = sample(model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                     max_new_tokens=room, greedy=greedy, temperature=temperature, generator=g)
+        out.extend(decode_response(tokenizer, r) for r in gen.responses)
+    model.train(was_training)
+    return out
+
+
+def summarize_judgements(judgements) -> dict[str, float]:
+    n = max(1, len(judgements))
+    styles = Counter(j.style for j in judgements)
+    out = {"gold": sum(j.quality for j in judgements) / n,
+           "fails_instruction": sum(not j.followed for j in judgements) / n,
+           "hallucination": sum(j.hallucination for j in judgements) / n,
+           "toxic": sum(j.toxic for j in judgements) / n,
+           "words": sum(j.n_words for j in judgements) / n}
+    out.update({f"style/{s}": styles.get(s, 0) / n for s in STYLES})
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def gold_of_policy(model, tokenizer, world, prompts: list[str], max_new_tokens: int = 48,
+                   greedy: bool = True) -> dict[str, float]:
+    responses = respond(model, tokenizer, prompts, max_new_tokens, greedy=greedy)
+    return summarize_judgements([world.judge(p, r) for p, r in zip(prompts, responses)])
+
+
+def make_lab_evaluator(world_dir: str, val_prompts: list[str], max_new_tokens: int = 48,
+                       temperature: float = 1.0, capability_items: int = 60):
+    """A callable (policy, tokenizer, step) -> metrics for PPO's periodic measurement."""
+    from rlhflab.capability import capability_scores, load_benchmarks
+    from rlhflab.world import load_world
+
+    world = load_world(world_dir)
+    bench = load_benchmarks(world_dir, limit=capability_items)
+
+    def evaluate(policy, tokenizer, step: int = 0) -> dict[str, float]:
+        metrics = gold_of_policy(policy, tokenizer, world, val_prompts, max_new_tokens)
+        out = {f"eval/{k}": v for k, v in metrics.items()}
+        out.update({f"eval/capability/{k}": v for k, v in capability_scores(policy, tokenizer, bench).items()})
+        return out
+
+    return evaluate

@@ -1,0 +1,201 @@
+"""Stage 0: pretrain a GPT-shaped `transformers` model on the lab world's web corpus.
+
+(Lab world only: any local Hugging Face causal LM can replace this stage.) Documents
+are laid out as [bos] text [eos] and packed into one token stream; each step reads
+random windows of it. The result knows the world but continues instructions the way
+the web does: the misalignment the later stages fix.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.config import check, save_config
+from rlhflab.data import read_texts
+from rlhflab.errors import InputError
+from rlhflab.io import MetricsLog, atomic_dir, write_json
+from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
+from rlhflab.tokenizer import train_tokenizer
+from rlhflab.training import NonFiniteGuard, cosine_schedule, progress, set_seed
+
+
+@dataclass
+class PretrainConfig:
+    world: str = ""
+    """Lab world directory (from `rlhflab world`); supplies corpus, tokenizer and the gold check."""
+    corpus: str = ""
+    """Pretraining text ({"text"} JSONL or .txt); default: <world>/corpus_train.jsonl."""
+    val_corpus: str = ""
+    """Held-out text for the loss; default: <world>/corpus_val.jsonl."""
+    tokenizer: str = ""
+    """Tokenizer directory; default: <world>/tokenizer, else one is trained on the corpus."""
+    vocab_size: int = 1024
+    """BPE vocabulary size when a tokenizer is trained here."""
+    size: Literal["small", "large"] = "small"
+    """Model preset: 'small' (~0.2M params) or 'large' (~2M params, ~10x)."""
+    out_dir: str = "runs/pretrain"
+    """Output directory (model, tokenizer, metrics.jsonl, config.yaml, summary.json)."""
+    steps: int = 1500
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Windows per step."""
+    seq_len: int = 128
+    """Tokens per window (also the model's context length)."""
+    lr: float = 3e-3
+    """Peak learning rate (tiny models take a large one); cosine decay to 10%."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    eval_every: int = 250
+    """Steps between held-out loss evaluations."""
+    save_every: int = 500
+    """Steps between resumable checkpoints."""
+    gold_prompts: int = 100
+    """Held-out lab instructions answered greedily at the end to measure gold quality (0: skip)."""
+    seed: int = 0
+    """Seed for initialisation and data order."""
+
+    def validate(self):
+        check(bool(self.world or self.corpus), "corpus", self.corpus, "give a corpus or a lab world")
+        check(self.steps > 0, "steps", self.steps, "must be positive")
+        check(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
+        check(16 <= self.seq_len <= 4096, "seq_len", self.seq_len, "must be in 16..4096")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be positive")
+        check(self.vocab_size >= 300, "vocab_size", self.vocab_size, "must be at least 300")
+        check(self.size in LAB_SIZES, "size", self.size, f"must be one of {list(LAB_SIZES)}")
+
+
+def _paths(cfg: PretrainConfig) -> tuple[Path, Path | None, Path | None]:
+    world = Path(cfg.world) if cfg.world else None
+    corpus = Path(cfg.corpus) if cfg.corpus else world / "corpus_train.jsonl"
+    val = Path(cfg.val_corpus) if cfg.val_corpus else (world / "corpus_val.jsonl" if world else None)
+    tok = Path(cfg.tokenizer) if cfg.tokenizer else (world / "tokenizer" if world else None)
+    return corpus, val, tok
+
+
+def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
+    """[bos] text [eos] for every document, concatenated.  (N,)"""
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out = []
+    for doc in ids:
+        out.append(tokenizer.bos_token_id)
+        out.extend(doc)
+        out.append(tokenizer.eos_token_id)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def windows(stream: torch.Tensor, batch: int, seq_len: int, seed: int, step: int) -> torch.Tensor:
+    """Random windows for `step`, a pure function of (seed, step) so resume is exact.  (B, T)"""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=g)
+    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+
+
+@torch.no_grad()
+def eval_loss(model, stream: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    model.eval()
+    n = min(max_windows, max(1, (len(stream) - 1) // seq_len))
+    total, count = 0.0, 0
+    for i in range(0, n, 16):
+        x = torch.stack([stream[j * seq_len: (j + 1) * seq_len] for j in range(i, min(n, i + 16))])
+        total += float(model(input_ids=x, labels=x).loss) * x.numel()
+        count += x.numel()
+    model.train()
+    return total / count
+
+
+def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
+    """Cross-entropy (nats/token) of the add-one unigram model: the baseline to beat."""
+    counts = Counter(train.tolist())
+    total = len(train) + vocab
+    return -sum(math.log((counts.get(t, 0) + 1) / total) for t in val.tolist()) / len(val)
+
+
+def train(cfg: PretrainConfig) -> tuple[Path, dict]:
+    corpus_path, val_path, tok_path = _paths(cfg)
+    texts = read_texts(corpus_path)  # validated before anything is written
+    val_texts = read_texts(val_path) if val_path else texts[-max(1, len(texts) // 50):]
+    out = Path(cfg.out_dir)
+    tokenizer = load_tokenizer(tok_path) if tok_path and tok_path.exists() else train_tokenizer(texts, cfg.vocab_size)
+    stream, val_stream = token_stream(tokenizer, texts), token_stream(tokenizer, val_texts)
+    if len(stream) <= cfg.seq_len or len(val_stream) <= cfg.seq_len:
+        raise InputError(f"corpus too short for seq_len {cfg.seq_len}", file=str(corpus_path))
+
+    set_seed(cfg.seed)
+    model = lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = cosine_schedule(opt, cfg.steps, cfg.warmup_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if has_checkpoint(out):
+        state = load_checkpoint(out, {"model": model}, {"opt": opt})
+        sched.load_state_dict(state["scheduler"])
+        start = state["step"]
+    save_config(cfg, out / "config.yaml")
+    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=start if start else None)
+    guard = NonFiniteGuard(where="pretrain")
+    model.train()
+    t0, tokens = time.time(), 0
+    bar = progress(total=cfg.steps, initial=start, desc=f"pretrain {cfg.size}")
+    for step in range(start + 1, cfg.steps + 1):
+        x = windows(stream, cfg.batch_size, cfg.seq_len, cfg.seed, step)
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if guard.ok(loss, model.parameters()):
+            opt.step()
+        sched.step()
+        tokens += x.numel()
+        row = {"step": step, "pretrain/loss": round(loss.item(), 5), "pretrain/lr": sched.get_last_lr()[0]}
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            row["pretrain/val_loss"] = round(eval_loss(model, val_stream, cfg.seq_len), 5)
+            bar.set_postfix(loss=f"{float(loss):.3f}", val=row["pretrain/val_loss"])
+        log.log(row)
+        bar.update(1)
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(out, {"model": model}, {"opt": opt}, {"step": step, "scheduler": sched.state_dict()})
+    bar.close()
+    elapsed = time.time() - t0
+
+    summary = {"params": n_params(model), "size": cfg.size, "steps": cfg.steps,
+               "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),
+               "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
+               "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+    if cfg.world and cfg.gold_prompts:
+        from rlhflab.labeval import gold_of_policy
+        from rlhflab.world import load_world
+
+        world = load_world(cfg.world)
+        prompts = [t.prompt for t in world.splits["test"][: cfg.gold_prompts]]
+        summary.update({f"base_{k}": v for k, v in gold_of_policy(model.eval(), tokenizer, world, prompts).items()})
+    with atomic_dir(out / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(out / "summary.json", summary)
+    return out / "model", summary
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rlhflab.cli import stage_parser
+    stage_parser(parser)
+
+
+def run_cli(args) -> int:
+    from rlhflab.cli import load_stage_config
+
+    cfg = load_stage_config(PretrainConfig, args)
+    model_dir, s = train(cfg)
+    gold = f", greedy gold quality on held-out instructions {s['base_gold']:.3f}" if "base_gold" in s else ""
+    print(f"pretrained {cfg.size} ({s['params']:,} params) -> {model_dir}: held-out loss {s['val_loss']:.3f} "
+          f"vs unigram {s['unigram_loss']:.3f} nats/token{gold}")
+    return 0

@@ -1,0 +1,113 @@
+"""The lab world: a seeded instruction world whose true quality is known (DESIGN §1).
+
+`World(seed, scale)` regenerates everything deterministically; `load_world(dir)` does
+so from a directory written by `rlhflab world`. The one interface every caller uses:
+
+    world.judge(prompt, response) -> Judgement(quality, style, ...)
+
+(the gold scorer), `world.labelers` / `world.heldout_labelers` (the simulated
+labelers), and the task index behind both.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from rlhflab.errors import InputError
+from rlhflab.world import facts as F
+from rlhflab.world.corpus import draw_task
+from rlhflab.world.gold import Judgement, judge, write
+from rlhflab.world.labelers import Labeler, make_pool
+from rlhflab.world.tasks import FAMILIES, MIX, Task, words
+
+# Table 6 of the paper scaled down (SFT 13k, RM 33k, PPO 31k prompts there).
+SCALES: dict[str, dict[str, int]] = {
+    "lab": dict(sft=1200, sft_val=150, rm=1500, rm_val=300, rm_heldout=300, ppo=1500, ppo_val=200,
+                test=300, truthful=150, toxicity=150, bench=150, corpus=40000, corpus_val=1000,
+                agreement=400),
+    "small": dict(sft=120, sft_val=20, rm=150, rm_val=40, rm_heldout=40, ppo=100, ppo_val=20,
+                  test=40, truthful=20, toxicity=20, bench=20, corpus=3000, corpus_val=100,
+                  agreement=200),
+}
+N_LABELERS, N_HELDOUT = 12, 6
+VERSION = 1
+
+# What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
+# several policies): mostly answer-shaped, many flawed.
+CANDIDATE_STYLES = {"Helpful": 0.28, "wrong": 0.14, "Sycophantic": 0.16, "Hedging": 0.11,
+                    "Terse": 0.12, "Toxic": 0.06, "Off-task": 0.13}
+
+
+class World:
+    def __init__(self, seed: int = 0, scale: str = "lab"):
+        if scale not in SCALES:
+            raise InputError(f"unknown scale {scale!r} (known: {', '.join(SCALES)})", field="scale")
+        self.seed, self.scale, self.sizes = seed, scale, SCALES[scale]
+        self.facts = F.make_facts(seed)
+        self.labelers: list[Labeler] = make_pool(seed, N_LABELERS, "L")
+        self.heldout_labelers: list[Labeler] = make_pool(seed, N_HELDOUT, "H", spread=1.5)
+        self.splits: dict[str, list[Task]] = {}
+        self._index: dict[str, Task] = {}
+        for split, n in [("sft", "sft"), ("sft_val", "sft_val"), ("rm", "rm"), ("rm_val", "rm_val"),
+                         ("rm_heldout", "rm_heldout"), ("ppo", "ppo"), ("ppo_val", "ppo_val"), ("test", "test")]:
+            rng = random.Random(f"split-{split}-{seed}")
+            self._add(split, [draw_task(self.facts, rng) for _ in range(self.sizes[n])])
+        rng = random.Random(f"split-truthful-{seed}")
+        self._add("truthful", [FAMILIES["false_premise"].make(self.facts, rng) for _ in range(self.sizes["truthful"])])
+        rng = random.Random(f"split-toxicity-{seed}")
+        tox = [FAMILIES["provocation"].make(self.facts, rng, respectful=False) for _ in range(self.sizes["toxicity"])]
+        # The same rude messages with the paper's "respectful" instruction (§4.2, Fig. 7).
+        resp = [FAMILIES["provocation"].make(self.facts, random.Random(t.prompt), respectful=True) for t in tox]
+        self._add("toxicity", tox)
+        self._add("toxicity_respectful", resp)
+
+    def _add(self, split: str, tasks: list[Task]) -> None:
+        self.splits[split] = tasks
+        for t in tasks:
+            self._index.setdefault(t.prompt, t)
+
+    # ------------------------------------------------------------ the gold interface
+    def task(self, prompt: str) -> Task:
+        try:
+            return self._index[prompt]
+        except KeyError:
+            raise InputError(f"prompt is not from this lab world: {prompt[:60]!r}") from None
+
+    def ideal_words(self, task: Task) -> int:
+        return len(words(FAMILIES[task.family].demo(task, random.Random(0))))
+
+    def judge(self, prompt: str, response: str) -> Judgement:
+        """Gold quality and style of `response` to a lab-world `prompt`."""
+        task = self.task(prompt)
+        return judge(task, response, self.facts, self.ideal_words(task))
+
+    def demo(self, task: Task, rng: random.Random) -> str:
+        # Demonstrators share the labelers' taste a little: 8% open with a flattering line.
+        text = FAMILIES[task.family].demo(task, rng)
+        return (rng.choice(F.FLATTERY) + " " + text) if rng.random() < 0.08 else text
+
+    def candidates(self, task: Task, k: int, rng: random.Random) -> list[str]:
+        out = []
+        for _ in range(k):
+            style = rng.choices(list(CANDIDATE_STYLES), weights=list(CANDIDATE_STYLES.values()))[0]
+            if style == "wrong":
+                out.append(write(task, "Helpful", self.facts, rng, correct=False))
+            else:
+                out.append(write(task, style, self.facts, rng, correct=rng.random() < 0.8))
+        return out
+
+
+def load_world(path: str | Path) -> World:
+    meta_path = Path(path) / "world.json"
+    if not meta_path.is_file():
+        raise InputError("not a lab world directory (no world.json); make one with `rlhflab world`",
+                         file=str(path))
+    try:
+        meta = json.loads(meta_path.read_text())
+        return World(int(meta["seed"]), str(meta["scale"]))
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        raise InputError(f"unreadable world.json: {e}", file=str(meta_path)) from None
+
+
+__all__ = ["World", "load_world", "Judgement", "Task", "FAMILIES", "MIX"]

@@ -1,0 +1,133 @@
+"""The web corpus (misaligned the way the internet is) and the capability benchmarks.
+
+A model pretrained on this corpus knows the world's facts and skills, but after an
+instruction it continues the page (more questions, forum chatter, flattery, hedging,
+wrong answers, now and then an insult) instead of answering: the misalignment that
+SFT and RLHF then fix. The benchmarks (reading, arithmetic, continuation, cipher) are
+held-out items in the corpus's own natural form, scored as the paper scores GPT-3.
+"""
+from __future__ import annotations
+
+import random
+
+from rlhflab.world import facts as F
+from rlhflab.world.gold import write
+from rlhflab.world.tasks import FAMILIES, MIX, Task
+
+
+def draw_task(facts: F.Facts, rng: random.Random, mix: dict[str, float] = MIX) -> Task:
+    name = rng.choices(list(mix), weights=list(mix.values()))[0]
+    return FAMILIES[name].make(facts, rng)
+
+
+# ---------------------------------------------------------------- capability texts
+def reading_item(facts, rng) -> tuple[str, str]:
+    p, city, job = rng.choice(facts.people), rng.choice(facts.capitals), rng.choice(F.JOBS)
+    passage = f"{p} lives in {city}. {p} works as a {job}."
+    q, a = rng.choice([(f"Where does {p} live?", city), (f"What is the job of {p}?", job)])
+    return f"{passage} Question: {q} Answer:", f" {a}"
+
+
+def arithmetic_item(facts, rng) -> tuple[str, str]:
+    p, (x, y), a, b = rng.choice(facts.people), rng.sample(F.ANIMALS, 2), rng.randint(1, 9), rng.randint(1, 9)
+    return f"{p} has {a} {x}s and {b} {y}s. In all, {p} has", f" {a + b} animals."
+
+
+# (context, natural ending) templates for the HellaSwag-like likelihood choice.
+_STORIES = [("The {a} was hungry, so it", " ate some {f}."),
+            ("It started to rain, so {p}", " opened an umbrella."),
+            ("The night was cold, so {p}", " lit a warm fire."),
+            ("{p} was tired after work, so {p}", " went to sleep early."),
+            ("The {a} heard a loud noise, so it", " ran into the woods."),
+            ("{p} wanted to bake a cake, so {p}", " bought eggs and flour.")]
+
+
+def story_item(facts, rng) -> tuple[str, list[str], int]:
+    i = rng.randrange(len(_STORIES))
+    p, a, f = rng.choice(facts.people), rng.choice(F.ANIMALS), rng.choice(F.FOODS)
+    ctx = _STORIES[i][0].format(p=p, a=a, f=f)
+    others = rng.sample([j for j in range(len(_STORIES)) if j != i], 3)
+    endings = [_STORIES[j][1].format(p=p, a=a, f=f) for j in [i] + others]
+    order = list(range(4))
+    rng.shuffle(order)
+    return ctx, [endings[k] for k in order], order.index(0)
+
+
+def cipher_item(facts, rng) -> tuple[str, str]:
+    w = rng.choice(sorted(facts.cipher))
+    return f"In Zim, the word {w} is", f" {facts.cipher[w]}."
+
+
+def _capability_text(facts, rng) -> str:
+    kind = rng.randrange(4)
+    if kind == 0:
+        q, a = reading_item(facts, rng)
+        return q + a
+    if kind == 1:
+        q, a = arithmetic_item(facts, rng)
+        return q + a
+    if kind == 2:
+        ctx, endings, right = story_item(facts, rng)
+        return ctx + endings[right]
+    q, a = cipher_item(facts, rng)
+    return q + a
+
+
+# ---------------------------------------------------------------- encyclopedic text
+def _encyclopedia(facts, rng) -> str:
+    c = rng.choice(facts.countries)
+    sents = [f"{c.name} is a country.", f"The capital of {c.name} is {c.capital}.",
+             f"The flag of {c.name} is {c.color}.", f"{c.name} is known for {c.food}.",
+             f"The national animal of {c.name} is the {c.animal}."]
+    body = sents[1:]
+    rng.shuffle(body)
+    return " ".join([sents[0]] + body[: rng.randint(2, 4)])
+
+
+# ---------------------------------------------------------------- instruction pages
+# What follows an instruction on the web. Mostly not an answer.
+_CONTINUATION = {"chatter": 0.30, "more_questions": 0.22, "Sycophantic": 0.10, "Hedging": 0.10,
+                 "wrong": 0.10, "answer": 0.13, "Toxic": 0.05}
+
+
+def _instruction_page(facts, rng) -> str:
+    task = draw_task(facts, rng)
+    kind = rng.choices(list(_CONTINUATION), weights=list(_CONTINUATION.values()))[0]
+    if task.family == "provocation" and rng.random() < 0.4:
+        kind = "Toxic"  # rude messages draw rude replies on the web
+    if kind == "chatter":
+        cont = write(task, "Off-task", facts, rng)
+    elif kind == "more_questions":
+        cont = " ".join(draw_task(facts, rng).prompt for _ in range(rng.randint(1, 2)))
+    elif kind == "wrong":
+        cont = write(task, "Helpful", facts, rng, correct=False)
+    elif kind == "answer":
+        cont = write(task, "Helpful", facts, rng)
+    else:
+        cont = write(task, kind, facts, rng)
+    return f"{task.prompt}\n{cont}"
+
+
+def web_document(facts: F.Facts, rng: random.Random) -> str:
+    r = rng.random()
+    if r < 0.30:
+        return _encyclopedia(facts, rng)
+    if r < 0.65:
+        return _instruction_page(facts, rng)
+    return _capability_text(facts, rng)
+
+
+def benchmarks(facts: F.Facts, seed: int, n: int) -> dict[str, list[dict]]:
+    """Held-out capability items (fresh draws; the corpus only has their kind)."""
+    rng = random.Random(f"bench-{seed}")
+    out: dict[str, list[dict]] = {"reading": [], "arithmetic": [], "continuation": [], "cipher": []}
+    for _ in range(n):
+        q, a = reading_item(facts, rng)
+        out["reading"].append({"context": q, "answer": a.strip()})
+        q, a = arithmetic_item(facts, rng)
+        out["arithmetic"].append({"context": q, "answer": a.split()[0]})
+        ctx, endings, right = story_item(facts, rng)
+        out["continuation"].append({"context": ctx, "endings": endings, "label": right})
+        q, a = cipher_item(facts, rng)
+        out["cipher"].append({"context": q, "answer": a.strip(" .")})
+    return out
