@@ -24,7 +24,8 @@ def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, gree
     out: list[str] = []
     n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10**9)
     for i in range(0, len(prompts), batch_size):
-        queries = [encode_query(tokenizer, p) for p in prompts[i: i + batch_size]]
+        # A prompt longer than the context keeps its end (evaluation only; training refuses it).
+        queries = [encode_query(tokenizer, p)[-(n_pos - 8):] for p in prompts[i: i + batch_size]]
         room = max(1, min(max_new_tokens, n_pos - max(len(q) for q in queries)))
         gen = sample(model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                      max_new_tokens=room, greedy=greedy, temperature=temperature, generator=g)

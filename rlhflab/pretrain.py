@@ -159,7 +159,7 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
         row = {"step": step, "pretrain/loss": round(loss.item(), 5), "pretrain/lr": sched.get_last_lr()[0]}
         if step % cfg.eval_every == 0 or step == cfg.steps:
             row["pretrain/val_loss"] = round(eval_loss(model, val_stream, cfg.seq_len), 5)
-            bar.set_postfix(loss=f"{float(loss):.3f}", val=row["pretrain/val_loss"])
+            bar.set_postfix(loss=f"{loss.item():.3f}", val=row["pretrain/val_loss"])
         log.log(row)
         bar.update(1)
         if step % cfg.save_every == 0 and step < cfg.steps:

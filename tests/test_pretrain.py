@@ -1,0 +1,104 @@
+"""Stage 0: the base model learns the corpus, saves as a transformers model, resumes exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import rlhflab.pretrain as pretrain_mod
+from rlhflab.cli import main
+from rlhflab.config import load_config
+from rlhflab.pretrain import PretrainConfig, train
+from rlhflab.world.build import build
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pw") / "world"
+    build(out, seed=0, scale="small", vocab_size=400)
+    return out
+
+
+def _cfg(world, out, **kw):
+    base = dict(world=str(world), out_dir=str(out), steps=80, batch_size=16, seq_len=64, eval_every=20, warmup_steps=5,
+                save_every=40, gold_prompts=8)
+    base.update(kw)
+    return load_config(PretrainConfig, overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def test_pretrain_beats_unigram_and_round_trips(world, tmp_path):
+    model_dir, s = train(_cfg(world, tmp_path / "pt"))
+    assert s["val_loss"] < s["unigram_loss"] - 1.0
+    rows = [json.loads(x) for x in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 81))
+    assert rows[-1]["pretrain/loss"] < rows[0]["pretrain/loss"]
+    assert 0.0 <= s["base_gold"] <= 1.0 and "base_style/Off-task" in s
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert (model_dir / "model.safetensors").is_file() and m.config.n_positions == 64
+    assert (tmp_path / "pt" / "config.yaml").is_file()
+
+
+def test_resume_after_interruption_matches_uninterrupted(world, tmp_path, monkeypatch):
+    ref_dir, _ = train(_cfg(world, tmp_path / "a", gold_prompts=0))
+    real_save = pretrain_mod.save_checkpoint
+
+    def save_then_die(*a, **k):
+        real_save(*a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_mod, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(world, tmp_path / "b", gold_prompts=0))
+    monkeypatch.setattr(pretrain_mod, "save_checkpoint", real_save)
+    resumed_dir, _ = train(_cfg(world, tmp_path / "b", gold_prompts=0))
+    a = AutoModelForCausalLM.from_pretrained(ref_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(resumed_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 81))
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("steps=abc", "steps"), ("stepz=3", "stepz"), ("size=huge", "size"), ("lr=-1", "lr"),
+])
+def test_bad_config_values_are_refused_in_one_line(world, tmp_path, capsys, override, needle):
+    out = tmp_path / "o"
+    assert main(["pretrain", f"--world={world}", f"--out_dir={out}", f"--{override}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "ok"}\n{"text": \n', ":2: not valid JSON"),
+    (b'{"text": "ok"}\n{"txt": "x"}\n', ":2: field 'text': missing"),
+    (b'{"text": 3}\n', ":1: field 'text': must be a string"),
+    (b'{"text": "  "}\n', ":1: field 'text': must not be empty"),
+    (b'{"text": "caf\xe9"}\n', ":1: not valid UTF-8"),
+])
+def test_bad_corpus_is_refused_naming_file_and_line(tmp_path, capsys, content, needle):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_bytes(content)
+    out = tmp_path / "o"
+    assert main(["pretrain", f"--corpus={bad}", f"--out_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err and needle in err, err
+    assert not out.exists()
+
+
+def test_bad_yaml_config_names_file_and_line(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("steps: 3\nlr: [1,\n")
+    assert main(["pretrain", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "YAML" in err
+
+
+def test_help_config_lists_documented_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--help-config"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "seq_len = 128" in out and "Tokens per window" in out
