@@ -65,7 +65,6 @@ class PretrainConfig:
     """Seed for initialisation and data order."""
 
     def validate(self):
-        check(bool(self.world or self.corpus), "corpus", self.corpus, "give a corpus or a lab world")
         check(self.steps > 0, "steps", self.steps, "must be positive")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
         check(16 <= self.seq_len <= 4096, "seq_len", self.seq_len, "must be in 16..4096")
@@ -121,6 +120,7 @@ def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
 
 
 def train(cfg: PretrainConfig) -> tuple[Path, dict]:
+    check(bool(cfg.world or cfg.corpus), "corpus", cfg.corpus, "give a corpus or a lab world")
     corpus_path, val_path, tok_path = _paths(cfg)
     texts = read_texts(corpus_path)  # validated before anything is written
     val_texts = read_texts(val_path) if val_path else texts[-max(1, len(texts) // 50):]
