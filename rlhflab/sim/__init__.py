@@ -1,0 +1,4 @@
+"""The policy simulator (DESIGN §5): `core` holds the maths, `server` serves the page.
+
+Importing this package imports neither; `core` needs only numpy.
+"""
