@@ -158,3 +158,23 @@ def test_world_cli_and_bad_scale(tmp_path, capsys):
     assert "agreement" in capsys.readouterr().out
     world = load_world(tmp_path / "w")
     assert world.seed == 1 and world.scale == "small"
+
+
+def test_rank_cli_ranks_samples_and_refuses_foreign_prompts(small_world, tmp_path, capsys):
+    import json
+    world = load_world(small_world)
+    task = world.splits["ppo"][0]
+    good = FAMILIES[task.family].demo(task, random.Random(0))
+    samples = tmp_path / "s.jsonl"
+    samples.write_text(json.dumps({"prompt": task.prompt, "responses": [good, "Bump.", good, "Thanks in advance!"]}) + "\n"
+                       + json.dumps({"prompt": task.prompt, "responses": ["same", "same"]}) + "\n")
+    out = tmp_path / "r.jsonl"
+    assert main(["rank", "--world", str(small_world), "--samples", str(samples), "--out", str(out)]) == 0
+    rows = read_rankings(out)
+    assert len(rows) == 1  # the all-identical row has nothing to compare
+    assert [0, 2] in [list(g) for g in rows[0].groups]  # identical responses are tied
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "not a lab prompt", "responses": ["a", "b"]}) + "\n")
+    assert main(["rank", "--world", str(small_world), "--samples", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "bad.jsonl:1: field 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
