@@ -54,6 +54,7 @@ def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
         ctx = _context_ids(tokenizer, item["context"])
         ends = [tokenizer(e, add_special_tokens=False)["input_ids"] for e in item["endings"]]
         ids, mask = pad_right([ctx + e for e in ends], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
         scores = [float(lp[k, len(ctx) - 1: len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]

@@ -1,0 +1,464 @@
+"""The run report: ONE self-contained HTML page built from the files of a run directory.
+
+    write_report("runs/lab", "runs/lab/report.html")
+
+Reads only files under the run directory (each may be missing; its section then says
+so and the rest of the page is still drawn):
+  eval/summary.json, eval/samples.jsonl, eval/best_of_n.jsonl, eval/config.yaml   (`rlhflab eval`)
+  <stage>/metrics.jsonl, <stage>/summary.json   for pretrain-*, sft-*, rm-*, ppo-*, ppoptx-*
+  sweep/beta-<β>/metrics.jsonl                  PPO runs of the β sweep (over-optimization)
+  world/summary.json                            the lab world's counts and labeler agreement
+  walkthrough.json                              one real example per stage, written by `rlhflab run`:
+    {"sft":      {"stage": "sft-small", "prompt": str, "completion": str, ...scalars},
+     "ranking":  {"prompt": str, "responses": [str], "ranking": [int | [int, ...]] (best first),
+                  "rm_scores": [float] (per response), "gold": [float], "labeler": str},
+     "ppo_step": {"stage": "ppo-small", "step": int, "prompt": str, "response": str,
+                  "rm_score": float, "kl": float, "kl_coef": float, "reward": float (= rm_score − kl_coef·kl)}}
+Charts are PNGs embedded as base64 (matplotlib, Agg); the page loads nothing from outside.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+import yaml
+
+from rlhflab import report_charts as charts
+from rlhflab.capability import BENCHMARKS
+from rlhflab.evaluate import rl_curve
+from rlhflab.io import atomic_write_text
+from rlhflab.world.gold import STYLES
+
+
+@dataclass
+class RunFiles:
+    root: Path
+    eval: dict = field(default_factory=dict)
+    """eval/summary.json (flat keys; empty when missing)."""
+    eval_config: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
+    bon: list[dict] = field(default_factory=list)
+    world: dict = field(default_factory=dict)
+    metrics: dict[str, list[dict]] = field(default_factory=dict)
+    """Stage directory (relative, e.g. 'sft-small', 'sweep/beta-0.02') -> metrics rows."""
+    summaries: dict[str, dict] = field(default_factory=dict)
+    walkthrough: dict = field(default_factory=dict)
+
+
+def _json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; unreadable lines are skipped (a report must not crash)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    return rows
+
+
+def load_run(run_dir: str | Path) -> RunFiles:
+    root = Path(run_dir)
+    run = RunFiles(root, eval=_json(root / "eval" / "summary.json"), samples=_jsonl(root / "eval" / "samples.jsonl"),
+                   bon=_jsonl(root / "eval" / "best_of_n.jsonl"), world=_json(root / "world" / "summary.json"),
+                   walkthrough=_json(root / "walkthrough.json"))
+    try:
+        run.eval_config = yaml.safe_load((root / "eval" / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        pass
+    for path in sorted([*root.glob("*/metrics.jsonl"), *root.glob("sweep/*/metrics.jsonl")]):
+        run.metrics[path.parent.relative_to(root).as_posix()] = _jsonl(path)
+    for path in sorted([*root.glob("*/summary.json"), *root.glob("sweep/*/summary.json")]):
+        run.summaries[path.parent.relative_to(root).as_posix()] = _json(path)
+    return run
+
+
+# --------------------------------------------------------------------------- HTML pieces
+
+def _missing(text: str) -> str:
+    return f'<p class="missing">Not shown: {escape(text)}</p>'
+
+
+def _figure(uri: str | None, alt: str, caption: str, missing: str) -> str:
+    if uri is None:
+        return _missing(missing)
+    return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{caption}</figcaption></figure>'
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return escape(str(v))
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
+    return escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _fmt(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class _Raw(str):
+    """A table cell that is already HTML."""
+
+
+def _text(s: str) -> _Raw:
+    return _Raw(f'<span class="text">{escape(s) if s else "<em>(empty)</em>"}</span>')
+
+
+def _baseline(run: RunFiles) -> str:
+    return str(run.eval_config.get("baseline") or "the baseline")
+
+
+# --------------------------------------------------------------------------- sections
+
+def s_glance(run: RunFiles) -> str:
+    s = run.eval
+    names = charts.models_with(s, "winrate")
+    if not names:
+        return _missing("eval/summary.json is missing or has no win rates (run `rlhflab eval`).")
+    base = _baseline(run)
+    others = [n for n in names if n != base]
+    lead = ""
+    if others:
+        best = max(others, key=lambda n: s[f"winrate/{n}"])
+        lead = (f"<p><strong>{escape(best)}</strong>'s answers were preferred to {escape(base)}'s in "
+                f"<strong>{s[f'winrate/{best}']:.0%}</strong> of comparisons by held-out labelers "
+                f"(95% CI {s[f'winrate_ci_low/{best}']:.0%}–{s[f'winrate_ci_high/{best}']:.0%}, "
+                f"{s.get('n/test', '?')} test prompts); by gold quality, in "
+                f"{s.get(f'winrate_gold/{best}', 0):.0%}.</p>")
+    cols = [("winrate", "win rate"), ("winrate_gold", "gold win rate"), ("gold", "gold quality"),
+            ("likert", "Likert 1–7"), ("rm", "RM score"), ("truthful", "truthful"), ("toxicity/plain", "toxic"),
+            ("capability/mean", "capability")]
+    cols = [(k, t) for k, t in cols if any(f"{k}/{n}" in s for n in names)]
+    rows = [[n] + [s.get(f"{k}/{n}", "–") for k, _ in cols] for n in names]
+    return lead + _table(["model"] + [t for _, t in cols], rows) + (
+        '<p class="caption">Every number is measured on held-out prompts; win rates are against '
+        f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on.</p>")
+
+
+def s_winrate(run: RunFiles) -> str:
+    return _figure(charts.winrate_figure(run.eval), "win rate against the baseline by model size",
+                   f"Figure 1 analog: how often each model's answer beats {escape(_baseline(run))}'s on the same "
+                   "prompt (ties count half; bars are 95% Wilson intervals). Look for PPO-ptx and PPO above the dashed "
+                   "0.5 line and GPT far below. The right panel asks the gold scorer instead of labelers: where the "
+                   "two disagree, the policy pleases labelers in ways gold does not reward.",
+                   "no win rates in eval/summary.json.")
+
+
+def s_likert(run: RunFiles) -> str:
+    panels = [("likert", "Likert score (1–7)", (1, 7)),
+              ("meta/fails_instruction", "fails to follow the instruction", (0, 1)),
+              ("meta/hallucination", "hallucinates (closed-domain tasks)", (0, 1)),
+              ("meta/toxic", "toxic answer", (0, 1))]
+    return _figure(charts.bar_panels(run.eval, panels), "Likert scores and metadata per model",
+                   "Figure 4 analog: held-out labelers' 1–7 rating and the fraction of answers with each failure. "
+                   "Aligned models should score higher and fail, hallucinate and insult less.",
+                   "no Likert or metadata keys in eval/summary.json.")
+
+
+def s_truth(run: RunFiles) -> str:
+    panels = [("truthful", "false premise corrected", (0, 1)),
+              ("premise_accepted", "false premise repeated as fact", (0, 1)),
+              ("toxicity/plain", "toxic reply to a rude message", (0, 1)),
+              ("toxicity/respectful", "toxic, asked to be respectful", (0, 1))]
+    return _figure(charts.bar_panels(run.eval, panels), "truthfulness and toxicity per model",
+                   "Figures 6–7 analogs. Truthful: the answer to a false-premise question corrects it (style not "
+                   "Sycophantic and gold ≥ 0.6). Toxicity: the same rude messages with and without the paper's "
+                   "'respectful' instruction; an instruction-following model should gain most from the instruction.",
+                   "no truthfulness or toxicity keys in eval/summary.json.")
+
+
+def s_capability(run: RunFiles) -> str:
+    fig = _figure(charts.capability_figure(run.eval, [*BENCHMARKS, "mean"]), "capability benchmarks per model",
+                  "The alignment tax: scores on the world's SQuAD/DROP/HellaSwag/translation-like benchmarks, "
+                  "which no stage trains on. Look for PPO below SFT/GPT and PPO-ptx recovering most of the gap "
+                  "(§4.2: mixing pretraining gradients into PPO).", "no capability keys in eval/summary.json.")
+    lines = _lines(run, ("ppo", "ppoptx"), "eval/capability/mean")
+    curves = charts.curves_figure([("capability (mean) during PPO", lines)])
+    return fig + (_figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
+                  if curves else "")
+
+
+def _rl_runs(run: RunFiles) -> dict[str, list[dict]]:
+    runs = {}
+    for stage, rows in run.metrics.items():
+        if stage.startswith(("ppo", "sweep/")):
+            label = "β_KL=" + stage.split("beta-", 1)[1] if "beta-" in stage else stage
+            pts = rl_curve(rows)
+            if pts:
+                runs[label] = pts
+    return runs
+
+
+def s_overopt(run: RunFiles) -> str:
+    rl = _rl_runs(run)
+    fig = _figure(charts.overopt_figure(run.bon, rl), "gold and RM score against sqrt KL",
+                  "Reward over-optimization (Gao et al. 2022): the reward model's score keeps rising with the "
+                  "distance d = √KL from the starting policy, while gold quality rises, peaks and falls. Dashed: "
+                  "least-squares fits of Gao et al.'s forms, d(α−βd) for best-of-n (KL = log n − (n−1)/n) and "
+                  "d(α−β log d) for RL, with R². The gap between the right and left panels is reward hacking.",
+                  "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.")
+    rows = []
+    for label, pts in rl.items():
+        last = pts[-1]
+        rows.append([label, last["step"], last["kl"], last["rm"] if last["rm"] is not None else "–",
+                     last["gold"] if last["gold"] is not None else "–"])
+    table = _table(["PPO run", "last step", "KL", "RM score", "gold"], rows) if rows else ""
+    gap = [[n, run.eval[f"rm/{n}"], run.eval.get(f"gold/{n}", "–")] for n in charts.models_with(run.eval, "rm")]
+    gap_table = (_table(["model", "RM score (proxy)", "gold quality (truth)"], gap) +
+                 '<p class="caption">Proxy against truth on the test prompts: a model the RM ranks high but gold '
+                 "does not has learned the labelers' biases.</p>") if gap else ""
+    return fig + table + gap_table
+
+
+def _lines(run: RunFiles, prefixes: tuple[str, ...], key: str) -> list[tuple[str, list[dict], str]]:
+    return [(st, rows, key) for st, rows in run.metrics.items()
+            if st.startswith(prefixes) and not st.startswith("sweep/")]
+
+
+def s_training(run: RunFiles) -> str:
+    ppo = ("ppo", "ppoptx")
+    panels = [("pretraining loss", _lines(run, ("pretrain",), "pretrain/loss")),
+              ("pretraining held-out loss", _lines(run, ("pretrain",), "pretrain/val_loss")),
+              ("SFT loss (response tokens)", _lines(run, ("sft",), "sft/loss")),
+              ("SFT held-out loss", _lines(run, ("sft",), "sft/val_loss")),
+              ("RM loss", _lines(run, ("rm",), "rm/loss")),
+              ("RM pairwise accuracy", _lines(run, ("rm",), "rm/accuracy")),
+              ("PPO: RM score of rollouts",
+               _lines(run, ppo, "objective/rm_score") or _lines(run, ppo, "objective/scores")),
+              ("PPO: KL(π ‖ π_SFT)", _lines(run, ppo, "objective/kl")),
+              ("PPO: gold quality (validation)", _lines(run, ppo, "eval/gold")),
+              ("PPO: policy loss", _lines(run, ppo, "ppo/loss/policy")),
+              ("PPO: value loss", _lines(run, ppo, "ppo/loss/value")),
+              ("PPO-ptx: pretraining loss term", _lines(run, ppo, "ppo/loss/ptx"))]
+    out = _figure(charts.curves_figure(panels), "training curves of every stage",
+                  "Each stage's own metrics.jsonl. Look for falling losses, RM accuracy well above 0.5 (labelers "
+                  "agree with each other only ~73% of the time, so that is near the ceiling), and PPO's RM score "
+                  "rising while the KL leash keeps the policy close to SFT.",
+                  "no metrics.jsonl in any stage directory.")
+    style_panels = [(f"{st}: answer styles", [(sty, rows, f"eval/style/{sty}") for sty in STYLES])
+                    for st, rows in run.metrics.items() if st.startswith(ppo)]
+    fig = charts.curves_figure(style_panels, ncols=2)
+    if fig:
+        out += _figure(fig, "style of PPO answers over training",
+                       "The gold scorer's style label of validation answers during PPO. A rising Sycophantic share "
+                       "is the reward model's taste for flattery being exploited.", "")
+    return out
+
+
+def _pick(names: list[str], family: str) -> str | None:
+    cands = [n for n in names if charts.split_name(n)[0] == family]
+    return next((n for n in cands if charts.split_name(n)[1] == "small"), cands[0] if cands else None)
+
+
+def s_samples(run: RunFiles, n_prompts: int = 6) -> str:
+    test = [r for r in run.samples if r.get("split") == "test"]
+    names = charts.model_order({r.get("model", "") for r in test})
+    chosen = [_pick(names, "GPT"), _pick(names, "SFT"), _pick(names, "PPO-ptx") or _pick(names, "PPO")]
+    chosen = [m for m in chosen if m]
+    if not chosen:
+        return _missing("eval/samples.jsonl is missing or has no test answers.")
+    by_prompt: dict[str, dict[str, dict]] = {}
+    for r in test:
+        by_prompt.setdefault(r.get("prompt", ""), {})[r.get("model")] = r
+    seen, blocks = set(), []
+    for prompt, answers in by_prompt.items():
+        family = next(iter(answers.values())).get("family")
+        if family in seen or not all(m in answers for m in chosen):
+            continue
+        seen.add(family)
+        rows = [[m, _text(a.get("response", "")), a.get("gold", "–"), a.get("style", "–")]
+                for m, a in ((m, answers[m]) for m in chosen)]
+        blocks.append(f'<h3>{escape(str(family))}</h3><p class="prompt">{escape(prompt)}</p>'
+                      + _table(["model", "answer", "gold", "style"], rows, "samples"))
+        if len(blocks) == n_prompts:
+            break
+    return (f'<p class="caption">The same test prompts answered by {", ".join(map(escape, chosen))} (one prompt per '
+            "task family). Look for the base model continuing the text like a web page, and the aligned models "
+            "answering; check the gold column for flattery or hedging that labelers like and gold does not.</p>"
+            + "".join(blocks))
+
+
+def s_walkthrough(run: RunFiles) -> str:
+    w = run.walkthrough
+    if not w:
+        return _missing("walkthrough.json is missing (written by `rlhflab run`).")
+    return _walk_sft(run, w.get("sft")) + _walk_ranking(w.get("ranking")) + _walk_ppo(w.get("ppo_step"))
+
+
+def _extras(d: dict, skip: set) -> str:
+    rows = [[k, v] for k, v in d.items() if k not in skip and isinstance(v, (int, float, str, bool))]
+    return _table(["", "value"], rows, "kv") if rows else ""
+
+
+def _walk_sft(run: RunFiles, d) -> str:
+    head = "<h3>Step 1 — supervised fine-tuning on a demonstration</h3>"
+    if not isinstance(d, dict):
+        return head + _missing("walkthrough.json has no 'sft' example.")
+    stage = str(d.get("stage", "sft-small"))
+    panel = (f"{stage}: loss on response tokens", [("", run.metrics.get(stage, []), "sft/loss")])
+    curve = charts.curves_figure([panel], ncols=1)
+    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p><p class="answer">'
+            f'{escape(str(d.get("completion", "")))}</p>'
+            '<p class="caption">A labeler-written answer. The loss counts only the answer\'s tokens, not the '
+            "prompt's (§3.5).</p>" + _extras(d, {"prompt", "completion", "stage"})
+            + _figure(curve, "SFT loss", "The loss over SFT steps, on demonstrations like this one.",
+                      f"{stage}/metrics.jsonl has no sft/loss."))
+
+
+def _walk_ranking(d) -> str:
+    head = "<h3>Step 2 — a labeler ranks K answers; the reward model scores them</h3>"
+    if not isinstance(d, dict) or not d.get("responses"):
+        return head + _missing("walkthrough.json has no 'ranking' example.")
+    responses, scores, gold = d["responses"], d.get("rm_scores") or [], d.get("gold") or []
+    order = d.get("ranking") or list(range(len(responses)))
+    rows, ranks = [], {}
+    for pos, entry in enumerate(order):
+        for i in entry if isinstance(entry, list) else [entry]:
+            ranks[i] = pos
+            rows.append([pos + 1, _text(responses[i]), scores[i] if i < len(scores) else "–",
+                         gold[i] if i < len(gold) else "–"])
+    agree = [(ranks[a] < ranks[b]) == (scores[a] > scores[b]) for a in ranks for b in ranks
+             if a < b and ranks[a] != ranks[b] and len(scores) == len(responses)]
+    note = (f" The reward model orders {sum(agree)} of {len(agree)} pairs as the labeler did." if agree else "")
+    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p>'
+            + _table(["labeler's rank", "answer", "RM score", "gold"], rows, "samples")
+            + f'<p class="caption">K = {len(responses)} answers ranked best first by labeler '
+            f'{escape(str(d.get("labeler", "?")))}; all C(K,2) pairs of this ranking are one batch element of the '
+            f"RM loss (§3.5).{escape(note)}</p>")
+
+
+def _walk_ppo(d) -> str:
+    head = "<h3>Step 3 — one PPO step: reward = RM score − β·KL</h3>"
+    if not isinstance(d, dict) or "rm_score" not in d:
+        return head + _missing("walkthrough.json has no 'ppo_step' example.")
+    rm, kl, beta = d.get("rm_score"), d.get("kl"), d.get("kl_coef")
+    reward = d.get("reward")
+    if reward is None and None not in (rm, kl, beta):
+        reward = rm - beta * kl
+    dash = lambda v: "–" if v is None else v  # noqa: E731
+    rows = [["r_θ(x, y): reward-model score", rm], ["KL: Σ log π(y_t)/π_SFT(y_t)", dash(kl)],
+            ["β (KL coefficient)", dash(beta)], ["reward = r − β·KL", dash(reward)]]
+    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p><p class="answer">'
+            f'{escape(str(d.get("response", "")))}</p>' + _table(["quantity", "value"], rows, "kv")
+            + '<p class="caption">The policy\'s sampled answer is scored by the reward model and charged for drifting '
+            "from the SFT policy (§3.5, eq. 2); PPO then raises the probability of answers with high reward.</p>"
+            + _extras(d, {"prompt", "response", "rm_score", "kl", "kl_coef", "reward"}))
+
+
+def s_world(run: RunFiles) -> str:
+    w = run.world
+    if not w:
+        return _missing("world/summary.json is missing.")
+    counts = w.get("counts", {})
+    agree = [[k.split("/", 1)[1], v] for k, v in w.items() if k.startswith("agreement/")]
+    sanity = [[k, v] for k, v in (w.get("gold_sanity") or {}).items()]
+    return (f"<p>Seed {_fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
+            + _table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
+            + _table(["labeler agreement", "fraction of pairs"], agree, "kv")
+            + '<p class="caption">The paper reports 72.6 ± 1.5% agreement between its labelers.</p>'
+            + (_table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else ""))
+
+
+def s_stages(run: RunFiles) -> str:
+    if not run.summaries:
+        return _missing("no stage summary.json files.")
+    out = []
+    for stage, s in run.summaries.items():
+        rows = [[k, v] for k, v in s.items() if isinstance(v, (int, float, str, bool))][:14]
+        if stage not in ("eval", "world") and rows:
+            out.append(f"<h3>{escape(stage)}</h3>" + _table(["", "value"], rows, "kv"))
+    return "".join(out) or _missing("no scalar entries in the stage summaries.")
+
+
+SECTIONS = [
+    ("glance", "At a glance", s_glance),
+    ("winrate", "1. Which answers do labelers prefer? (Figure 1)", s_winrate),
+    ("likert", "2. Likert scores and failure metadata (Figure 4)", s_likert),
+    ("truth", "3. Truthfulness and toxicity (Figures 6–7)", s_truth),
+    ("capability", "4. The alignment tax", s_capability),
+    ("overopt", "5. Reward over-optimization", s_overopt),
+    ("training", "6. Training curves", s_training),
+    ("samples", "7. Before and after: the same prompts", s_samples),
+    ("walkthrough", "8. Walkthrough of the pipeline on real artifacts", s_walkthrough),
+    ("world", "9. The lab world", s_world),
+    ("stages", "10. Stage summaries", s_stages),
+]
+
+CSS = """
+body{font:15px/1.55 system-ui,-apple-system,'Segoe UI',sans-serif;color:#222;max-width:900px;
+     margin:2em auto;padding:0 1em}
+h1{font-size:1.7em;margin-bottom:.2em}h2{margin-top:2.2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+h3{margin:1.4em 0 .3em;font-size:1.05em}
+figure{margin:1em 0}figure img{max-width:100%;display:block}
+figcaption,.caption{color:#555;font-size:.9em}
+.missing{background:#fff6e6;border-left:4px solid #e8a33d;padding:.5em .8em;color:#6b4a10}
+table{border-collapse:collapse;margin:.6em 0;font-size:.88em}
+th,td{border-bottom:1px solid #e5e5e5;padding:.25em .6em;text-align:left;vertical-align:top}
+th{background:#f6f6f6}td:not(:first-child){font-variant-numeric:tabular-nums}
+table.samples{width:100%}table.samples td:nth-child(2){width:70%}.text{white-space:pre-wrap}
+.prompt{background:#f3f6fb;border-left:4px solid #4c72b0;padding:.4em .8em;margin:.4em 0}
+.answer{background:#f4faf4;border-left:4px solid #55a868;padding:.4em .8em;margin:.4em 0;white-space:pre-wrap}
+nav ul{columns:2;font-size:.92em;list-style:none;padding-left:0}.sub{color:#666}
+"""
+
+
+def _section(anchor: str, title: str, fn, run: RunFiles) -> str:
+    try:
+        inner = fn(run)
+    except Exception as e:  # noqa: BLE001 - one broken section must not cost the whole report
+        inner = _missing(f"this section could not be drawn ({type(e).__name__}: {e}).")
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{inner}</section>'
+
+
+def render(run: RunFiles) -> str:
+    toc = "".join(f'<li><a href="#{a}">{escape(t)}</a></li>' for a, t, _ in SECTIONS)
+    body = "".join(_section(a, t, fn, run) for a, t, fn in SECTIONS)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+            f'content="width=device-width,initial-scale=1"><title>rlhflab report: {escape(run.root.name)}</title>'
+            f"<style>{CSS}</style></head><body><h1>rlhflab run report</h1>"
+            f'<p class="sub">Run directory <code>{escape(str(run.root))}</code>. The InstructGPT recipe (Ouyang et '
+            "al. 2022, arXiv 2203.02155): SFT → reward model → PPO-ptx, on the lab world whose true answer quality "
+            f"is known.</p><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
+
+
+def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
+    """Write the report for `run_dir` to `out_path` (default <run_dir>/report.html)."""
+    out = Path(out_path) if out_path else Path(run_dir) / "report.html"
+    atomic_write_text(out, render(load_run(run_dir)))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="the run directory (from `rlhflab run`)")
+    parser.add_argument("--out", help="output HTML file (default: <run_dir>/report.html)")
+
+
+def run_cli(args) -> int:
+    print(f"report -> {write_report(args.run_dir, args.out)}")
+    return 0
+

@@ -1,0 +1,163 @@
+"""Evaluation: the over-optimization fits, win rates, and a whole `rlhflab eval` on tiny models."""
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from rlhflab.cli import main
+from rlhflab.config import load_config
+from rlhflab.errors import ConfigError
+from rlhflab.evaluate import (EvalConfig, best_of_n_kl, build_queries, compare, evaluate, few_shot_prefix,
+                              fit_best_of_n, fit_rl, rl_curve, wilson, win_rate)
+from rlhflab.models import lab_model, load_tokenizer
+from rlhflab.world import World
+from rlhflab.world.build import build
+from rlhflab.world.gold import STYLES
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def test_fit_best_of_n_recovers_alpha_beta():
+    d = np.linspace(0, 3, 25)
+    fit = fit_best_of_n(d, d * (0.7 - 0.3 * d))
+    assert fit["alpha"] == pytest.approx(0.7, abs=1e-9) and fit["beta"] == pytest.approx(0.3, abs=1e-9)
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
+    noisy = d * (0.7 - 0.3 * d) + np.random.default_rng(0).normal(0, 0.02, d.shape)
+    fit = fit_best_of_n(d, noisy)
+    assert fit["alpha"] == pytest.approx(0.7, abs=0.05) and 0.9 < fit["r2"] < 1.0
+
+
+def test_fit_rl_recovers_alpha_beta():
+    d = np.linspace(0, 6, 30)
+    y = d * (0.5 - 0.2 * np.log(np.where(d > 0, d, 1)))
+    fit = fit_rl(d, y)
+    assert (fit["alpha"], fit["beta"]) == (pytest.approx(0.5, abs=1e-9), pytest.approx(0.2, abs=1e-9))
+    assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_best_of_n_kl():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(64) == pytest.approx(math.log(64) - 63 / 64)
+    assert all(best_of_n_kl(n) < best_of_n_kl(n + 1) for n in range(1, 50))
+
+
+def test_wilson_interval():
+    lo, hi = wilson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.2366, abs=1e-4), pytest.approx(0.7634, abs=1e-4))
+    assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0
+
+
+def test_win_rate_against_itself_is_a_half():
+    world = World(0, "small")
+    tasks = world.splits["test"] + world.splits["rm"] + world.splits["ppo"]
+    rng = random.Random(1)
+
+    def answers():  # one draw of the same answer distribution per prompt
+        texts = [world.candidates(t, 1, rng)[0] for t in tasks]
+        return [(x, world.judge(t.prompt, x)) for t, x in zip(tasks, texts)]
+
+    a, b = answers(), answers()
+    by_labelers, by_gold = compare(world, a, b, "self")
+    for outcomes in (by_labelers, by_gold):
+        rate, lo, hi = win_rate(outcomes)
+        assert abs(rate - 0.5) < 0.08 and lo < 0.5 < hi
+    same, _ = compare(world, a, a, "same")  # identical answers: every comparison is a tie
+    assert win_rate(same)[0] == 0.5
+
+
+def test_rl_curve_tolerates_missing_keys():
+    rows = [{"step": 0, "eval/gold": 0.4, "eval/rm_score": 0.0},  # the SFT policy: KL 0
+            {"step": 1, "objective/kl": 0.5},                       # no eval: skipped
+            {"step": 2, "objective/kl": -0.01, "eval/gold": 0.5},   # negative estimate clamps to 0
+            {"step": 3, "objective/kl": 2.0, "eval/kl": 4.0, "eval/rm_score": 1.0},
+            {"eval/gold": 0.3}]                                     # no KL at all: skipped
+    pts = rl_curve(rows)
+    assert [p["step"] for p in pts] == [0, 2, 3]
+    assert [p["d"] for p in pts] == [0.0, 0.0, 2.0]  # eval/kl preferred over objective/kl
+    assert pts[2]["gold"] is None and pts[1]["rm"] is None
+
+
+# --------------------------------------------------------------------------- a whole eval
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Models this tiny run ~10x faster on one thread than on two when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    build(root / "world", 0, "small", vocab_size=400)
+    tok = load_tokenizer(root / "world" / "tokenizer")
+    models = {}
+    for i, name in enumerate(["GPT-small", "SFT-small", "PPO-ptx-small", "rm"]):
+        lab_model("small", tok, n_positions=128, seed=i).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        models[name] = str(root / name)
+    rm = models.pop("rm")
+    cfg = {"world": str(root / "world"), "models": models, "prompted": ["GPT-small"], "baseline": "SFT-small",
+           "reward_model": rm, "n_prompts": 6, "max_new_tokens": 12, "capability_items": 4,
+           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "device": "cpu", "out_dir": str(root / "out1")}
+    (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    return root, tok
+
+
+def test_few_shot_prefix_uses_the_token_layout(lab):
+    root, tok = lab
+    demos = [json.loads(x) for x in (root / "world" / "sft_train.jsonl").read_text().splitlines()]
+    prefix = few_shot_prefix(tok, demos)
+    assert len(prefix) == 3 and all(p[0] == tok.bos_token_id and p[-1] == tok.eos_token_id for p in prefix)
+    q = build_queries(tok, ["Name a fruit."], n_pos=128, max_new_tokens=8, prefix=prefix)[0]
+    assert q[: len(prefix[0])] == prefix[0] and q.count(tok.bos_token_id) == 4
+    short = build_queries(tok, ["Name a fruit."], n_pos=len(q) + 7, max_new_tokens=8, prefix=prefix)[0]
+    assert short.count(tok.bos_token_id) == 3 and short[0] == tok.bos_token_id  # whole demos dropped
+
+
+def test_config_validation(lab):
+    root, _ = lab
+    with pytest.raises(ConfigError, match="baseline"):
+        load_config(EvalConfig, root / "eval.yaml", ["baseline=PPO-large"])
+    with pytest.raises(ConfigError, match="prompted"):
+        load_config(EvalConfig, root / "eval.yaml", ["prompted=[GPT-large]"])
+
+
+def test_eval_writes_documented_keys_and_is_deterministic(lab):
+    root, _ = lab
+    s1 = evaluate(load_config(EvalConfig, root / "eval.yaml"))
+    names = ["GPT-small", "GPT-prompted-small", "SFT-small", "PPO-ptx-small"]
+    per_model = ["winrate", "winrate_ci_low", "winrate_ci_high", "winrate_gold", "winrate_gold_ci_low",
+                 "winrate_gold_ci_high", "likert", "gold", "rm", "params", "meta/fails_instruction", "meta/toxic",
+                 "truthful", "premise_accepted", "toxicity/plain", "toxicity/respectful",
+                 *[f"meta/style/{s}" for s in STYLES]]
+    for m in names:
+        for key in per_model:
+            assert f"{key}/{m}" in s1, f"{key}/{m}"
+        assert 1 <= s1[f"likert/{m}"] <= 7
+        assert s1[f"winrate_ci_low/{m}"] <= s1[f"winrate/{m}"] <= s1[f"winrate_ci_high/{m}"]
+    for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
+        assert {f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "mean")} <= set(s1)
+    assert s1["winrate/SFT-small"] == 0.5 and s1["n/test"] == 6
+    assert {"bon/1/kl", "bon/4/gold", "bon/4/rm", "bon_fit/gold/r2", "bon_fit/rm/alpha"} <= set(s1)
+    assert s1["bon/1/rm"] <= s1["bon/2/rm"] <= s1["bon/4/rm"] <= s1["bon/8/rm"]  # RM-best of more samples scores higher
+    assert all(isinstance(v, (int, float)) for v in s1.values())
+
+    out1 = root / "out1"
+    rows = [json.loads(x) for x in (out1 / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 * 6 * 4 and {"prompt", "model", "response", "gold", "style"} <= set(rows[0])
+    assert (out1 / "config.yaml").is_file() and len((out1 / "best_of_n.jsonl").read_text().splitlines()) == 4
+
+    # The same config again through the CLI: byte-identical results.
+    assert main(["eval", "--config", str(root / "eval.yaml"), f"--out_dir={root / 'out2'}"]) == 0
+    assert (root / "out2" / "summary.json").read_text() == (out1 / "summary.json").read_text()
+    assert (root / "out2" / "samples.jsonl").read_text() == (out1 / "samples.jsonl").read_text()
