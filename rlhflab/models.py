@@ -47,6 +47,15 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def context_length(config) -> int | None:
+    """Longest sequence the model's position embeddings allow (None: no fixed limit)."""
+    for key in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():

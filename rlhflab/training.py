@@ -10,7 +10,7 @@ import warnings
 import torch
 from tqdm import tqdm
 
-from rlhflab.errors import TrainingError
+from rlhflab.errors import InputError, TrainingError
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -64,3 +64,24 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
     disable = bool(os.environ.get("RLHFLAB_QUIET"))
     return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable,
                 file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; any other name is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise InputError(f"not a torch device: {name!r} (try auto, cpu, cuda)",
+                         field="device") from None
+
+
+def check_resumable(saved: dict, current: dict, where: str,
+                    ignore=("save_every", "device")) -> None:
+    """Refuse to resume a checkpoint made under another config (other data, lr, ...)."""
+    for key in sorted(set(saved) | set(current)):
+        if key not in ignore and saved.get(key) != current.get(key):
+            raise InputError(f"the checkpoint there was made with {key}={saved.get(key)!r}, "
+                             f"this run has {current.get(key)!r}; remove the checkpoint "
+                             "directory or choose another out_dir", file=where, field=key)

@@ -1,0 +1,420 @@
+"""Stage 2: the reward model, trained on K-wise rankings (§3.5 "Reward modeling").
+
+    SFT model + fresh scalar head ──▶ r_θ(x, y) read at the last real token (eos)
+    one prompt's K responses = ONE batch element: K forward passes, C(K,2) comparisons,
+        loss = −1/C(K,2) · Σ_(w,l) log σ(r_θ(x, y_w) − r_θ(x, y_l))      (ties dropped)
+    one epoch, cosine to 10% ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
+
+Keeping a prompt's comparisons together is the paper's point: treated as separate
+examples, each response would be seen K−1 times per epoch and the RM overfits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.config import check, save_config, to_dict
+from rlhflab.data import Ranking, read_demos, read_rankings
+from rlhflab.errors import InputError
+from rlhflab.io import MetricsLog, atomic_dir, write_json
+from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
+                            reward_bias, reward_scores)
+from rlhflab.text import encode_query, encode_response, pad_right
+from rlhflab.training import (NonFiniteGuard, check_resumable, cosine_schedule, progress,
+                              resolve_device, set_seed)
+
+
+@dataclass
+class RMConfig:
+    base: str = ""
+    """The SFT model directory; its LM head is replaced by a fresh scalar head (§3.5)."""
+    rankings: str = ""
+    """Training rankings, JSONL {"prompt", "responses", "ranking"} (best first) or
+    {"prompt", "chosen", "rejected"} (K = 2)."""
+    val_rankings: str | None = None
+    """Held-out rankings: val loss and pairwise accuracy after each epoch."""
+    demos: str | None = None
+    """Demonstrations JSONL {"prompt", "completion"}: the bias makes their mean score 0 (§3.5)."""
+    out_dir: str = "runs/rm"
+    """Output directory: model/ (HF reward model + tokenizer), metrics.jsonl, config.yaml,
+    summary.json."""
+    epochs: int = 1
+    """Passes over the rankings (App. C.2: one; each response is seen once per epoch)."""
+    batch_size: int = 8
+    """Prompts per optimizer step; each holds all C(K,2) comparisons of its K responses."""
+    micro_batch_size: int = 0
+    """Prompts per forward pass, gradients accumulated over the batch (0: the whole batch)."""
+    lr: float = 3e-4
+    """Peak learning rate. App. C.2 used 9e-6 for the 6B RM; the lab's ~0.2M-parameter model
+    sees ~200 updates in its one epoch and needs far larger steps (lab world, val accuracy:
+    3e-5 0.67, 1e-4 0.72, 3e-4 0.73, 1e-3 0.74). Lower it for larger models."""
+    final_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak (App. C.2: cosine schedule)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (0: off)."""
+    save_every: int = 200
+    """Write a resumable checkpoint every this many steps (and at each epoch end)."""
+    seed: int = 0
+    """Seed for the head's initialisation and the data order."""
+    eval_batch_size: int = 32
+    """Sequences per forward when scoring (evaluation, demo centring)."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu', 'cuda', ..."""
+
+    def validate(self) -> None:
+        check(bool(self.base), "base", self.base, "the SFT model directory is required")
+        check(bool(self.rankings), "rankings", self.rankings, "a rankings JSONL file is required")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "required")
+        check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "must be >= 0")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
+              "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+
+
+@dataclass
+class Comparison:
+    """One prompt's K responses as token sequences, and its (winner, loser) pairs."""
+    sequences: list[list[int]]
+    """K sequences query + response (text.py layout), response i at index i."""
+    pairs: list[tuple[int, int]]
+    """(winner, loser) indices into `sequences`; ties give none (§3.5)."""
+
+
+@dataclass
+class RMBatch:
+    input_ids: torch.Tensor
+    """(N, T) every response of every prompt, right-padded; N = Σ K_i."""
+    attention_mask: torch.Tensor
+    """(N, T)"""
+    winners: torch.Tensor
+    """(P,) row of the preferred response of each comparison; P = Σ (pairs of prompt i)."""
+    losers: torch.Tensor
+    """(P,) row of the other response."""
+    weights: torch.Tensor
+    """(P,) 1 / (pairs of its prompt · prompts in the batch): each prompt weighs the same."""
+    offsets: list[int] = field(default_factory=list)
+    """Prompt i owns rows offsets[i] : offsets[i] + sizes[i]."""
+    sizes: list[int] = field(default_factory=list)
+    """K_i, the number of responses of prompt i."""
+    pairs: list[list[tuple[int, int]]] = field(default_factory=list)
+    """Per prompt, (winner, loser) indices local to that prompt."""
+
+    def to(self, device) -> RMBatch:
+        tensors = ("input_ids", "attention_mask", "winners", "losers", "weights")
+        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in tensors})
+
+
+# --------------------------------------------------------------------------- loss
+
+def kwise_loss(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """−1/C(K,2) · Σ log σ(r_w − r_l) over one prompt's comparisons (§3.5, eq. 1).
+
+    scores (K,) rewards of one prompt's responses; pairs from `Ranking.pairs()`. With ties
+    dropped there are fewer than C(K,2) pairs and the mean is over those that remain.
+    """
+    w = torch.tensor([p[0] for p in pairs], device=scores.device)
+    l = torch.tensor([p[1] for p in pairs], device=scores.device)
+    return -F.logsigmoid(scores[w] - scores[l]).mean()
+
+
+def batch_loss(scores: torch.Tensor, batch: RMBatch) -> tuple[torch.Tensor, float]:
+    """Mean over the batch's prompts of `kwise_loss`, in one gather; and the pair accuracy.
+
+    scores (N,) for the batch's rows. Returns (loss, fraction of pairs ordered right).
+    """
+    margin = scores[batch.winners] - scores[batch.losers]  # (P,) r_w − r_l
+    loss = -(batch.weights * F.logsigmoid(margin)).sum()
+    correct = (margin > 0).float() + 0.5 * (margin == 0).float()  # a score tie counts half
+    return loss, float(correct.mean())
+
+
+def collate(comparisons: list[Comparison], pad_id: int) -> RMBatch:
+    """All K_i responses of each prompt into one padded batch; its pairs as global rows."""
+    seqs, offsets, winners, losers, weights = [], [], [], [], []
+    for c in comparisons:
+        off = len(seqs)
+        offsets.append(off)
+        seqs.extend(c.sequences)
+        winners += [off + w for w, _ in c.pairs]
+        losers += [off + l for _, l in c.pairs]
+        weights += [1.0 / (len(c.pairs) * len(comparisons))] * len(c.pairs)
+    ids, mask = pad_right(seqs, pad_id)
+    return RMBatch(ids, mask, torch.tensor(winners), torch.tensor(losers), torch.tensor(weights),
+                   offsets, [len(c.sequences) for c in comparisons], [c.pairs for c in comparisons])
+
+
+def _n_correct(scores: list[float], pairs) -> float:
+    return sum(1.0 if scores[w] > scores[l] else 0.5 if scores[w] == scores[l] else 0.0
+               for w, l in pairs)
+
+
+# --------------------------------------------------------------------------- data
+
+def encode_pair(tokenizer, prompt: str, response: str) -> list[int]:
+    return encode_query(tokenizer, prompt) + encode_response(tokenizer, response)
+
+
+def encode_rankings(tokenizer, rankings: list[Ranking], path: str,
+                    max_len: int | None) -> list[Comparison]:
+    """Token sequences per ranking, refusing any prompt + response that overflows the context."""
+    out = []
+    for r in rankings:
+        query = encode_query(tokenizer, r.prompt)
+        if max_len is not None and len(query) >= max_len:
+            raise InputError(f"prompt is {len(query)} tokens, the model's context is {max_len}",
+                             file=path, line=r.line, field="prompt")
+        seqs = [query + encode_response(tokenizer, resp) for resp in r.responses]
+        for i, s in enumerate(seqs):
+            if max_len is not None and len(s) > max_len:
+                raise InputError(f"prompt + response is {len(s)} tokens, the model's context is "
+                                 f"{max_len}", file=path, line=r.line, field=f"responses[{i}]")
+        out.append(Comparison(seqs, r.pairs()))
+    return out
+
+
+def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
+    for d in demos:
+        n = len(encode_pair(tokenizer, d.prompt, d.completion))
+        if max_len is not None and n > max_len:
+            raise InputError(f"prompt + completion is {n} tokens, the model's context is {max_len}",
+                             file=path, line=d.line, field="completion")
+
+
+# --------------------------------------------------------------------------- scoring
+
+@torch.no_grad()
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
+    """r_θ of token sequences, batched by length (dropout off); order preserved."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    scores = [0.0] * len(seqs)
+    for i in range(0, len(order), batch_size):
+        idx = order[i: i + batch_size]
+        ids, mask = pad_right([seqs[j] for j in idx], pad_id)
+        for j, s in zip(idx, reward_scores(model, ids.to(device), mask.to(device)).tolist()):
+            scores[j] = s
+    model.train(was_training)
+    return scores
+
+
+def score_pairs(model, tokenizer, prompts: list[str], responses: list[str],
+                batch_size: int = 32) -> list[float]:
+    """r_θ(x, y) for each (prompt, response), bias included: the RM's public scoring function."""
+    max_len = context_length(model.config)
+    seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    for i, s in enumerate(seqs):
+        if max_len is not None and len(s) > max_len:
+            raise InputError(f"prompt + response {i} is {len(s)} tokens, the reward model's "
+                             f"context is {max_len}", field="responses")
+    return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size)
+
+
+def evaluate(model, comparisons: list[Comparison], pad_id: int, batch_size: int) -> dict:
+    """Mean K-wise loss and pairwise accuracy (score ties count half) over comparisons."""
+    flat = [s for c in comparisons for s in c.sequences]
+    scores = torch.tensor(score_sequences(model, flat, pad_id, batch_size))
+    losses, correct, total, off = [], 0.0, 0, 0
+    for c in comparisons:
+        s = scores[off: off + len(c.sequences)]
+        losses.append(float(kwise_loss(s, c.pairs)))
+        correct += _n_correct(s.tolist(), c.pairs)
+        total += len(c.pairs)
+        off += len(c.sequences)
+    return {"loss": sum(losses) / len(losses), "accuracy": correct / total}
+
+
+def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], batch_size: int = 32) -> float:
+    """Fraction of (winner, loser) pairs the RM orders correctly (ties in the data dropped)."""
+    comparisons = encode_rankings(tokenizer, rankings, "<rankings>", context_length(model.config))
+    return evaluate(model, comparisons, tokenizer.pad_token_id, batch_size)["accuracy"]
+
+
+def center_on_demos(model, tokenizer, demos, batch_size: int) -> dict:
+    """Set the bias so that the demonstrations score mean 0 (§3.5: 'normalized ... so that
+    the labeler demonstrations achieve a mean score of 0 before doing RL')."""
+    scores = score_pairs(model, tokenizer, [d.prompt for d in demos],
+                         [d.completion for d in demos], batch_size)
+    mean = sum(scores) / len(scores)
+    setattr(model.config, REWARD_BIAS_KEY, reward_bias(model) - mean)
+    return {"rm/demo_mean_before": mean, "rm/bias": reward_bias(model)}
+
+
+# --------------------------------------------------------------------------- train
+
+def read_inputs(config: RMConfig):
+    """(tokenizer, model, train comparisons, val comparisons, demos), all checked."""
+    tokenizer = load_tokenizer(config.base)
+    set_seed(config.seed)  # the fresh head's initialisation
+    model = load_reward_model(config.base)
+    model.config.pad_token_id = tokenizer.pad_token_id  # for HF's own forward, too
+    max_len = context_length(model.config)
+    train_set = encode_rankings(tokenizer, read_rankings(config.rankings), config.rankings, max_len)
+    val_set = None
+    if config.val_rankings:
+        val_set = encode_rankings(tokenizer, read_rankings(config.val_rankings),
+                                  config.val_rankings, max_len)
+    demos = read_demos(config.demos) if config.demos else None
+    if demos:
+        check_demos(tokenizer, demos, config.demos, max_len)
+    return tokenizer, model, train_set, val_set, demos
+
+
+def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
+    """Train a reward model from `config.base` on `config.rankings`.
+
+    Returns (<out_dir>/model, summary).
+
+    `callback(step, row)` runs after every optimizer step (tests raise from it to simulate
+    an interruption).
+    """
+    config.validate()
+    out_dir, t0 = Path(config.out_dir), time.time()
+    # 1. Read and check every input before anything is written.
+    tokenizer, model, train_set, val_set, demos = read_inputs(config)
+    device, pad_id = resolve_device(config.device), tokenizer.pad_token_id
+    model.to(device).train()
+
+    # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    opt, sched, state, log = _start_or_resume(model, config, config.epochs * steps_per_epoch)
+    guard = NonFiniteGuard(where="rm")
+    bar = progress(total=config.epochs * steps_per_epoch, desc="rm", initial=state["step"])
+
+    def save() -> None:
+        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
+                        dict(state, scheduler=sched.state_dict()))
+
+    # 3. One step = a batch of prompts, each one batch element with all its comparisons.
+    for epoch in range(state["epoch"], config.epochs):
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # resumable order
+        order = torch.randperm(len(train_set), generator=gen)
+        for b in range(state["batch"], steps_per_epoch):
+            idx = order[b * config.batch_size: (b + 1) * config.batch_size].tolist()
+            loss, accuracy = _step(model, opt, [train_set[i] for i in idx], pad_id, config,
+                                   guard, device)
+            sched.step()
+            state.update(step=state["step"] + 1, batch=b + 1)
+            row = {"step": state["step"], "rm/loss": loss, "rm/accuracy": accuracy,
+                   "rm/lr": sched.get_last_lr()[0], "rm/epoch": epoch + (b + 1) / steps_per_epoch}
+            log.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
+            if state["step"] % config.save_every == 0:
+                save()
+            if callback is not None:
+                callback(state["step"], row)
+        # 4. End of epoch: held-out loss and accuracy, checkpoint.
+        record = {"epoch": epoch + 1}
+        if val_set is not None:
+            val = evaluate(model, val_set, pad_id, config.eval_batch_size)
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        state["epochs"].append(record)
+        log.log({"step": state["step"], **{f"rm/{k}": v for k, v in record.items()}})
+        state.update(epoch=epoch + 1, batch=0)
+        save()
+    bar.close()
+
+    # 5. Train accuracy over the whole set, the demo-centring bias (§3.5), atomic output.
+    final = {"rm/train_accuracy": evaluate(model, train_set, pad_id,
+                                           config.eval_batch_size)["accuracy"]}
+    if demos:
+        final.update(center_on_demos(model, tokenizer, demos, config.eval_batch_size))
+    log.log({"step": state["step"], **final})
+    summary = {"stage": "rm", "base": config.base, "prompts": len(train_set),
+               "comparisons": sum(len(c.pairs) for c in train_set), "steps": state["step"],
+               "epochs": state["epochs"], "bias": reward_bias(model), **final,
+               "seconds": round(time.time() - t0, 1)}
+    return write_outputs(out_dir, model, tokenizer, summary), summary
+
+
+def _start_or_resume(model, config: RMConfig, total_steps: int):
+    """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists.
+    (As in sft.py: stages share output directories, not training code.)"""
+    out_dir = Path(config.out_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
+    sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
+    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config)}
+    resumed = has_checkpoint(out_dir)
+    if resumed:
+        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
+        check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
+        sched.load_state_dict(saved.pop("scheduler"))
+        state = saved
+    (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
+    save_config(config, out_dir / "config.yaml")
+    log = MetricsLog(out_dir / "metrics.jsonl",
+                     truncate_after_step=state["step"] if resumed else None)
+    return opt, sched, state, log
+
+
+def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
+    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(out_dir / "summary.json", summary)
+    for name in ("checkpoint", "best"):  # resumable state is not needed any more
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    return out_dir / "model"
+
+
+def _step(model, opt, chunk: list[Comparison], pad_id: int, config: RMConfig,
+          guard: NonFiniteGuard, device) -> tuple[float, float]:
+    """One optimizer step over a batch of prompts; micro-batches accumulate gradients."""
+    opt.zero_grad(set_to_none=True)
+    micro = config.micro_batch_size or len(chunk)
+    total_loss, correct = torch.zeros((), device=device), 0.0
+    for i in range(0, len(chunk), micro):
+        part = collate(chunk[i: i + micro], pad_id).to(device)
+        scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,)
+        loss, accuracy = batch_loss(scores, part)
+        weight = len(part.offsets) / len(chunk)  # the step's loss is the mean over its prompts
+        (loss * weight).backward()
+        total_loss += loss.detach() * weight
+        correct += accuracy * sum(len(p) for p in part.pairs)
+    if guard.ok(total_loss, model.parameters()):
+        if config.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        opt.step()
+    return float(total_loss), correct / sum(len(c.pairs) for c in chunk)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from rlhflab.cli import stage_parser
+
+    stage_parser(parser)
+
+
+def run_cli(args) -> int:
+    from rlhflab.cli import load_stage_config
+
+    config = load_stage_config(RMConfig, args)
+    out_dir, summary = train(config)
+    val = summary["epochs"][-1].get("val_accuracy")
+    print(f"rm: wrote {out_dir} (train accuracy {summary['rm/train_accuracy']:.3f}"
+          + (f", val accuracy {val:.3f}" if val is not None else "") + ")")
+    return 0

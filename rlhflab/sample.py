@@ -1,0 +1,155 @@
+"""K samples per prompt from a policy, written as JSONL ready to be ranked (§3.5).
+
+The paper's labelers ranked K = 4 to 9 outputs per prompt; K is drawn per prompt from a
+seeded generator. All prompts x K samples go through `generation.sample` in batches with
+the KV cache. Output rows: {"prompt": str, "responses": [str, ...]}.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhflab.config import check
+from rlhflab.data import MAX_K, iter_jsonl, read_prompts
+from rlhflab.errors import InputError, TrainingError
+from rlhflab.generation import sample
+from rlhflab.io import write_jsonl
+from rlhflab.models import context_length, load_causal_lm, load_tokenizer
+from rlhflab.text import decode_response, encode_query
+from rlhflab.training import progress, resolve_device
+
+
+@dataclass
+class SampleConfig:
+    policy: str = ""
+    """Policy directory (a causal LM, e.g. the SFT output)."""
+    prompts: str = ""
+    """Prompts JSONL, rows {"prompt"}."""
+    out: str = "runs/samples.jsonl"
+    """Output JSONL: one {"prompt", "responses"} row per prompt, written atomically."""
+    k_min: int = 4
+    """Fewest samples per prompt (the paper: K = 4 to 9)."""
+    k_max: int = 9
+    """Most samples per prompt; K is drawn uniformly in [k_min, k_max] for each prompt."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    max_new_tokens: int = 64
+    """Longest response; one cut there has no eos (it is still written)."""
+    batch_size: int = 64
+    """Sequences per generation batch (prompts x K are flattened, then batched)."""
+    seed: int = 0
+    """Seed for K and for the samples."""
+    retries: int = 4
+    """Resample an empty response up to this many times; still empty, it is dropped."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu', 'cuda', ..."""
+
+    def validate(self) -> None:
+        check(bool(self.policy), "policy", self.policy, "a policy directory is required")
+        check(bool(self.prompts), "prompts", self.prompts, "a prompts JSONL file is required")
+        check(bool(self.out), "out", self.out, "required")
+        check(2 <= self.k_min <= self.k_max, "k_min", self.k_min, "need 2 <= k_min <= k_max")
+        check(self.k_max <= MAX_K, "k_max", self.k_max, f"must be <= {MAX_K}")
+        check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        check(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(self.retries >= 0, "retries", self.retries, "must be >= 0")
+
+
+def check_prompt_lengths(tokenizer, prompts: list[str], path: str, max_len: int | None,
+                         max_new_tokens: int) -> None:
+    """Refuse a prompt whose query + max_new_tokens does not fit the context (file:line)."""
+    if max_len is None:
+        return
+    lines = [n for n, _ in iter_jsonl(path)]  # read_prompts already accepted every row
+    for prompt, line in zip(prompts, lines):
+        n = len(encode_query(tokenizer, prompt))
+        if n + max_new_tokens > max_len:
+            raise InputError(f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} that "
+                             f"exceeds the model's context of {max_len}", file=path, line=line,
+                             field="prompt")
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
+                   temperature: float, batch_size: int, generator: torch.Generator | None = None,
+                   desc: str = "") -> tuple[list[str], list[bool]]:
+    """One sampled response per prompt: (decoded texts, whether each emitted eos)."""
+    was_training = model.training
+    model.eval()
+    texts, ended = [], []
+    starts = range(0, len(prompts), batch_size)
+    for i in progress(starts, total=len(starts), desc=desc) if desc else starts:
+        queries = [encode_query(tokenizer, p) for p in prompts[i: i + batch_size]]
+        gen = sample(model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                     max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
+        texts += [decode_response(tokenizer, row) for row in gen.responses.tolist()]
+        ended += gen.ended.tolist()
+    model.train(was_training)
+    return texts, ended
+
+
+def run(config: SampleConfig) -> tuple[Path, dict]:
+    """Sample K responses per prompt; returns (output path, metrics)."""
+    config.validate()
+    t0 = time.time()
+    tokenizer = load_tokenizer(config.policy)
+    prompts = read_prompts(config.prompts)
+    model = load_causal_lm(config.policy)
+    check_prompt_lengths(tokenizer, prompts, config.prompts, context_length(model.config),
+                 config.max_new_tokens)
+    device = resolve_device(config.device)
+    model.to(device)
+
+    k_gen = torch.Generator().manual_seed(config.seed)
+    ks = torch.randint(config.k_min, config.k_max + 1, (len(prompts),), generator=k_gen).tolist()
+    owners = [i for i, k in enumerate(ks) for _ in range(k)]  # prompts x K, flattened
+    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+              batch_size=config.batch_size, generator=gen)
+    texts, ended = generate_texts(model, tokenizer, [prompts[i] for i in owners], desc="sample",
+                                  **kw)
+    for _ in range(config.retries):  # labelers cannot rank an empty answer (data.py refuses it)
+        empty = [j for j, t in enumerate(texts) if not t.strip()]
+        if not empty:
+            break
+        redo, redo_ended = generate_texts(model, tokenizer, [prompts[owners[j]] for j in empty],
+                                          **kw)
+        for j, t, e in zip(empty, redo, redo_ended):
+            texts[j], ended[j] = t, e
+
+    rows = [{"prompt": p, "responses": []} for p in prompts]
+    for owner, text in zip(owners, texts):
+        if text.strip():
+            rows[owner]["responses"].append(text)
+    kept = [r for r in rows if len(r["responses"]) >= 2]
+    if not kept:
+        raise TrainingError("no prompt got two non-empty responses; nothing to rank "
+                            "(raise max_new_tokens or retries?)")
+    n = write_jsonl(Path(config.out), kept)
+    metrics = {"sample/prompts": n, "sample/dropped_prompts": len(rows) - n,
+               "sample/responses": sum(len(r["responses"]) for r in kept),
+               "sample/dropped_empty": sum(not t.strip() for t in texts),
+               "sample/truncated_frac": 1 - sum(ended) / len(ended),
+               "sample/mean_chars": sum(map(len, texts)) / len(texts),
+               "sample/seconds": round(time.time() - t0, 1)}
+    return Path(config.out), metrics
+
+
+def add_arguments(parser) -> None:
+    from rlhflab.cli import stage_parser
+
+    stage_parser(parser)
+
+
+def run_cli(args) -> int:
+    from rlhflab.cli import load_stage_config
+
+    config = load_stage_config(SampleConfig, args)
+    out, metrics = run(config)
+    print(f"sample: wrote {metrics['sample/responses']} responses for "
+          f"{metrics['sample/prompts']} prompts to {out}")
+    return 0

@@ -1,0 +1,391 @@
+"""Stage 1: supervised fine-tuning on demonstrations (§3.5 "Supervised fine-tuning").
+
+    demos ──tokens (text.py layout)──▶ right-padded batches, labels on the response only
+          ──AdamW, cosine to 10%, residual dropout──▶ one checkpoint per epoch
+          ──pick the epoch (RM score on val prompts / val loss / last)──▶ out_dir
+
+The base is rlhflab's pretrained model or any local Hugging Face causal LM directory.
+`out_dir` gets config.yaml and metrics.jsonl as training goes, `model/` (save_pretrained:
+safetensors + tokenizer) at the end and then summary.json, the mark of a finished stage.
+While training it holds `checkpoint/` (and `best/`), and a rerun resumes from there.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from transformers import AutoConfig
+
+from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
+from rlhflab.config import check, save_config, to_dict
+from rlhflab.data import read_demos, read_prompts
+from rlhflab.errors import InputError
+from rlhflab.io import MetricsLog, atomic_dir, write_json
+from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
+from rlhflab.rm import score_pairs
+from rlhflab.sample import check_prompt_lengths, generate_texts
+from rlhflab.text import encode_query, encode_response, pad_right
+from rlhflab.training import (NonFiniteGuard, check_resumable, cosine_schedule, progress,
+                              resolve_device, set_seed)
+
+IGNORE = -100
+"""Label of positions that carry no loss (prompt and padding)."""
+
+# Dropout fields by architecture: GPT-2 (resid/embd/attn_pdrop), Llama/Mistral/Qwen
+# (attention_dropout: they have no residual dropout), OPT/BLOOM-style (dropout, hidden_dropout).
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
+                "hidden_dropout", "dropout")
+
+
+@dataclass
+class SFTConfig:
+    base: str = ""
+    """Base causal LM directory: rlhflab's pretrained model or any local Hugging Face causal LM."""
+    data: str = ""
+    """Demonstrations, JSONL rows {"prompt", "completion"}."""
+    out_dir: str = "runs/sft"
+    """Output directory: model/ (HF model + tokenizer), metrics.jsonl, config.yaml,
+    summary.json."""
+    val_data: str | None = None
+    """Held-out demonstrations: validation loss every epoch; picks the epoch if no reward model."""
+    reward_model: str | None = None
+    """Reward model directory: keep the epoch whose samples on val_prompts score best
+    (§3.5, App. C.1)."""
+    val_prompts: str | None = None
+    """Prompts JSONL sampled after each epoch for the reward-model choice (needs reward_model)."""
+    epochs: int = 16
+    """Passes over the demonstrations (§3.5: 16; val loss overfits after one epoch, yet
+    RM score and human preference keep improving)."""
+    lr: float = 1e-3
+    """Peak learning rate. App. C.1 used 9.65e-6 for 1.3B/6B; the lab's ~0.2M-parameter model
+    needs far larger steps (on the lab world 1e-3 beat 3e-4: val loss 0.45 vs 0.58, gold
+    0.57 vs 0.42). Lower it for larger models."""
+    final_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak (App. C.1: 10%)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (App. C.1: none)."""
+    batch_size: int = 8
+    """Demonstrations per optimizer step (App. C.1: 32 for 1.3B/6B, 8 for 175B)."""
+    dropout: float = 0.2
+    """Residual dropout while training (§3.5: 0.2). Set on every dropout field the
+    architecture has (GPT-2: resid/embd/attn_pdrop; Llama: attention_dropout only); the saved
+    model keeps the base's values so later stages sample without dropout."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip (0: off)."""
+    save_every: int = 200
+    """Write a resumable checkpoint every this many steps (and at each epoch end)."""
+    seed: int = 0
+    """Seed for initialisation, dropout and data order."""
+    val_max_new_tokens: int = 64
+    """Length of the samples scored by the reward model after each epoch."""
+    val_temperature: float = 1.0
+    """Sampling temperature for those samples (the same seed every epoch, for a fair comparison)."""
+    eval_batch_size: int = 32
+    """Sequences per forward when sampling, scoring and computing val loss."""
+    device: str = "auto"
+    """'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    def validate(self) -> None:
+        check(bool(self.base), "base", self.base, "a base model directory is required")
+        check(bool(self.data), "data", self.data, "a demonstrations JSONL file is required")
+        check(bool(self.out_dir), "out_dir", self.out_dir, "required")
+        check((self.reward_model is None) == (self.val_prompts is None), "val_prompts",
+              self.val_prompts, "reward_model and val_prompts go together")
+        check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
+              "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        check(self.val_max_new_tokens >= 1, "val_max_new_tokens", self.val_max_new_tokens,
+              "must be >= 1")
+        check(self.val_temperature > 0, "val_temperature", self.val_temperature, "must be > 0")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+
+
+# --------------------------------------------------------------------------- data
+
+def encode_demos(tokenizer, path: str, max_len: int | None) -> list[tuple[list[int], list[int]]]:
+    """(query, response) token lists, refusing any that does not fit the context."""
+    examples = []
+    for demo in read_demos(path):
+        query = encode_query(tokenizer, demo.prompt)
+        response = encode_response(tokenizer, demo.completion)  # ends with eos: a label
+        if max_len is not None and len(query) >= max_len:
+            raise InputError(f"prompt is {len(query)} tokens, the model's context is {max_len}",
+                             file=path, line=demo.line, field="prompt")
+        if max_len is not None and len(query) + len(response) > max_len:
+            raise InputError(f"prompt + completion is {len(query) + len(response)} tokens, the "
+                             f"model's context is {max_len}", file=path, line=demo.line,
+                             field="completion")
+        examples.append((query, response))
+    return examples
+
+
+def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding).  (B, T)"""
+    ids, mask = pad_right([q + r for q, r in examples], pad_id)
+    labels = torch.full_like(ids, IGNORE)
+    for i, (q, r) in enumerate(examples):
+        labels[i, len(q): len(q) + len(r)] = torch.tensor(r)
+    return ids, mask, labels
+
+
+def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token NLL over labelled (response) tokens.  logits (B, T, V), labels (B, T)"""
+    # Position t predicts token t+1; prompt and padding labels are -100 and carry no loss.
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                           ignore_index=IGNORE)
+
+
+def forward_loss(model, examples, pad_id: int, device) -> torch.Tensor:
+    ids, mask, labels = (t.to(device) for t in sft_batch(examples, pad_id))
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return sft_loss(logits, labels)
+
+
+# --------------------------------------------------------------------------- model
+
+def load_policy(path: str, dropout: float) -> tuple[torch.nn.Module, dict[str, float]]:
+    """The base LM with every dropout field it has set to `dropout`; also the original values."""
+    try:
+        cfg = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot read the model config: {str(e).splitlines()[0]}",
+                         file=path) from None
+    original = {k: getattr(cfg, k) for k in DROPOUT_KEYS
+                if type(getattr(cfg, k, None)) in (int, float)}  # a probability, not a flag
+    model = load_causal_lm(path, **{k: dropout for k in original})
+    return model, original
+
+
+@torch.no_grad()
+def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
+    """Token-weighted response NLL on held-out demonstrations (dropout off)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        n = sum(len(r) for _, r in chunk)
+        total += float(forward_loss(model, chunk, pad_id, device)) * n
+        count += n
+    model.train(was_training)
+    return total / count
+
+
+def rm_score(model, tokenizer, prompts, rm, rm_tokenizer, config: SFTConfig, device) -> float:
+    """Mean reward of the policy's samples on the val prompts (App. C.1 model selection)."""
+    gen = torch.Generator(device=device).manual_seed(config.seed)  # same draws every epoch
+    texts, _ = generate_texts(model, tokenizer, prompts, temperature=config.val_temperature,
+                              max_new_tokens=config.val_max_new_tokens,
+                              batch_size=config.eval_batch_size, generator=gen)
+    scores = score_pairs(rm, rm_tokenizer, prompts, texts, config.eval_batch_size)
+    return sum(scores) / len(scores)
+
+
+# --------------------------------------------------------------------------- train
+
+@dataclass
+class _Inputs:
+    """Everything `train` reads, loaded and checked before anything is written."""
+    tokenizer: object
+    model: torch.nn.Module
+    base_dropout: dict
+    train_set: list
+    val_set: list | None
+    prompts: list[str] | None
+    rm: torch.nn.Module | None
+    rm_tokenizer: object | None
+
+
+def read_inputs(config: SFTConfig) -> _Inputs:
+    tokenizer = load_tokenizer(config.base)
+    if tokenizer.eos_token_id is None:
+        raise InputError("the tokenizer has no eos token (SFT teaches the model to stop)",
+                         file=config.base)
+    model, base_dropout = load_policy(config.base, config.dropout)
+    max_len = context_length(model.config)
+    train_set = encode_demos(tokenizer, config.data, max_len)
+    val_set = encode_demos(tokenizer, config.val_data, max_len) if config.val_data else None
+    prompts, rm, rm_tokenizer = None, None, None
+    if config.reward_model:
+        prompts = read_prompts(config.val_prompts)
+        n = config.val_max_new_tokens
+        check_prompt_lengths(tokenizer, prompts, config.val_prompts, max_len, n)
+        rm_tokenizer = load_tokenizer(config.reward_model)
+        rm = load_reward_model(config.reward_model).eval().requires_grad_(False)
+        check_prompt_lengths(rm_tokenizer, prompts, config.val_prompts, context_length(rm.config),
+                             n + 1)
+    return _Inputs(tokenizer, model, base_dropout, train_set, val_set, prompts, rm, rm_tokenizer)
+
+
+def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
+    """Fine-tune `config.base` on `config.data`; returns (<out_dir>/model, summary).
+
+    `callback(step, row)` runs after every optimizer step (tests raise from it to
+    simulate an interruption).
+    """
+    config.validate()
+    out_dir, t0 = Path(config.out_dir), time.time()
+    # 1. Read and check every input before anything is written.
+    inp = read_inputs(config)
+    model, tokenizer, train_set = inp.model, inp.tokenizer, inp.train_set
+    device = resolve_device(config.device)
+    set_seed(config.seed)
+    model.to(device).train()
+    if inp.rm is not None:
+        inp.rm.to(device)
+
+    # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    opt, sched, state, log = _start_or_resume(model, config, config.epochs * steps_per_epoch,
+                                              {"best": None})
+    guard = NonFiniteGuard(where="sft")
+    bar = progress(total=config.epochs * steps_per_epoch, desc="sft", initial=state["step"])
+
+    def save() -> None:
+        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
+                        dict(state, scheduler=sched.state_dict()))
+
+    # 3. Epochs of response-only next-token loss.
+    for epoch in range(state["epoch"], config.epochs):
+        order = torch.randperm(len(train_set), generator=epoch_generator(config.seed, epoch))
+        for b in range(state["batch"], steps_per_epoch):
+            idx = order[b * config.batch_size: (b + 1) * config.batch_size].tolist()
+            loss = forward_loss(model, [train_set[i] for i in idx], tokenizer.pad_token_id, device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if guard.ok(loss, model.parameters()):
+                if config.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                opt.step()
+            sched.step()
+            state.update(step=state["step"] + 1, batch=b + 1)
+            row = {"step": state["step"], "sft/loss": float(loss.detach()),
+                   "sft/lr": sched.get_last_lr()[0],
+                   "sft/epoch": epoch + (b + 1) / steps_per_epoch}
+            log.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['sft/loss']:.3f}")
+            if state["step"] % config.save_every == 0:
+                save()
+            if callback is not None:
+                callback(state["step"], row)
+        # 4. End of epoch: evaluate, remember the best epoch's weights, checkpoint.
+        log.log(_end_of_epoch(inp, config, state, epoch, device, out_dir))
+        state.update(epoch=epoch + 1, batch=0)
+        save()
+    bar.close()
+
+    # 5. Load the chosen epoch; write <out_dir>/model atomically, then summary.json.
+    if (out_dir / "best" / "model.safetensors").is_file():
+        load_model(model, str(out_dir / "best" / "model.safetensors"), strict=False)
+    for key, value in inp.base_dropout.items():
+        setattr(model.config, key, value)  # sample/RM/PPO see the base's dropout, not SFT's
+    summary = _summary(config, state, inp, time.time() - t0)
+    return write_outputs(out_dir, model, tokenizer, summary), summary
+
+
+def _start_or_resume(model, config, total_steps: int, extra_state: dict):
+    """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists."""
+    out_dir = Path(config.out_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
+    sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
+    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config),
+             **extra_state}
+    resumed = has_checkpoint(out_dir)
+    if resumed:
+        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
+        check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
+        sched.load_state_dict(saved.pop("scheduler"))
+        state = saved
+    else:
+        shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
+    (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
+    save_config(config, out_dir / "config.yaml")
+    log = MetricsLog(out_dir / "metrics.jsonl",
+                     truncate_after_step=state["step"] if resumed else None)
+    return opt, sched, state, log
+
+
+def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
+    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(out_dir / "summary.json", summary)
+    for name in ("checkpoint", "best"):  # resumable state is not needed any more
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    return out_dir / "model"
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """Data order of one epoch, a pure function of (seed, epoch): resumes see the same order."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device,
+                  out_dir: Path) -> dict:
+    record = {"epoch": epoch + 1}
+    if inp.val_set is not None:
+        record["val_loss"] = val_loss(inp.model, inp.val_set, inp.tokenizer.pad_token_id,
+                                      config.eval_batch_size, device)
+    if inp.rm is not None:
+        record["val_score"] = rm_score(inp.model, inp.tokenizer, inp.prompts, inp.rm,
+                                       inp.rm_tokenizer, config, device)
+    # §3.5 / App. C.1: the RM score on validation prompts chooses the SFT epoch; else val loss.
+    if inp.rm is not None:
+        key, sign = "val_score", 1.0
+    elif inp.val_set is not None:
+        key, sign = "val_loss", -1.0
+    else:
+        key = None  # keep the last epoch
+    best = state["best"]
+    if key is not None and (best is None or sign * record[key] > sign * best[key]):
+        state["best"] = record
+        with atomic_dir(out_dir / "best") as tmp:
+            save_model(inp.model, str(tmp / "model.safetensors"))
+    state["epochs"].append(record)
+    return {"step": state["step"], **{f"sft/{k}": v for k, v in record.items()}}
+
+
+def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> dict:
+    best = state["best"]
+    selected = "reward_model" if config.reward_model else "val_loss" if config.val_data else "last"
+    return {"stage": "sft", "base": config.base, "examples": len(inp.train_set),
+            "steps": state["step"], "epochs": state["epochs"],
+            "best_epoch": best["epoch"] if best else config.epochs, "selected_by": selected,
+            "dropout_fields": sorted(inp.base_dropout), "seconds": round(seconds, 1)}
+
+
+# --------------------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from rlhflab.cli import stage_parser
+
+    stage_parser(parser)
+
+
+def run_cli(args) -> int:
+    from rlhflab.cli import load_stage_config
+
+    config = load_stage_config(SFTConfig, args)
+    out_dir, summary = train(config)
+    print(f"sft: wrote {out_dir} (epoch {summary['best_epoch']} of {config.epochs}, "
+          f"chosen by {summary['selected_by']}, {summary['steps']} steps)")
+    return 0
+

@@ -1,0 +1,74 @@
+"""Tiny models and data built from config for tests: no download, a second or two on a CPU.
+
+    tok = tiny_tokenizer()
+    gpt2 = gpt2_dir(tmp_path / "gpt2", tok)     # GPT-2-shaped (rlhflab's lab model)
+    llama = llama_dir(tmp_path / "llama", tok)  # Llama-shaped (RoPE, RMSNorm, GQA)
+Both directories hold a `save_pretrained` model plus the tokenizer, like any stage output.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlhflab.models import lab_model
+from rlhflab.tokenizer import train_tokenizer
+
+WORDS = ("the cat sat on the mat . a dog ran far away . name a color : red blue green . "
+         "summarize this : birds fly south in winter . yes no maybe . one two three four")
+
+_TOKENIZER = None
+
+
+def tiny_tokenizer():
+    """A byte-level BPE (pad, bos, eos distinct) trained on a few sentences; cached."""
+    global _TOKENIZER
+    if _TOKENIZER is None:
+        _TOKENIZER = train_tokenizer([WORDS] * 4, vocab_size=320)
+    return _TOKENIZER
+
+
+def gpt2_dir(path: Path, tok=None, n_positions: int = 128, seed: int = 0) -> Path:
+    tok = tok or tiny_tokenizer()
+    model = lab_model("small", tok, n_positions=n_positions, seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def llama_dir(path: Path, tok=None, max_positions: int = 128, seed: int = 0) -> Path:
+    import torch
+
+    tok = tok or tiny_tokenizer()
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
+                      max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return Path(path)
+
+
+def demo_rows(n: int = 12) -> list[dict]:
+    """Demonstrations with a learnable pattern: the answer repeats the prompt's last word."""
+    words = "cat dog mat red blue green one two three four yes no".split()
+    return [{"prompt": f"say {words[i % len(words)]}", "completion": f"{words[i % len(words)]} ."}
+            for i in range(n)]
+
+
+def ranking_rows(n: int = 8, k: int = 4) -> list[dict]:
+    """Rankings where the longer response is better (something an RM can learn quickly)."""
+    rows = []
+    for i in range(n):
+        responses = [" ".join(["red"] * (j + 1)) for j in range(k)]
+        rows.append({"prompt": f"name a color {i}", "responses": responses,
+                     "ranking": list(range(k - 1, -1, -1))})
+    return rows
