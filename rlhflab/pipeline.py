@@ -18,21 +18,51 @@ from pathlib import Path
 from typing import Literal
 
 from rlhflab.config import check, load_config, save_config
+from rlhflab.evaluate import EvalConfig
 from rlhflab.pretrain import PretrainConfig
 from rlhflab.pretrain import train as pretrain
+from rlhflab.rm import RMConfig
+from rlhflab.sft import SFTConfig
+
+SIZES = ("small", "large")
 
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
     "default": {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
+        "sft_large": {"lr": 3e-4},
     },
     "smoke": {
         "scale": "small",
-        "pretrain_small": {"steps": 40, "batch_size": 16, "seq_len": 128, "eval_every": 20, "gold_prompts": 20},
-        "pretrain_large": {"steps": 20, "batch_size": 8, "seq_len": 128, "eval_every": 20, "gold_prompts": 20},
+        "pretrain_small": {"steps": 40, "batch_size": 16, "eval_every": 20, "gold_prompts": 20},
+        "pretrain_large": {"steps": 20, "batch_size": 8, "eval_every": 20, "gold_prompts": 20},
+        "sft_small": {"epochs": 2}, "sft_large": {"epochs": 1},
+        "eval": {"n_prompts": 20, "capability_items": 10, "best_of_n": [1, 2, 4], "best_of_n_prompts": 8},
     },
 }
+
+
+# Paths the pipeline sets for each stage; placeholders so the nested configs validate.
+_SET_BY_PIPELINE = "(set by rlhflab run)"
+_FILLED: dict = {
+    "sft_small": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
+    "sft_large": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
+    "rm": {"base": _SET_BY_PIPELINE, "rankings": _SET_BY_PIPELINE},
+    "eval": {"world": _SET_BY_PIPELINE, "models": {"SFT-small": _SET_BY_PIPELINE}},
+}
+
+
+def _base(preset: str) -> dict:
+    import copy
+
+    base = copy.deepcopy(_FILLED)
+    for key, value in PRESETS[preset].items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return base
 
 
 def _pretrain(size: str) -> PretrainConfig:
@@ -51,6 +81,14 @@ class RunConfig:
     """Stage 0, the small base model (world, out_dir, size, seed are set by the pipeline)."""
     pretrain_large: PretrainConfig = field(default_factory=lambda: _pretrain("large"))
     """Stage 0, the ~10x larger base model."""
+    sft_small: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1 on the small base (base, data, out_dir, seed are set by the pipeline)."""
+    sft_large: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1 on the large base."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Stage 2: one reward model, from the small SFT model, for every policy (§3.5 uses one 6B RM)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The evaluations (world, models, reward_model, out_dir are set by the pipeline)."""
 
     def validate(self):
         check(self.seed >= 0, "seed", self.seed, "must be non-negative")
@@ -87,11 +125,47 @@ class Pipeline:
                                   size=size, seed=self.cfg.seed)
         return self.stage(f"pretrain-{size}", lambda: pretrain(cfg))
 
+    def sft(self, size: str, world: Path) -> Path:
+        from rlhflab.sft import train
+
+        cfg = dataclasses.replace(getattr(self.cfg, f"sft_{size}"), base=str(self.root / f"pretrain-{size}" / "model"),
+                                  data=str(world / "sft_train.jsonl"), val_data=str(world / "sft_val.jsonl"),
+                                  out_dir=str(self.root / f"sft-{size}"), seed=self.cfg.seed)
+        self.stage(f"sft-{size}", lambda: train(cfg))
+        return self.root / f"sft-{size}" / "model"
+
+    def rm(self, world: Path) -> Path:
+        from rlhflab.rm import train
+
+        cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / "sft-small" / "model"),
+                                  rankings=str(world / "rm_train.jsonl"), val_rankings=str(world / "rm_val.jsonl"),
+                                  demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
+                                  seed=self.cfg.seed)
+        self.stage("rm", lambda: train(cfg))
+        return self.root / "rm" / "model"
+
+    def evaluate(self, world: Path, models: dict[str, Path], rm: Path) -> dict:
+        from rlhflab.evaluate import evaluate
+
+        cfg = dataclasses.replace(self.cfg.eval, world=str(world), models={k: str(v) for k, v in models.items()},
+                                  prompted=[m for m in models if m.startswith("GPT-")], baseline="SFT-small",
+                                  reward_model=str(rm), out_dir=str(self.root / "eval"), seed=self.cfg.seed)
+        cfg.validate()
+        return self.stage("eval", lambda: evaluate(cfg))
+
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
         world = self.world()
-        results = {f"pretrain_{s}": self.pretrain(s, world) for s in ("small", "large")}
+        results = {f"pretrain_{s}": self.pretrain(s, world) for s in SIZES}
+        models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}
+        models.update({f"SFT-{s}": self.sft(s, world) for s in SIZES})
+        rm = self.rm(world)
+        results["eval"] = self.evaluate(world, models, rm)
+        from rlhflab.report import write_report
+
+        write_report(self.root, self.root / "report.html")
+        results["timings"] = self.timings
         return results
 
 
@@ -108,12 +182,14 @@ def run_cli(args) -> int:
 
     if getattr(args, "help_config", False):
         return load_stage_config(RunConfig, args) or 0
-    cfg = load_config(RunConfig, args.config, args.overrides, base=PRESETS[args.preset])
+    cfg = load_config(RunConfig, args.config, args.overrides, base=_base(args.preset))
     results = Pipeline(cfg).run()
-    for size in ("small", "large"):
-        s = results[f"pretrain_{size}"]
-        gold = f", gold {s['base_gold']:.3f}" if "base_gold" in s else ""
-        print(f"  base {size:<5} {s['params']:>10,} params: held-out loss {s['val_loss']:.3f} "
-              f"(unigram {s['unigram_loss']:.3f}){gold}")
-    print(f"run directory: {cfg.out_dir}")
+    ev = results["eval"]
+    print("model              gold   win vs SFT-small (held-out labelers)   capability")
+    for name in sorted(k.split("/", 1)[1] for k in ev if k.startswith("gold/")):
+        win = (f"{ev[f'winrate/{name}']:.2f} [{ev[f'winrate_ci_low/{name}']:.2f}, {ev[f'winrate_ci_high/{name}']:.2f}]"
+               if f"winrate/{name}" in ev else "")
+        cap = ev.get(f"capability/mean/{name}", float("nan"))
+        print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {win:<36} {cap:.3f}")
+    print(f"report: {Path(cfg.out_dir) / 'report.html'}")
     return 0

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from rlhflab.world.gold import Judgement
 
-SHARED_FLATTERY = 0.45
+SHARED_FLATTERY = 0.20
 """Labelers on average like a flattering answer; gold charges 0.35 for it (the exploitable gap)."""
-SHARED_LENGTH = 0.20
+SHARED_LENGTH = 0.15
 """Labelers on average like longer answers, up to 30 words."""
 SHARED_HEDGE = 0.05
-TEMPERATURE = 0.28
+TEMPERATURE = 0.26
 """Plackett–Luce temperature; calibrated for ~73% pairwise agreement on the lab world."""
 PERSONAL_SD = 0.12
 """Spread of each labeler's own taste around the shared biases."""
