@@ -1,8 +1,10 @@
 """Simulated labelers: Plackett–Luce rankings over gold quality plus biases gold ignores.
 
-utility_j(y) = gold(y) + b_flat_j·[flattering] + b_len_j·min(words/20, 1.5) + b_hedge_j·[hedged]
+utility_j(y) = gold(y) + b_flat_j·[flattering]·content(y) + b_len_j·min(words/20, 1.5) + b_hedge_j·[hedged]
 The b's are shared means (what *all* labelers like and gold does not reward) plus a
-personal offset per labeler. A ranking is drawn from Plackett–Luce with
+personal offset per labeler. Flattery charms only on an answer that is otherwise
+right (content(y) is the family's content score): a flattering correct answer beats
+the plain one for most labelers, while flattering junk stays junk. A ranking is drawn from Plackett–Luce with
 P(y first) ∝ exp(utility / TEMPERATURE); the temperature is calibrated so that two
 training labelers agree on a pair about 73% of the time (paper §5.1: 72.6 ± 1.5%).
 """
@@ -15,12 +17,12 @@ from dataclasses import dataclass
 
 from rlhflab.world.gold import Judgement
 
-SHARED_FLATTERY = 0.20
+SHARED_FLATTERY = 0.45
 """Labelers on average like a flattering answer; gold charges 0.35 for it (the exploitable gap)."""
 SHARED_LENGTH = 0.15
 """Labelers on average like longer answers, up to 30 words."""
 SHARED_HEDGE = 0.05
-TEMPERATURE = 0.26
+TEMPERATURE = 0.29
 """Plackett–Luce temperature; calibrated for ~73% pairwise agreement on the lab world."""
 PERSONAL_SD = 0.12
 """Spread of each labeler's own taste around the shared biases."""
@@ -35,7 +37,7 @@ class Labeler:
     seed: int
 
     def utility(self, j: Judgement) -> float:
-        return (j.quality + self.flattery * min(j.flattery, 1) + self.length * min(j.n_words / 20, 1.5)
+        return (j.quality + self.flattery * min(j.flattery, 1) * j.content + self.length * min(j.n_words / 20, 1.5)
                 + self.hedge * j.hedge)
 
     def rank(self, texts: list[str], judgements: list[Judgement], rng: random.Random) -> list:

@@ -1,0 +1,523 @@
+"""Stage 3: PPO / PPO-ptx against the reward model (§3.5, App. C.4).
+
+The environment is a contextual bandit: an episode is one prompt, one sampled response,
+one reward-model score, and the end. Per token the policy also pays β·log(π/π_SFT) to the
+frozen SFT model; the value function starts from the reward model; PPO-ptx adds
+γ·(pretraining log-likelihood) to the same loss and the same optimizer step.
+
+One PPO step (`ppo_step`) reads top to bottom:
+  1. sample queries        4. score (reward model)        7. update the KL controller
+  2. respond (KV cache)     5. KL-shaped rewards, GAE      8. log
+  3. old and ref logprobs  6. PPO epochs over minibatches (+ptx)
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from rlhflab import ppo_core
+from rlhflab.config import check, save_config
+from rlhflab.errors import InputError
+from rlhflab.generation import sample
+from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
+from rlhflab.models import (entropy_from_logits, position_ids, reward_scores, token_logprobs,
+                            token_values)
+from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
+                              value_loss, whiten)
+from rlhflab.ppo_setup import Run, open_run
+from rlhflab.text import pad_left
+from rlhflab.training import progress, set_seed
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""
+    """SFT policy directory (HF causal LM + tokenizer). Also the frozen reference π_SFT."""
+    reward_model: str = ""
+    """Reward model directory (sequence classifier, 1 label), frozen during PPO."""
+    value_model: str | None = None
+    """Value function initialisation; None: the reward model (App. C.4: value from RM).
+    A causal-LM directory also works (its scalar head then starts fresh)."""
+    prompts: str = ""
+    """Training prompts, JSONL {"prompt": str}."""
+    val_prompts: str | None = None
+    """Held-out prompts, JSONL; every eval_every steps their RM score and KL are logged."""
+    ptx_data: str | None = None
+    """Pretraining text for PPO-ptx, JSONL {"text"} or .txt; None: plain PPO (no ptx term)."""
+    ptx_coef: float = 27.8
+    """γ: weight of the pretraining log-likelihood in the PPO loss (App. C.4: 27.8)."""
+    ptx_per_episode: float = 8.0
+    """Pretraining texts per RL episode in every minibatch: each optimizer step sees this
+    many times as many texts as episodes (App. C.4: 8). Costly on a CPU; 0.5-2 is cheaper."""
+    kl_coef: float = 0.02
+    """β: per-token KL penalty to the SFT model (§3.5: 0.02); the start value if adaptive."""
+    adaptive_kl: bool = False
+    """Adapt β toward kl_target (Ziegler et al. 2019); the paper keeps β fixed."""
+    kl_target: float = 6.0
+    """Target KL in nats per response, for adaptive_kl (Ziegler et al. 2019: 6)."""
+    kl_horizon: int = 10000
+    """For adaptive_kl: β changes by at most ±20% per kl_horizon episodes (Ziegler et al.)."""
+    batch_size: int = 64
+    """Episodes per PPO step. App. C.4 uses 512; 64 gives more updates per CPU-minute."""
+    minibatch_size: int = 16
+    """Episodes per optimizer step (App. C.4: 64, i.e. 8 minibatches of a 512 batch)."""
+    ppo_epochs: int = 4
+    """Passes over each batch. App. C.4 uses 1 on 512 episodes; 4 (Schulman et al. 2017)
+    gets more from the lab's smaller batches."""
+    lr: float = 1e-4
+    """Peak Adam learning rate, constant after warm-up (App. C.4: constant LR). Billion-
+    parameter policies use ~1e-5; the lab's small models need larger steps to move."""
+    warmup_steps: int = 10
+    """PPO steps of linear warm-up from lr/10 to lr (App. C.4: 10 iterations from 1/10)."""
+    max_grad_norm: float | None = 1.0
+    """Clip the policy's and the value model's gradient norms (each); None: no clipping."""
+    clip_range: float = 0.2
+    """PPO ratio clip ε (App. C.4: 0.2)."""
+    value_clip_range: float = 0.2
+    """Clip of the value prediction around its rollout value, in reward units."""
+    vf_coef: float = 0.1
+    """Weight of the value loss (lm-human-preferences: 0.1). The value model is a separate
+    network, so with Adam this matters little."""
+    gamma: float = 1.0
+    """Discount in GAE (App. C.4: no discount)."""
+    lam: float = 0.95
+    """GAE λ (App. C.4: 0.95)."""
+    temperature: float = 1.0
+    """Sampling temperature; also the one used in every training log-prob (App. C.4: 1)."""
+    max_new_tokens: int = 48
+    """Longest response in tokens; a response that reaches it without eos is truncated."""
+    no_eos_penalty: float = -1.0
+    """Offset added to the RM score of a response that never emits eos (not in the paper;
+    truncated answers are unfinished). 0 turns it off."""
+    force_length: bool = False
+    """Benchmarks only: suppress eos so every response has max_new_tokens tokens."""
+    ema_decay: float | None = None
+    """EMA of policy weights per optimizer step (App. C.4: 0.992); the EMA is what is saved.
+    None by default: a lab run takes a few hundred steps, so an EMA would stay near SFT."""
+    total_episodes: int = 4096
+    """Episodes in the whole run (App. C.4: 256k); PPO steps = total_episodes // batch_size."""
+    eval_every: int = 8
+    """Run the validation measurements every this many PPO steps (and at the start and end)."""
+    save_every: int = 8
+    """Write the resumable checkpoint every this many PPO steps (and at the end)."""
+    seed: int = 0
+    """Seed for prompt order, sampling and minibatch order."""
+    world: str | None = None
+    """Lab world directory: gold quality, style and capability measured on val_prompts
+    (default <world>/ppo_val.jsonl); measurement only, never a training signal."""
+    device: str = "auto"
+    """Where to train: auto (cuda if available), cpu, or cuda[:N]."""
+    resume: bool = True
+    """Continue from <out_dir>/checkpoint when there is one; False starts over."""
+    out_dir: str = "runs/ppo"
+    """Output directory: policy/, value/, checkpoint/, metrics.jsonl, config.yaml, summary.json."""
+
+    def validate(self) -> None:
+        for key in ("policy", "reward_model", "prompts", "out_dir"):
+            check(bool(getattr(self, key)), key, getattr(self, key), "is required")
+        for key in ("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
+                    "eval_every", "save_every", "kl_horizon"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.batch_size % self.minibatch_size == 0, "minibatch_size", self.minibatch_size,
+              f"must divide batch_size ({self.batch_size})")
+        check(self.total_episodes >= self.batch_size, "total_episodes", self.total_episodes,
+              f"must be at least batch_size ({self.batch_size})")
+        for key in ("lr", "ptx_coef", "kl_coef", "vf_coef", "warmup_steps"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        for key in ("clip_range", "value_clip_range", "temperature", "kl_target",
+                    "ptx_per_episode"):
+            check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
+        check(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
+        check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
+        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
+              "must be in (0, 1) or null")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+              self.max_grad_norm, "must be > 0 or null")
+
+    @property
+    def n_steps(self) -> int:
+        """PPO steps in the run (computed: total_episodes // batch_size)."""
+        return self.total_episodes // self.batch_size
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes and everything PPO needs from them (B episodes, Q + R tokens)."""
+    query_responses: torch.Tensor  # (B, Q+R) left-padded query, then response, then pad
+    attention_mask: torch.Tensor   # (B, Q+R) 1 on real tokens
+    mask: torch.Tensor             # (B, R)   1 on response tokens up to and including eos
+    logprobs: torch.Tensor         # (B, R)   log π_old(a|s) at the sampling temperature
+    values: torch.Tensor           # (B, R)   V_old(s), the value before each response token
+    advantages: torch.Tensor       # (B, R)   whitened GAE advantages
+    returns: torch.Tensor          # (B, R)   advantages + values (before whitening)
+
+    def select(self, idx: torch.Tensor) -> "Rollout":
+        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+
+
+# --------------------------------------------------------------------------- forwards
+
+
+def policy_logprobs(policy, query_responses, attention_mask, R: int, temperature: float):
+    """log π(response tokens) at `temperature`, from one forward over query+response.
+
+    Only the R positions that predict response tokens reach the LM head (logits_to_keep),
+    and no full-vocabulary log-softmax is kept. -> logprobs (B, R), logits (B, R, V)
+    """
+    out = policy(input_ids=query_responses, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False,
+                 **_keep_kwargs(policy, R + 1))
+    logits = out.logits[:, -R - 1:-1]  # position t predicts response token t
+    return token_logprobs(logits, query_responses[:, -R:], temperature), logits
+
+
+def response_values(value_model, query_responses, attention_mask, R: int) -> torch.Tensor:
+    """V(s_t) at the state before each response token.  (B, R)"""
+    return token_values(value_model, query_responses, attention_mask)[:, -R - 1:-1]
+
+
+def score(reward_model, query_responses, attention_mask) -> torch.Tensor:
+    """r_θ(x, y) for each episode, read at the last real token (eos when emitted).  (B,)"""
+    return reward_scores(reward_model, query_responses, attention_mask)
+
+
+_TAKES_KEEP: dict[type, bool] = {}
+
+
+def _keep_kwargs(model, n: int) -> dict:
+    """Ask for the last n positions' logits only, where the model's forward supports it."""
+    cls = type(model)
+    if cls not in _TAKES_KEEP:
+        _TAKES_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": n} if _TAKES_KEEP[cls] else {}
+
+
+@torch.no_grad()
+def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor):
+    """Old logprobs/values, ref logprobs and scores, in chunks of one minibatch.
+
+    The old logprobs come from the same function, chunk size and mode as the training
+    forward, so with lr = 0 the PPO ratio is exactly 1.
+    """
+    cfg, R = run.config, mask.shape[1]
+    out = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": [], "entropy": []}
+    for i in range(0, qr.shape[0], cfg.minibatch_size):
+        rows = slice(i, i + cfg.minibatch_size)
+        q, a, m = qr[rows], am[rows], mask[rows]
+        lp, logits = policy_logprobs(run.policy, q, a, R, cfg.temperature)
+        out["logprobs"].append(lp)
+        out["entropy"].append(masked_mean(entropy_from_logits(logits / cfg.temperature), m, dim=1))
+        del logits
+        out["values"].append(response_values(run.value_model, q, a, R))
+        out["ref_logprobs"].append(policy_logprobs(run.ref_policy, q, a, R, cfg.temperature)[0])
+        out["scores"].append(score(run.reward_model, q, a))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------- the PPO step
+
+
+def ppo_step(run: Run, step: int) -> dict[str, float]:
+    """One PPO iteration on batch_size fresh episodes; returns the step's metrics."""
+    cfg, timer = run.config, _Timer(run.device)
+    gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.seed, step))
+
+    # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5)
+    queries = [run.queries[i] for i in run.prompt_stream.take(cfg.batch_size)]
+    # 2. respond, batched with the KV cache
+    with timer("generate"):
+        g = sample(run.policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                   generator=gen, force_length=cfg.force_length)
+    with timer("score"):
+        qr, am = _join(run, queries, g)
+        # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores
+        fw = _rollout_forwards(run, qr, am, g.mask)
+        scores = fw["scores"] + cfg.no_eos_penalty * (~g.ended).float()  # an offset, not in §3.5
+        # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → whitened advantages
+        rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask,
+                                        run.kl_ctl.value)
+        advantages, returns = gae(rewards, fw["values"], g.mask, cfg.gamma, cfg.lam)
+        rollout = Rollout(qr, am, g.mask, fw["logprobs"], fw["values"],
+                          whiten(advantages, g.mask), returns)
+    # 6. PPO epochs over minibatches, the ptx term in the same loss (PPO-ptx)
+    with timer("update"):
+        finite = run.guard.ok(rewards.sum() + rollout.advantages.sum(), [])
+        train_stats = ppo_epochs(run, rollout, step) if finite else {"ppo/skipped": 1.0}
+    # 7. update the KL controller (a no-op for fixed β)
+    kl_coef = run.kl_ctl.value
+    if finite:
+        run.kl_ctl.update(float(kl.sum(1).mean()), cfg.batch_size)
+    # 8. log
+    return {"step": step, "episodes": step * cfg.batch_size, "lr": _lr(cfg, step),
+            **_rollout_metrics(g, fw, scores, kl, kl_coef, rollout), **train_stats,
+            **timer.metrics(cfg.batch_size, int(g.mask.sum()))}
+
+
+def _join(run: Run, queries: list[list[int]], g) -> tuple[torch.Tensor, torch.Tensor]:
+    """query_responses (B, Q+R): left-padded queries, then responses; and their mask."""
+    q_ids, q_mask = (t.to(run.device) for t in pad_left(queries, run.pad_id))
+    return torch.cat([q_ids, g.responses], 1), torch.cat([q_mask, g.mask], 1)
+
+
+def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout) -> dict[str, float]:
+    mask = rollout.mask
+    return {
+        "objective/rm_score": float(fw["scores"].mean()),      # r_θ alone
+        "objective/scores": float(scores.mean()),              # with the no-eos offset
+        "objective/kl": float(kl.sum(1).mean()),               # nats per response
+        "objective/kl_coef": kl_coef,
+        "objective/non_score_reward": float((-kl_coef * kl).sum(1).mean()),
+        "objective/entropy": float(fw["entropy"].mean()),      # nats per token
+        "ppo/returns/mean": float(masked_mean(rollout.returns, mask)),
+        "ppo/val/mean": float(masked_mean(rollout.values, mask)),
+        # log π at sampling vs in the training forward: ~1e-6 unless temperatures differ
+        "ppo/policy/rollout_logprob_gap":
+            float(((g.logprobs - rollout.logprobs) * mask).abs().max()),
+        "response/length": float(mask.sum(1).float().mean()),
+        "response/eos_rate": float(g.ended.float().mean()),
+    }
+
+
+def ppo_epochs(run: Run, rollout: Rollout, step: int) -> dict[str, float]:
+    """ppo_epochs passes over the batch in shuffled minibatches; one optimizer step each."""
+    cfg = run.config
+    _set_lr(run.optimizer, _lr(cfg, step))
+    perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1)
+    B, stats = rollout.mask.shape[0], []
+    for _ in range(cfg.ppo_epochs):
+        perm = torch.randperm(B, generator=perm_gen).to(rollout.mask.device)
+        for i in range(0, B, cfg.minibatch_size):
+            mb = rollout.select(perm[i:i + cfg.minibatch_size])
+            ptx = run.ptx_batch(cfg.minibatch_size) if run.ptx is not None else None
+            stats.append(train_minibatch(run, mb, ptx))
+    return _reduce(stats)
+
+
+def train_minibatch(run: Run, mb: Rollout, ptx) -> dict:
+    """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
+    cfg, opt = run.config, run.optimizer
+    loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norms = [_grad_norm(params, cfg.max_grad_norm)
+             for params in (run.policy_params, run.value_params)]
+    stats.update({"ppo/policy/grad_norm": norms[0], "ppo/val/grad_norm": norms[1]})
+    if not run.guard.ok(torch.stack([loss.detach(), *norms]), []):  # one sync, not one per tensor
+        opt.zero_grad(set_to_none=True)
+        return {"skipped": True}  # its stats may be NaN: keep them out of the step's means
+    opt.step()
+    if run.ema is not None:
+        ppo_core.ema_update(run.ema, run.policy, cfg.ema_decay)
+    return stats
+
+
+def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Total gradient norm (non-finite if any gradient is); clipped to max_norm when set."""
+    if max_norm is not None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig):
+    """pg_loss + vf_coef·vf_loss + γ·ptx_nll: one loss, one backward, one step (§3.5 eq. 2).
+
+    `ptx` is (input_ids, attention_mask) of pretraining texts, or None for plain PPO.
+    """
+    R = mb.mask.shape[1]
+    logprobs, _ = policy_logprobs(policy, mb.query_responses, mb.attention_mask, R,
+                                  cfg.temperature)
+    values = response_values(value_model, mb.query_responses, mb.attention_mask, R)
+    pg_loss, pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
+    vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_range)
+    loss = pg_loss + cfg.vf_coef * vf_loss
+    stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(),
+             **{f"ppo/policy/{k}": v for k, v in pg.items()},
+             **{f"ppo/val/{k}": v for k, v in vf.items()}}
+    if ptx is not None:
+        ptx_loss = ptx_nll(policy, *ptx)
+        loss = loss + cfg.ptx_coef * ptx_loss  # PPO-ptx: same loss, same step (App. C.4)
+        stats["ppo/loss/ptx"] = ptx_loss.detach()
+    stats["ppo/loss/total"] = loss.detach()
+    return loss, stats
+
+
+def ptx_nll(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood per token of right-padded pretraining texts (T = 1)."""
+    out = policy(input_ids=input_ids, attention_mask=attention_mask,
+                 position_ids=position_ids(attention_mask), use_cache=False)
+    logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:])  # (N, T-1)
+    return lm_loss(logprobs, attention_mask[:, 1:])
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@torch.no_grad()
+def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
+    """RM score, KL to SFT and response length of `policy` on the validation prompts."""
+    cfg = run.config
+    gen = torch.Generator(device=run.device).manual_seed(cfg.seed + 12345)  # same noise each time
+    scores, kls, lengths, ended = [], [], [], []
+    for i in range(0, len(run.val_queries), cfg.batch_size):
+        queries = run.val_queries[i:i + cfg.batch_size]
+        g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
+                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+        (qr, am), R = _join(run, queries, g), g.mask.shape[1]
+        lp = policy_logprobs(policy, qr, am, R, cfg.temperature)[0]
+        ref = policy_logprobs(run.ref_policy, qr, am, R, cfg.temperature)[0]
+        scores.append(score(run.reward_model, qr, am))
+        kls.append(((lp - ref) * g.mask).sum(1))
+        lengths.append(g.mask.sum(1).float())
+        ended.append(g.ended.float())
+    mean = lambda xs: float(torch.cat(xs).mean())  # noqa: E731
+    return {"eval/rm_score": mean(scores), "eval/kl": mean(kls),
+            "eval/response_length": mean(lengths), "eval/eos_rate": mean(ended)}
+
+
+def measure(run: Run, step: int, evaluator) -> dict[str, float]:
+    policy = run.ema if run.ema is not None else run.policy  # what would be saved now
+    row = val_rollout_metrics(run, policy) if run.val_queries else {}
+    if evaluator is not None:
+        for key, value in evaluator(policy, run.tokenizer, step).items():
+            row[key if key.startswith("eval/") else f"eval/{key}"] = float(value)
+    return row
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
+    """PPO (or PPO-ptx when ptx_data is set) from the SFT policy; returns (out_dir, summary)."""
+    if evaluator is None and config.world:
+        evaluator = make_evaluator(config)  # imported only here: the lab world is optional
+    set_seed(config.seed)
+    run = open_run(config)  # validates every input and loads models; writes nothing
+    out = Path(config.out_dir)
+    start = run.restore_or_start()
+    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=start if start else None)
+    save_config(config, out / "config.yaml")
+    t0, last = time.perf_counter(), {}
+    if start == 0 and (run.val_queries or evaluator is not None):
+        log.log({"step": 0, "episodes": 0, **measure(run, 0, evaluator)})
+    for step in progress(range(start + 1, config.n_steps + 1), total=config.n_steps,
+                         desc="ppo", initial=start):
+        last = ppo_step(run, step)
+        if step % config.eval_every == 0 or step == config.n_steps:
+            if run.val_queries or evaluator is not None:
+                last.update(measure(run, step, evaluator))
+        log.log(last)
+        if step % config.save_every == 0 or step == config.n_steps:
+            run.save_checkpoint(step)
+    if not last:  # resumed at the end: nothing left to train
+        last = (read_metrics(out / "metrics.jsonl") or [{}])[-1]
+    summary = {"steps": config.n_steps, "episodes": config.n_steps * config.batch_size,
+               "resumed_from_step": start, "skipped_updates": run.guard.skipped,
+               "kl_coef": run.kl_ctl.value, "time_s": time.perf_counter() - t0,
+               "final": last, "ptx": run.ptx is not None, "ema": config.ema_decay is not None}
+    _save_outputs(run, out)
+    write_json(out / "summary.json", summary)
+    return out, summary
+
+
+def _save_outputs(run: Run, out: Path) -> None:
+    for name, model in (("policy", run.ema if run.ema is not None else run.policy),
+                        ("value", run.value_model)):
+        with atomic_dir(out / name) as tmp:
+            model.save_pretrained(tmp)
+            run.tokenizer.save_pretrained(str(tmp))
+
+
+def make_evaluator(config: PPOConfig):
+    """The lab world's measurement (gold, styles, capability) on the validation prompts."""
+    from rlhflab.data import read_prompts
+    from rlhflab.labeval import make_lab_evaluator
+
+    if not Path(config.world).is_dir():
+        raise InputError("lab world directory not found", file=config.world, field="world")
+    prompts = read_prompts(config.val_prompts or Path(config.world) / "ppo_val.jsonl")
+    return make_lab_evaluator(config.world, prompts, config.max_new_tokens, config.temperature)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _lr(cfg: PPOConfig, step: int) -> float:
+    """Constant LR after a linear warm-up from lr/10 over warmup_steps (App. C.4)."""
+    if cfg.warmup_steps == 0:
+        return cfg.lr
+    return cfg.lr * (0.1 + 0.9 * min(1.0, (step - 1) / cfg.warmup_steps))
+
+
+def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def _step_seed(seed: int, step: int) -> int:
+    # Each step draws its own seed, so a resumed run samples exactly what it would have.
+    return (seed * 1_000_003 + step * 7919) % (2 ** 63)
+
+
+def _reduce(stats: list[dict]) -> dict[str, float]:
+    """Per-minibatch stats -> step metrics: means, except ratio min/max and the skip count."""
+    out = {"ppo/skipped_minibatches": float(sum(1 for s in stats if "skipped" in s))}
+    for key in dict.fromkeys(k for s in stats for k in s if k != "skipped"):
+        vals = torch.stack([s[key].float() for s in stats if key in s])
+        reduce = {"ratio_min": torch.min, "ratio_max": torch.max}.get(key.rsplit("/", 1)[-1],
+                                                                       torch.mean)
+        out[key] = float(reduce(vals))
+    return out
+
+
+class _Timer:
+    """Wall time per named phase of a step (synchronising the GPU at each boundary)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def total(self) -> float:
+        return max(sum(self.times.values()), 1e-9)
+
+    def metrics(self, episodes: int, tokens: int) -> dict[str, float]:
+        return {**{f"time/{k}_s": v for k, v in self.times.items()}, "time/step_s": self.total(),
+                "time/episodes_per_s": episodes / self.total(),
+                "time/generated_tokens_per_s": tokens / max(self.times.get("generate", 0), 1e-9)}
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    from rlhflab.cli import stage_parser
+
+    stage_parser(parser)
+
+
+def run_cli(args) -> int:
+    from rlhflab.cli import load_stage_config
+
+    config = load_stage_config(PPOConfig, args)
+    out, summary = train(config)  # builds the lab evaluator when config.world is set
+    final = summary["final"]
+    print(f"ppo: {summary['steps']} steps, {summary['episodes']} episodes -> {out}/policy "
+          f"(RM score {final.get('objective/rm_score', float('nan')):.3f}, "
+          f"KL {final.get('objective/kl', float('nan')):.3f})")
+    return 0
