@@ -23,7 +23,7 @@ from rlhflab.world.tasks import FAMILIES, MIX, Task, words
 
 # Table 6 of the paper scaled down (SFT 13k, RM 33k, PPO 31k prompts there).
 SCALES: dict[str, dict[str, int]] = {
-    "lab": dict(sft=1200, sft_val=150, rm=1500, rm_val=300, rm_heldout=300, ppo=1500, ppo_val=200,
+    "lab": dict(sft=1200, sft_val=150, rm=4000, rm_val=300, rm_heldout=300, ppo=1500, ppo_val=200,
                 test=300, truthful=150, toxicity=150, bench=150, corpus=40000, corpus_val=1000,
                 agreement=400),
     "small": dict(sft=120, sft_val=20, rm=150, rm_val=40, rm_heldout=40, ppo=100, ppo_val=20,
@@ -35,8 +35,10 @@ VERSION = 1
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.
-CANDIDATE_STYLES = {"Helpful": 0.28, "wrong": 0.14, "Sycophantic": 0.16, "Hedging": 0.11,
-                    "Terse": 0.12, "Toxic": 0.06, "Off-task": 0.13}
+# "mismatched" is a fluent answer to another prompt, which teaches the reward model to
+# read the prompt and not only the answer.
+CANDIDATE_STYLES = {"Helpful": 0.26, "wrong": 0.13, "Sycophantic": 0.15, "Hedging": 0.10,
+                    "Terse": 0.10, "Toxic": 0.05, "Off-task": 0.09, "mismatched": 0.12}
 
 
 class World:
@@ -93,6 +95,9 @@ class World:
             style = rng.choices(list(CANDIDATE_STYLES), weights=list(CANDIDATE_STYLES.values()))[0]
             if style == "wrong":
                 out.append(write(task, "Helpful", self.facts, rng, correct=False))
+            elif style == "mismatched":
+                other = draw_task(self.facts, rng)
+                out.append(FAMILIES[other.family].demo(other, rng))
             else:
                 out.append(write(task, style, self.facts, rng, correct=rng.random() < 0.8))
         return out

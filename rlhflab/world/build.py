@@ -35,6 +35,8 @@ def rank_rows(world: World, split: str, pool, rng: random.Random) -> list[dict]:
     for task in world.splits[split]:
         k = rng.randint(4, 9)  # §3.4: labelers rank K = 4 to 9 responses
         texts = world.candidates(task, k, rng)
+        while len(set(texts)) < 2:  # K identical answers give no comparison
+            texts = world.candidates(task, k, rng)
         labeler = rng.choice(pool)
         judg = [world.judge(task.prompt, t) for t in texts]
         rows.append({"prompt": task.prompt, "responses": texts, "family": task.family,
