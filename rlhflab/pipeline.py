@@ -153,6 +153,9 @@ class Pipeline:
                                   demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
                                   seed=self.cfg.seed)
         self.stage("rm", lambda: train(cfg))
+        from rlhflab.rm_eval import rm_report
+
+        self.stage("rm-eval", lambda: rm_report(world, self.root / "rm" / "model", self.root / "rm-eval"))
         return self.root / "rm" / "model"
 
     def ppo(self, name: str, world: Path, rm: Path, ptx: bool) -> Path:
