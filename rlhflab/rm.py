@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,16 +19,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import check, save_config, to_dict
+from rlhflab.checkpoint import save_checkpoint
+from rlhflab.config import check
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
-from rlhflab.io import MetricsLog, atomic_dir, write_json
 from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
                             reward_bias, reward_scores)
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, check_resumable, cosine_schedule, progress,
-                              resolve_device, set_seed)
+from rlhflab.training import (NonFiniteGuard, progress, resolve_device, set_seed, start_or_resume,
+                              write_outputs)
 
 
 @dataclass
@@ -297,7 +295,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
 
     # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    opt, sched, state, log = _start_or_resume(model, config, config.epochs * steps_per_epoch)
+    opt, sched, state, log = start_or_resume(model, config, config.epochs * steps_per_epoch)
     guard = NonFiniteGuard(where="rm")
     bar = progress(total=config.epochs * steps_per_epoch, desc="rm", initial=state["step"])
 
@@ -346,38 +344,6 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
                "epochs": state["epochs"], "bias": reward_bias(model), **final,
                "seconds": round(time.time() - t0, 1)}
     return write_outputs(out_dir, model, tokenizer, summary), summary
-
-
-def _start_or_resume(model, config: RMConfig, total_steps: int):
-    """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists.
-    (As in sft.py: stages share output directories, not training code.)"""
-    out_dir = Path(config.out_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
-    sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
-    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config)}
-    resumed = has_checkpoint(out_dir)
-    if resumed:
-        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
-        check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
-        sched.load_state_dict(saved.pop("scheduler"))
-        state = saved
-    (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
-    save_config(config, out_dir / "config.yaml")
-    log = MetricsLog(out_dir / "metrics.jsonl",
-                     truncate_after_step=state["step"] if resumed else None)
-    return opt, sched, state, log
-
-
-def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
-    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
-    with atomic_dir(out_dir / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json(out_dir / "summary.json", summary)
-    for name in ("checkpoint", "best"):  # resumable state is not needed any more
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    return out_dir / "model"
 
 
 def _step(model, opt, chunk: list[Comparison], pad_id: int, config: RMConfig,

@@ -12,7 +12,6 @@ While training it holds `checkpoint/` (and `best/`), and a rerun resumes from th
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,17 +21,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
-from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import check, save_config, to_dict
+from rlhflab.checkpoint import save_checkpoint
+from rlhflab.config import check
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
-from rlhflab.io import MetricsLog, atomic_dir, write_json
+from rlhflab.io import atomic_dir
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.rm import score_pairs
 from rlhflab.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, check_resumable, cosine_schedule, progress,
-                              resolve_device, set_seed)
+from rlhflab.training import (NonFiniteGuard, progress, resolve_device, set_seed, start_or_resume,
+                              write_outputs)
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""
@@ -251,7 +250,7 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
 
     # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    opt, sched, state, log = _start_or_resume(model, config, config.epochs * steps_per_epoch,
+    opt, sched, state, log = start_or_resume(model, config, config.epochs * steps_per_epoch,
                                               {"best": None})
     guard = NonFiniteGuard(where="sft")
     bar = progress(total=config.epochs * steps_per_epoch, desc="sft", initial=state["step"])
@@ -297,40 +296,6 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
         setattr(model.config, key, value)  # sample/RM/PPO see the base's dropout, not SFT's
     summary = _summary(config, state, inp, time.time() - t0)
     return write_outputs(out_dir, model, tokenizer, summary), summary
-
-
-def _start_or_resume(model, config, total_steps: int, extra_state: dict):
-    """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists."""
-    out_dir = Path(config.out_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
-                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
-    sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
-    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config),
-             **extra_state}
-    resumed = has_checkpoint(out_dir)
-    if resumed:
-        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
-        check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
-        sched.load_state_dict(saved.pop("scheduler"))
-        state = saved
-    else:
-        shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
-    (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
-    save_config(config, out_dir / "config.yaml")
-    log = MetricsLog(out_dir / "metrics.jsonl",
-                     truncate_after_step=state["step"] if resumed else None)
-    return opt, sched, state, log
-
-
-def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
-    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
-    with atomic_dir(out_dir / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json(out_dir / "summary.json", summary)
-    for name in ("checkpoint", "best"):  # resumable state is not needed any more
-        shutil.rmtree(out_dir / name, ignore_errors=True)
-    return out_dir / "model"
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -7,10 +7,16 @@ import random
 import sys
 import warnings
 
+import shutil
+from pathlib import Path
+
 import torch
 from tqdm import tqdm
 
+from rlhflab.checkpoint import has_checkpoint, load_checkpoint
+from rlhflab.config import save_config, to_dict
 from rlhflab.errors import InputError, TrainingError
+from rlhflab.io import MetricsLog, atomic_dir, write_json
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -85,3 +91,42 @@ def check_resumable(saved: dict, current: dict, where: str,
             raise InputError(f"the checkpoint there was made with {key}={saved.get(key)!r}, "
                              f"this run has {current.get(key)!r}; remove the checkpoint "
                              "directory or choose another out_dir", file=where, field=key)
+
+
+def start_or_resume(model, config, total_steps: int, extra_state: dict | None = None):
+    """AdamW + cosine schedule for an SFT/RM-style stage; restored from <out_dir>/checkpoint
+    when one exists (refused if it was made under another config).
+
+    Returns (optimizer, scheduler, state, metrics log). `config` needs out_dir, lr,
+    weight_decay, warmup_steps, final_lr_ratio.
+    """
+    out_dir = Path(config.out_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
+    sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
+    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config),
+             **(extra_state or {})}
+    resumed = has_checkpoint(out_dir)
+    if resumed:
+        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
+        check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
+        sched.load_state_dict(saved.pop("scheduler"))
+        state = saved
+    else:
+        shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
+    (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
+    save_config(config, out_dir / "config.yaml")
+    log = MetricsLog(out_dir / "metrics.jsonl",
+                     truncate_after_step=state["step"] if resumed else None)
+    return opt, sched, state, log
+
+
+def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
+    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
+    with atomic_dir(out_dir / "model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    write_json(out_dir / "summary.json", summary)
+    for name in ("checkpoint", "best"):  # resumable state is not needed any more
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    return out_dir / "model"
