@@ -158,3 +158,23 @@ def read_texts(path: str | Path) -> list[str]:
             raise InputError("not valid UTF-8", file=str(path), line=line) from None
         return _nonempty([t for t in text.splitlines() if t.strip()], path)
     return _nonempty([_text(o, "text", path, n) for n, o in iter_jsonl(path)], path)
+
+
+def ranking_positions(ranking: list) -> dict[int, int]:
+    """Response index -> position of its group in a ranking (tied responses share one)."""
+    return {i: g for g, entry in enumerate(ranking) for i in (entry if isinstance(entry, list) else [entry])}
+
+
+def pair_agreement(a: list, b: list) -> tuple[int, int]:
+    """(agreeing, compared) response pairs between two rankings of the same responses.
+
+    Only pairs that neither ranking ties are compared (§3.4's inter-labeler agreement).
+    """
+    pa, pb = ranking_positions(a), ranking_positions(b)
+    agree = total = 0
+    for i, j in itertools.combinations(sorted(pa), 2):
+        if pa[i] == pa[j] or pb[i] == pb[j]:
+            continue
+        total += 1
+        agree += (pa[i] < pa[j]) == (pb[i] < pb[j])
+    return agree, total

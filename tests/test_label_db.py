@@ -7,10 +7,9 @@ import sqlite3
 import pytest
 
 from rlhflab.cli import main
-from rlhflab.data import read_demos, read_rankings
+from rlhflab.data import pair_agreement, read_demos, read_rankings
 from rlhflab.errors import InputError
-from rlhflab.label.db import (LabelConflict, LabelDB, agreement, hash_token, pair_agreement,
-                              validate_label)
+from rlhflab.label.db import LabelConflict, LabelDB, agreement, hash_token, validate_label
 
 
 def write_jsonl(path, rows):

@@ -13,7 +13,7 @@ from rlhflab.data import read_demos, read_prompts, read_rankings, read_texts
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build, measure_agreement
 from rlhflab.world.gold import STYLES, write
-from rlhflab.world.labelers import pair_agreement
+from rlhflab.data import pair_agreement
 from rlhflab.world.tasks import FAMILIES, MIX
 
 

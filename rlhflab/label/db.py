@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from rlhflab.data import iter_jsonl, parse_ranking
+from rlhflab.data import iter_jsonl, pair_agreement, parse_ranking
 from rlhflab.errors import InputError
 from rlhflab.io import write_jsonl
 
@@ -450,26 +450,6 @@ def _only(body: dict, allowed: set[str]) -> None:
 
 
 # -- agreement ---------------------------------------------------------------------
-
-def pair_agreement(a: list, b: list) -> tuple[int, int]:
-    """(agreeing, compared) response pairs between two rankings of the same K responses.
-
-    Only pairs that neither labeler tied are compared.
-    """
-    ra, rb = _rank_of(a), _rank_of(b)
-    agree = total = 0
-    for i, j in itertools.combinations(sorted(ra), 2):
-        if ra[i] == ra[j] or rb[i] == rb[j]:
-            continue
-        total += 1
-        agree += (ra[i] < ra[j]) == (rb[i] < rb[j])
-    return agree, total
-
-
-def _rank_of(ranking: list) -> dict[int, int]:
-    return {i: g for g, entry in enumerate(ranking)
-            for i in (entry if isinstance(entry, list) else [entry])}
-
 
 def agreement(by_item: dict[int, dict[str, list]]) -> dict:
     """Mean pairwise agreement per labeler pair and overall.

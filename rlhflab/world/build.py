@@ -26,7 +26,7 @@ from rlhflab.tokenizer import train_tokenizer
 from rlhflab.world import SCALES, VERSION, World
 from rlhflab.world.corpus import benchmarks, web_document
 from rlhflab.world.gold import STYLES, write
-from rlhflab.world.labelers import pair_agreement
+from rlhflab.data import pair_agreement
 from rlhflab.world.tasks import FAMILIES
 
 

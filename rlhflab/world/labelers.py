@@ -10,7 +10,6 @@ training labelers agree on a pair about 73% of the time (paper §5.1: 72.6 ± 1.
 """
 from __future__ import annotations
 
-import itertools
 import math
 import random
 from dataclasses import dataclass
@@ -73,20 +72,3 @@ def make_pool(seed: int, n: int, prefix: str, spread: float = 1.0) -> list[Label
     return [Labeler(f"{prefix}{i:02d}", SHARED_FLATTERY + rng.gauss(0, sd),
                     SHARED_LENGTH + rng.gauss(0, sd / 2), SHARED_HEDGE + rng.gauss(0, sd),
                     rng.randrange(2**31)) for i in range(n)]
-
-
-def position(ranking: list) -> dict[int, int]:
-    """Response index -> rank group position (ties share a position)."""
-    return {i: g for g, entry in enumerate(ranking) for i in (entry if isinstance(entry, list) else [entry])}
-
-
-def pair_agreement(r1: list, r2: list) -> tuple[int, int]:
-    """(agreeing pairs, comparable pairs) between two rankings of the same responses."""
-    p1, p2 = position(r1), position(r2)
-    agree = total = 0
-    for a, b in itertools.combinations(sorted(p1), 2):
-        if p1[a] == p1[b] or p2[a] == p2[b]:
-            continue
-        total += 1
-        agree += (p1[a] < p1[b]) == (p2[a] < p2[b])
-    return agree, total
