@@ -1,0 +1,38 @@
+"""`rlhflab run --preset smoke`: every stage runs once, in order, and a finished stage is skipped."""
+from __future__ import annotations
+
+import json
+
+from rlhflab.cli import main
+
+STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large", "rm", "rm-eval",
+          "ppo-small", "ppoptx-small", "eval"]
+
+
+def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0
+    first = capsys.readouterr().out
+    assert [s for s in STAGES if f"[run] {s}: finished" in first] == STAGES
+    assert (out / "report.html").stat().st_size > 10_000
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small"} <= set(summary)
+    for stage in ("sft-small", "rm", "ppo-small"):
+        assert (out / stage / "config.yaml").is_file() and (out / stage / "metrics.jsonl").is_file()
+
+    # Again: nothing is redone, so nothing changes.
+    before = (out / "rm" / "model" / "model.safetensors").read_bytes()
+    (out / "eval" / "summary.json").unlink()  # only the evaluation is unfinished now
+    assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0
+    second = capsys.readouterr().out
+    assert all(f"[run] {s}: done already, skipped" in second for s in STAGES[:-1])
+    assert "[run] eval: finished" in second
+    assert (out / "rm" / "model" / "model.safetensors").read_bytes() == before
+    assert json.loads((out / "eval" / "summary.json").read_text()) == summary  # evaluation is deterministic
+
+
+def test_bad_override_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", f"--out_dir={out}", "--ppo.kl_coef=-1"]) == 2
+    assert "ppo.kl_coef" in capsys.readouterr().err
+    assert not out.exists()
