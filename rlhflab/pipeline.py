@@ -20,7 +20,7 @@ from typing import Literal
 from rlhflab.config import check, load_config, save_config
 from rlhflab.evaluate import EvalConfig
 from rlhflab.pretrain import PretrainConfig
-from rlhflab.ppo import PPOConfig
+from rlhflab.ppo_config import PPOConfig
 from rlhflab.pretrain import train as pretrain
 from rlhflab.rm import RMConfig
 from rlhflab.sft import SFTConfig

@@ -21,128 +21,18 @@ from pathlib import Path
 import torch
 
 from rlhflab import ppo_core
-from rlhflab.config import check, save_config
+from rlhflab.config import save_config
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
 from rlhflab.models import (entropy_from_logits, position_ids, reward_scores, token_logprobs,
                             token_values)
+from rlhflab.ppo_config import PPOConfig
 from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
                               value_loss, whiten)
 from rlhflab.ppo_setup import Run, open_run
 from rlhflab.text import pad_left
 from rlhflab.training import progress, set_seed
-
-
-@dataclass
-class PPOConfig:
-    policy: str = ""
-    """SFT policy directory (HF causal LM + tokenizer). Also the frozen reference π_SFT."""
-    reward_model: str = ""
-    """Reward model directory (sequence classifier, 1 label), frozen during PPO."""
-    value_model: str | None = None
-    """Value function initialisation; None: the reward model (App. C.4: value from RM).
-    A causal-LM directory also works (its scalar head then starts fresh)."""
-    prompts: str = ""
-    """Training prompts, JSONL {"prompt": str}."""
-    val_prompts: str | None = None
-    """Held-out prompts, JSONL; every eval_every steps their RM score and KL are logged."""
-    ptx_data: str | None = None
-    """Pretraining text for PPO-ptx, JSONL {"text"} or .txt; None: plain PPO (no ptx term)."""
-    ptx_coef: float = 27.8
-    """γ: weight of the pretraining log-likelihood in the PPO loss (App. C.4: 27.8)."""
-    ptx_per_episode: float = 8.0
-    """Pretraining texts per RL episode in every minibatch: each optimizer step sees this
-    many times as many texts as episodes (App. C.4: 8). Costly on a CPU; 0.5-2 is cheaper."""
-    kl_coef: float = 0.02
-    """β: per-token KL penalty to the SFT model (§3.5: 0.02); the start value if adaptive."""
-    adaptive_kl: bool = False
-    """Adapt β toward kl_target (Ziegler et al. 2019); the paper keeps β fixed."""
-    kl_target: float = 6.0
-    """Target KL in nats per response, for adaptive_kl (Ziegler et al. 2019: 6)."""
-    kl_horizon: int = 10000
-    """For adaptive_kl: β changes by at most ±20% per kl_horizon episodes (Ziegler et al.)."""
-    batch_size: int = 64
-    """Episodes per PPO step. App. C.4 uses 512; 64 gives more updates per CPU-minute."""
-    minibatch_size: int = 16
-    """Episodes per optimizer step (App. C.4: 64, i.e. 8 minibatches of a 512 batch)."""
-    ppo_epochs: int = 4
-    """Passes over each batch. App. C.4 uses 1 on 512 episodes; 4 (Schulman et al. 2017)
-    gets more from the lab's smaller batches."""
-    lr: float = 1e-4
-    """Peak Adam learning rate, constant after warm-up (App. C.4: constant LR). Billion-
-    parameter policies use ~1e-5; the lab's small models need larger steps to move."""
-    warmup_steps: int = 10
-    """PPO steps of linear warm-up from lr/10 to lr (App. C.4: 10 iterations from 1/10)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the policy's and the value model's gradient norms (each); None: no clipping."""
-    clip_range: float = 0.2
-    """PPO ratio clip ε (App. C.4: 0.2)."""
-    value_clip_range: float = 0.2
-    """Clip of the value prediction around its rollout value, in reward units."""
-    vf_coef: float = 0.1
-    """Weight of the value loss (lm-human-preferences: 0.1). The value model is a separate
-    network, so with Adam this matters little."""
-    gamma: float = 1.0
-    """Discount in GAE (App. C.4: no discount)."""
-    lam: float = 0.95
-    """GAE λ (App. C.4: 0.95)."""
-    temperature: float = 1.0
-    """Sampling temperature; also the one used in every training log-prob (App. C.4: 1)."""
-    max_new_tokens: int = 48
-    """Longest response in tokens; a response that reaches it without eos is truncated."""
-    no_eos_penalty: float = -1.0
-    """Offset added to the RM score of a response that never emits eos (not in the paper;
-    truncated answers are unfinished). 0 turns it off."""
-    force_length: bool = False
-    """Benchmarks only: suppress eos so every response has max_new_tokens tokens."""
-    ema_decay: float | None = None
-    """EMA of policy weights per optimizer step (App. C.4: 0.992); the EMA is what is saved.
-    None by default: a lab run takes a few hundred steps, so an EMA would stay near SFT."""
-    total_episodes: int = 4096
-    """Episodes in the whole run (App. C.4: 256k); PPO steps = total_episodes // batch_size."""
-    eval_every: int = 8
-    """Run the validation measurements every this many PPO steps (and at the start and end)."""
-    save_every: int = 8
-    """Write the resumable checkpoint every this many PPO steps (and at the end)."""
-    seed: int = 0
-    """Seed for prompt order, sampling and minibatch order."""
-    world: str | None = None
-    """Lab world directory: gold quality, style and capability measured on val_prompts
-    (default <world>/ppo_val.jsonl); measurement only, never a training signal."""
-    device: str = "auto"
-    """Where to train: auto (cuda if available), cpu, or cuda[:N]."""
-    resume: bool = True
-    """Continue from <out_dir>/checkpoint when there is one; False starts over."""
-    out_dir: str = "runs/ppo"
-    """Output directory: policy/, value/, checkpoint/, metrics.jsonl, config.yaml, summary.json."""
-
-    def validate(self) -> None:
-        for key in ("policy", "reward_model", "prompts", "out_dir"):
-            check(bool(getattr(self, key)), key, getattr(self, key), "is required")
-        for key in ("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                    "eval_every", "save_every", "kl_horizon"):
-            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        check(self.batch_size % self.minibatch_size == 0, "minibatch_size", self.minibatch_size,
-              f"must divide batch_size ({self.batch_size})")
-        check(self.total_episodes >= self.batch_size, "total_episodes", self.total_episodes,
-              f"must be at least batch_size ({self.batch_size})")
-        for key in ("lr", "ptx_coef", "kl_coef", "vf_coef", "warmup_steps"):
-            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
-        for key in ("clip_range", "value_clip_range", "temperature", "kl_target",
-                    "ptx_per_episode"):
-            check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
-        check(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
-        check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
-        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
-              "must be in (0, 1) or null")
-        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-              self.max_grad_norm, "must be > 0 or null")
-
-    @property
-    def n_steps(self) -> int:
-        """PPO steps in the run (computed: total_episodes // batch_size)."""
-        return self.total_episodes // self.batch_size
 
 
 @dataclass

@@ -25,7 +25,7 @@ from rlhflab.text import encode_query, pad_right
 from rlhflab.training import NonFiniteGuard, check_resumable, resolve_device
 
 if TYPE_CHECKING:
-    from rlhflab.ppo import PPOConfig
+    from rlhflab.ppo_config import PPOConfig
 
 # Config keys a resumed run may change; any other change would alter the trajectory.
 RESUME_FREE = {"total_episodes", "eval_every", "save_every", "world", "val_prompts",
