@@ -28,9 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("rlhflab.rm", "stage 2: reward model on K-wise rankings"),
     "ppo": ("rlhflab.ppo", "stage 3: PPO / PPO-ptx against the reward model"),
     "eval": ("rlhflab.evaluate", "the paper's evaluations on held-out prompts"),
+    "report": ("rlhflab.report", "write the self-contained HTML report of a run directory"),
     "sim": ("rlhflab.sim.server", "the interactive policy simulator (web page)"),
     "label": ("rlhflab.label.cli", "the labeling app: serve, add-labeler, load, export"),
-    "bench": ("rlhflab.bench", "PPO throughput benchmark (optionally side by side with TRL)"),
 }
 
 
