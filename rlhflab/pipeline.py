@@ -190,7 +190,9 @@ class Pipeline:
         models["PPO-ptx-small"] = self.ppo("ppoptx-small", world, rm, ptx=True)
         results["eval"] = self.evaluate(world, models, rm)
         from rlhflab.report import write_report
+        from rlhflab.walkthrough import write_walkthrough
 
+        write_walkthrough(self.root, world, rm, self.root / "ppo-small", self.root / "sft-small" / "model")
         write_report(self.root, self.root / "report.html")
         results["timings"] = self.timings
         return results

@@ -17,6 +17,11 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     assert (out / "report.html").stat().st_size > 10_000
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small"} <= set(summary)
+    walk = json.loads((out / "walkthrough.json").read_text())
+    step = walk["ppo_step"]
+    assert abs(step["reward"] - (step["rm_score"] - step["kl_coef"] * step["kl"])) < 1e-3
+    assert len(walk["ranking"]["rm_scores"]) == len(walk["ranking"]["responses"]) >= 4
+    assert "Not shown" not in (out / "report.html").read_text().split("Walkthrough", 2)[-1].split("<h2", 1)[0]
     for stage in ("sft-small", "rm", "ppo-small"):
         assert (out / stage / "config.yaml").is_file() and (out / stage / "metrics.jsonl").is_file()
 
