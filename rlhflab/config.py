@@ -173,6 +173,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
             raise ConfigError(f"must be one of {list(get_args(tp))}, got {value!r}",
                               field=key, file=source)
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, f"{key}.{k}", source): _coerce(v, val_tp, f"{key}.{k}", source)
+                for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad
