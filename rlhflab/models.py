@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors import SafetensorError
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase)
 
@@ -81,7 +82,7 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, **kw):
     try:
         return AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                     trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise InputError(f"cannot load a causal LM: {str(e).splitlines()[0]}", file=str(path)) from None
 
 
@@ -91,7 +92,7 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, **kw):
     try:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code, **kw)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise InputError(f"cannot load a reward model: {str(e).splitlines()[0]}", file=str(path)) from None
 
 
