@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rlhflab.errors import InputError
-from rlhflab.io import atomic_dir
+from rlhflab.io import atomic_dir, kill_point, recover_dir
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
@@ -54,6 +54,7 @@ def save_checkpoint(out_dir: str | Path, modules: dict[str, torch.nn.Module],
     with atomic_dir(path) as tmp:
         for name, module in modules.items():
             save_model(module, str(tmp / f"{name}.safetensors"))
+        kill_point("checkpoint/partial")
         for name, opt in optimizers.items():
             tensors, meta = _optimizer_tensors(opt)
             save_file(tensors, str(tmp / f"{name}.optim.safetensors"))
@@ -66,6 +67,7 @@ def save_checkpoint(out_dir: str | Path, modules: dict[str, torch.nn.Module],
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
+    recover_dir(Path(out_dir) / CHECKPOINT)  # a kill mid-save may have left it aside
     return (Path(out_dir) / CHECKPOINT / STATE).is_file()
 
 

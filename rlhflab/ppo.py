@@ -137,7 +137,7 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
                           whiten(advantages, g.mask), returns)
     # 6. PPO epochs over minibatches, the ptx term in the same loss (PPO-ptx)
     with timer("update"):
-        finite = run.guard.ok(rewards.sum() + rollout.advantages.sum(), [])
+        finite = run.guard.check(rewards.sum() + rollout.advantages.sum())
         train_stats = ppo_epochs(run, rollout, step) if finite else {"ppo/skipped": 1.0}
     # 7. update the KL controller (a no-op for fixed β)
     kl_coef = run.kl_ctl.value

@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhflab.checkpoint import save_checkpoint
 from rlhflab.config import check
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
 from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
                             reward_bias, reward_scores)
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, progress, resolve_device, set_seed, start_or_resume,
-                              write_outputs)
+from rlhflab.training import (NonFiniteGuard, progress, resolve_device, save_stage_checkpoint,
+                              set_seed, start_or_resume, write_outputs)
 
 
 @dataclass
@@ -300,8 +299,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     bar = progress(total=config.epochs * steps_per_epoch, desc="rm", initial=state["step"])
 
     def save() -> None:
-        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
-                        dict(state, scheduler=sched.state_dict()))
+        save_stage_checkpoint(out_dir, model, opt, sched, state, log)
 
     # 3. One step = a batch of prompts, each one batch element with all its comparisons.
     for epoch in range(state["epoch"], config.epochs):

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
-from rlhflab.checkpoint import save_checkpoint
 from rlhflab.config import check
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
@@ -30,8 +29,8 @@ from rlhflab.models import context_length, load_causal_lm, load_reward_model, lo
 from rlhflab.rm import score_pairs
 from rlhflab.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, progress, resolve_device, set_seed, start_or_resume,
-                              write_outputs)
+from rlhflab.training import (NonFiniteGuard, progress, resolve_device, save_stage_checkpoint,
+                              set_seed, start_or_resume, write_outputs)
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""
@@ -256,8 +255,7 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     bar = progress(total=config.epochs * steps_per_epoch, desc="sft", initial=state["step"])
 
     def save() -> None:
-        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
-                        dict(state, scheduler=sched.state_dict()))
+        save_stage_checkpoint(out_dir, model, opt, sched, state, log)
 
     # 3. Epochs of response-only next-token loss.
     for epoch in range(state["epoch"], config.epochs):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rlhflab.checkpoint import has_checkpoint, load_checkpoint
+from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.config import save_config, to_dict
 from rlhflab.errors import InputError, TrainingError
 from rlhflab.io import MetricsLog, atomic_dir, write_json
@@ -45,24 +45,35 @@ def grads_finite(params) -> bool:
 
 
 class NonFiniteGuard:
-    """Skip a step whose loss or gradient is not finite; stop after `patience` in a row."""
+    """Skip an update whose loss or gradient is not finite; stop after `patience` in a row."""
 
     def __init__(self, patience: int = 5, where: str = "training"):
         self.patience, self.where, self.streak, self.skipped = patience, where, 0, 0
 
     def ok(self, loss: torch.Tensor, params) -> bool:
-        good = bool(torch.isfinite(loss).all()) and grads_finite(params)
-        if good:
+        """Check one update: a finite one ends the streak of skipped ones."""
+        if bool(torch.isfinite(loss).all()) and grads_finite(params):
             self.streak = 0
             return True
+        self._skip()
+        return False
+
+    def check(self, value: torch.Tensor) -> bool:
+        """Check an input to updates (PPO's rollout rewards). A finite one is no update, so
+        it must not end a streak: else NaN gradients in every minibatch would never stop."""
+        if bool(torch.isfinite(value).all()):
+            return True
+        self._skip()
+        return False
+
+    def _skip(self) -> None:
         self.streak += 1
         self.skipped += 1
-        warnings.warn(f"{self.where}: non-finite loss or gradient, step skipped "
-                      f"({self.streak} in a row)", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"{self.where}: non-finite loss, gradient or reward; step skipped "
+                      f"({self.streak} in a row)", RuntimeWarning, stacklevel=3)
         if self.streak >= self.patience:
             raise TrainingError(f"{self.where}: {self.streak} non-finite steps in a row; "
                                 "stopped, the last good checkpoint is kept")
-        return False
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0):
@@ -116,9 +127,17 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
         shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
     (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
     save_config(config, out_dir / "config.yaml")
-    log = MetricsLog(out_dir / "metrics.jsonl",
+    log = MetricsLog(out_dir / "metrics.jsonl", keep_rows=state.get("metrics_rows"),
                      truncate_after_step=state["step"] if resumed else None)
     return opt, sched, state, log
+
+
+def save_stage_checkpoint(out_dir: Path, model, opt, sched, state: dict, log: MetricsLog) -> None:
+    """The SFT/RM checkpoint: weights, optimizer, schedule, data position, and how many
+    metrics rows it has seen (an epoch-end or final row shares its step with the last
+    training row, so only a row count tells a resume exactly what to drop)."""
+    save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
+                    dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows))
 
 
 def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:

@@ -1,4 +1,4 @@
-"""Shared test fixtures: a headless Chromium (Debian's, driven by Playwright)."""
+"""Shared test fixtures: a headless Chromium (Debian's, driven by Playwright), one torch thread."""
 from __future__ import annotations
 
 import os
@@ -42,3 +42,13 @@ def artifacts_dir() -> Path:
     """Where tests leave things for a person to look at (screenshots)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread: tiny models gain nothing from two, and on a shared
+    2-core machine OpenMP's spinning threads made a 0.5 s PPO run take 7-15 s."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
