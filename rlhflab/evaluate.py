@@ -347,7 +347,8 @@ def rl_curve(metrics_rows: list[dict]) -> list[dict]:
         kl = row.get("eval/kl", row.get("objective/kl"))
         if kl is None and row.get("step") == 0:
             kl = 0.0
-        gold = row.get("eval/gold")
+        # eval/rm_score and eval/kl are of samples at the rollout temperature, so gold is too
+        gold = row.get("eval/sampled/gold", row.get("eval/gold"))
         rm = row.get("eval/rm_score")
         if kl is None or (gold is None and rm is None):
             continue

@@ -47,8 +47,9 @@ def summarize_judgements(judgements) -> dict[str, float]:
 
 
 def gold_of_policy(model, tokenizer, world, prompts: list[str], max_new_tokens: int = 48,
-                   greedy: bool = True) -> dict[str, float]:
-    responses = respond(model, tokenizer, prompts, max_new_tokens, greedy=greedy)
+                   greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
+    responses = respond(model, tokenizer, prompts, max_new_tokens, greedy=greedy,
+                        temperature=temperature, seed=seed)
     return summarize_judgements([world.judge(p, r) for p, r in zip(prompts, responses)])
 
 
@@ -64,6 +65,11 @@ def make_lab_evaluator(world_dir: str, val_prompts: list[str], max_new_tokens: i
     def evaluate(policy, tokenizer, step: int = 0) -> dict[str, float]:
         metrics = gold_of_policy(policy, tokenizer, world, val_prompts, max_new_tokens)
         out = {f"eval/{k}": v for k, v in metrics.items()}
+        # What PPO optimizes is the sampled policy: gold of samples at the rollout temperature
+        # (one fixed seed, so steps compare), beside the greedy answer above.
+        sampled = gold_of_policy(policy, tokenizer, world, val_prompts, max_new_tokens,
+                                 greedy=False, temperature=temperature)
+        out.update({f"eval/sampled/{k}": v for k, v in sampled.items()})
         out.update({f"eval/capability/{k}": v for k, v in capability_scores(policy, tokenizer, bench).items()})
         return out
 

@@ -1,6 +1,6 @@
 """`rlhflab run`: the whole recipe on the lab world, one run directory, resumable.
 
-    world -> pretrain (small, large) -> sft -> rm -> ppo / ppo-ptx -> eval -> report
+    world -> pretrain (small, large) -> sft -> comparisons -> rm -> ppo / ppo-ptx -> eval -> report
 
 Each stage writes its own directory under the run directory and hands off through it
 only. A stage whose `summary.json` exists is finished and is not redone, so running
@@ -23,9 +23,18 @@ from rlhflab.pretrain import PretrainConfig
 from rlhflab.ppo_config import PPOConfig
 from rlhflab.pretrain import train as pretrain
 from rlhflab.rm import RMConfig
+from rlhflab.sample import SampleConfig
 from rlhflab.sft import SFTConfig
 
 SIZES = ("small", "large")
+
+LAB_KL_COEF = 0.1
+"""β of the lab run's PPO. The paper's 0.02 (PPOConfig's default) lets the lab policy walk
+past the reward model's useful range: gold of samples peaks near KL 1.4 nats and is back at
+SFT's level by 4096 episodes, while β = 0.1 holds KL under 1 nat and keeps the gain. The
+β sweep (sweep_betas) shows both."""
+LAB_PTX_COEF = 0.1
+"""γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small)."""
 
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
@@ -33,15 +42,18 @@ PRESETS: dict[str, dict] = {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
         "sft_large": {"lr": 3e-4},
+        "rm": {"lr": 1e-4},
     },
     "smoke": {
-        "scale": "small",
+        "scale": "small", "rm_base": "small",
         "pretrain_small": {"steps": 40, "batch_size": 16, "eval_every": 20, "gold_prompts": 20},
         "pretrain_large": {"steps": 20, "batch_size": 8, "eval_every": 20, "gold_prompts": 20},
         "sft_small": {"epochs": 2}, "sft_large": {"epochs": 1},
+        "comparisons": {"max_new_tokens": 16, "k_max": 5},
         "eval": {"n_prompts": 20, "capability_items": 10, "best_of_n": [1, 2, 4], "best_of_n_prompts": 8},
         "ppo": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 4},
         "ppo_ptx": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 4},
+        "sweep_betas": [0.0],
     },
 }
 
@@ -51,6 +63,7 @@ _SET_BY_PIPELINE = "(set by rlhflab run)"
 _FILLED: dict = {
     "sft_small": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
     "sft_large": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
+    "comparisons": {"policy": _SET_BY_PIPELINE, "prompts": _SET_BY_PIPELINE},
     "rm": {"base": _SET_BY_PIPELINE, "rankings": _SET_BY_PIPELINE},
     "eval": {"world": _SET_BY_PIPELINE, "models": {"SFT-small": _SET_BY_PIPELINE}},
     "ppo": {"policy": _SET_BY_PIPELINE, "reward_model": _SET_BY_PIPELINE, "prompts": _SET_BY_PIPELINE},
@@ -90,19 +103,33 @@ class RunConfig:
     """Stage 1 on the small base (base, data, out_dir, seed are set by the pipeline)."""
     sft_large: SFTConfig = field(default_factory=SFTConfig)
     """Stage 1 on the large base."""
+    comparisons: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=48))
+    """Stage 2a: K = 4-9 samples of SFT-small per RM prompt, ranked by the simulated labelers
+    (policy, prompts, out, seed are set by the pipeline)."""
+    rm_base: Literal["small", "large"] = "large"
+    """Which SFT model the reward model starts from. §3.5 trains one 6B RM for every policy
+    size; on the lab world the large one ranks SFT-small's samples far better (within-prompt
+    Spearman with gold 0.36 vs 0.20 from the small one, same data)."""
     rm: RMConfig = field(default_factory=RMConfig)
-    """Stage 2: one reward model, from the small SFT model, for every policy (§3.5 uses one 6B RM)."""
-    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Stage 2b: one reward model for every policy, trained on the comparisons."""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF))
     """Stage 3, PPO on the small SFT policy (policy, reward_model, prompts, world, out_dir set by the pipeline)."""
-    ppo_ptx: PPOConfig = field(default_factory=lambda: PPOConfig(ptx_coef=1.0, ptx_per_episode=1.0))
+    ppo_ptx: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF, ptx_coef=LAB_PTX_COEF,
+                                                                 ptx_per_episode=0.5))
     """Stage 3, PPO-ptx on the small SFT policy with the web corpus as the pretraining mix. γ and
-    the mix ratio are far below App. C.4's 27.8 and 8: at γ = 27.8 the lab models' ptx term
-    outweighs the PPO loss by orders of magnitude (not yet tuned: see the issue notes)."""
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    """The evaluations (world, models, reward_model, out_dir are set by the pipeline)."""
+    the mix ratio are far below App. C.4's 27.8 and 8: with γ = 1 the lab policy's KL to SFT
+    passed 40 nats and gold fell by half (the ptx term outweighed the PPO loss)."""
+    sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
+    """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
+    chart: gold and RM score against sqrt(KL). [] skips them."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(temperature=1.0))
+    """The evaluations (world, models, reward_model, out_dir are set by the pipeline). Answers
+    are sampled at T = 1, the temperature PPO trains and is measured at; greedy decoding
+    hides the distribution that RL changes (a seeded generator keeps it deterministic)."""
 
     def validate(self):
         check(self.seed >= 0, "seed", self.seed, "must be non-negative")
+        check(all(b >= 0 for b in self.sweep_betas), "sweep_betas", self.sweep_betas, "must be >= 0")
 
 
 class Pipeline:
@@ -145,29 +172,48 @@ class Pipeline:
         self.stage(f"sft-{size}", lambda: train(cfg))
         return self.root / f"sft-{size}" / "model"
 
-    def rm(self, world: Path) -> Path:
+    def comparisons(self, world: Path) -> Path:
+        from rlhflab.comparisons import build
+
+        out = self.root / "comparisons"
+        self.stage("comparisons", lambda: build(world, self.root / "sft-small" / "model", out,
+                                                self.cfg.comparisons, self.cfg.seed))
+        return out
+
+    def rm(self, world: Path, comparisons: Path) -> Path:
         from rlhflab.rm import train
 
-        cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / "sft-small" / "model"),
-                                  rankings=str(world / "rm_train.jsonl"), val_rankings=str(world / "rm_val.jsonl"),
+        cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
+                                  rankings=str(comparisons / "train.jsonl"),
+                                  val_rankings=str(comparisons / "val.jsonl"),
                                   demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
                                   seed=self.cfg.seed)
         self.stage("rm", lambda: train(cfg))
         from rlhflab.rm_eval import rm_report
 
-        self.stage("rm-eval", lambda: rm_report(world, self.root / "rm" / "model", self.root / "rm-eval"))
+        self.stage("rm-eval", lambda: rm_report(world, self.root / "rm" / "model", self.root / "rm-eval",
+                                                val=comparisons / "val.jsonl",
+                                                heldout=comparisons / "heldout.jsonl"))
         return self.root / "rm" / "model"
 
     def ppo(self, name: str, world: Path, rm: Path, ptx: bool) -> Path:
+        return self._ppo(name, self.cfg.ppo_ptx if ptx else self.cfg.ppo, world, rm, ptx)
+
+    def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool) -> Path:
         from rlhflab.ppo import train
 
-        base: PPOConfig = self.cfg.ppo_ptx if ptx else self.cfg.ppo
         cfg = dataclasses.replace(base, policy=str(self.root / "sft-small" / "model"), reward_model=str(rm),
                                   prompts=str(world / "ppo_train.jsonl"), val_prompts=str(world / "ppo_val.jsonl"),
                                   ptx_data=str(world / "corpus_train.jsonl") if ptx else None,
                                   world=str(world), out_dir=str(self.root / name), seed=self.cfg.seed)
         self.stage(name, lambda: train(cfg))
         return self.root / name / "policy"
+
+    def sweep(self, world: Path, rm: Path) -> None:
+        """PPO again at each β of sweep_betas, for the over-optimization chart (Gao et al. 2022)."""
+        for beta in self.cfg.sweep_betas:
+            name = f"sweep/beta-{beta:g}"
+            self._ppo(name, dataclasses.replace(self.cfg.ppo, kl_coef=beta), world, rm, ptx=False)
 
     def evaluate(self, world: Path, models: dict[str, Path], rm: Path) -> dict:
         from rlhflab.evaluate import evaluate
@@ -185,9 +231,10 @@ class Pipeline:
         results = {f"pretrain_{s}": self.pretrain(s, world) for s in SIZES}
         models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}
         models.update({f"SFT-{s}": self.sft(s, world) for s in SIZES})
-        rm = self.rm(world)
+        rm = self.rm(world, self.comparisons(world))
         models["PPO-small"] = self.ppo("ppo-small", world, rm, ptx=False)
         models["PPO-ptx-small"] = self.ppo("ppoptx-small", world, rm, ptx=True)
+        self.sweep(world, rm)
         results["eval"] = self.evaluate(world, models, rm)
         from rlhflab.report import write_report
         from rlhflab.walkthrough import write_walkthrough

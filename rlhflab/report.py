@@ -251,7 +251,8 @@ def s_training(run: RunFiles) -> str:
               ("PPO: RM score of rollouts",
                _lines(run, ppo, "objective/rm_score") or _lines(run, ppo, "objective/scores")),
               ("PPO: KL(π ‖ π_SFT)", _lines(run, ppo, "objective/kl")),
-              ("PPO: gold quality (validation)", _lines(run, ppo, "eval/gold")),
+              ("PPO: gold of sampled answers (validation, T = 1)", _lines(run, ppo, "eval/sampled/gold")),
+              ("PPO: gold of greedy answers (validation)", _lines(run, ppo, "eval/gold")),
               ("PPO: policy loss", _lines(run, ppo, "ppo/loss/policy")),
               ("PPO: value loss", _lines(run, ppo, "ppo/loss/value")),
               ("PPO-ptx: pretraining loss term", _lines(run, ppo, "ppo/loss/ptx"))]

@@ -35,21 +35,38 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def within_prompt_spearman(groups: list[tuple[list[float], list[float]]]) -> float:
+    """Mean over prompts of Spearman(RM score, gold) among that prompt's K responses: what
+    best-of-n and PPO can use (prompts whose responses all score alike are left out)."""
+    rhos = [spearman(s, g) for s, g in groups if len(set(s)) > 1 and len(set(g)) > 1]
+    return sum(rhos) / len(rhos) if rhos else float("nan")
+
+
 @torch.no_grad()
-def rm_report(world_dir: str | Path, rm_dir: str | Path, out_dir: str | Path | None = None) -> dict:
+def rm_report(world_dir: str | Path, rm_dir: str | Path, out_dir: str | Path | None = None,
+              val: str | Path | None = None, heldout: str | Path | None = None) -> dict:
+    """`val` / `heldout`: rankings by training / held-out labelers (default: the world's
+    rm_val.jsonl and rm_heldout.jsonl)."""
     world_dir = Path(world_dir)
     world = load_world(world_dir)
     rm, tok = load_reward_model(rm_dir).eval(), load_tokenizer(rm_dir)
-    val = read_rankings(world_dir / "rm_val.jsonl")
-    prompts = [r.prompt for r in val for _ in r.responses]
-    responses = [x for r in val for x in r.responses]
+    val_rankings = read_rankings(val or world_dir / "rm_val.jsonl")
+    heldout_rankings = read_rankings(heldout or world_dir / "rm_heldout.jsonl")
+    prompts = [r.prompt for r in val_rankings for _ in r.responses]
+    responses = [x for r in val_rankings for x in r.responses]
     scores = score_pairs(rm, tok, prompts, responses)
     gold = [world.judge(p, x).quality for p, x in zip(prompts, responses)]
+    groups, i = [], 0
+    for r in val_rankings:
+        k = len(r.responses)
+        groups.append((scores[i:i + k], gold[i:i + k]))
+        i += k
     demos = read_demos(world_dir / "sft_val.jsonl")
     demo_scores = score_pairs(rm, tok, [d.prompt for d in demos], [d.completion for d in demos])
-    out = {"rm/accuracy_train_labelers": round(pairwise_accuracy(rm, tok, val), 4),
-           "rm/accuracy_heldout_labelers": round(pairwise_accuracy(rm, tok, read_rankings(world_dir / "rm_heldout.jsonl")), 4),
+    out = {"rm/accuracy_train_labelers": round(pairwise_accuracy(rm, tok, val_rankings), 4),
+           "rm/accuracy_heldout_labelers": round(pairwise_accuracy(rm, tok, heldout_rankings), 4),
            "rm/spearman_gold": round(spearman(scores, gold), 4),
+           "rm/spearman_gold_within_prompt": round(within_prompt_spearman(groups), 4),
            "rm/demo_mean_score": round(sum(demo_scores) / len(demo_scores), 4)}
     if out_dir is not None:
         write_json(Path(out_dir) / "summary.json", out)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from rlhflab.rm_eval import spearman
 
 
@@ -13,3 +15,12 @@ def test_spearman_matches_hand_computed_values():
     assert math.isclose(spearman([1, 2, 3, 4], [2, 1, 4, 3]), 0.6)
     # ties share their mean rank
     assert math.isclose(spearman([1, 1, 2], [1, 1, 2]), 1.0)
+
+
+def test_within_prompt_spearman_averages_prompts_and_skips_constant_ones():
+    from rlhflab.rm_eval import within_prompt_spearman
+
+    agree, reverse, flat_rm = ([1, 2, 3], [0.1, 0.5, 0.9]), ([1, 2, 3], [0.9, 0.5, 0.1]), ([2, 2, 2], [0, 1, 2])
+    assert within_prompt_spearman([agree]) == pytest.approx(1.0)
+    assert within_prompt_spearman([agree, agree, reverse]) == pytest.approx(1 / 3)
+    assert within_prompt_spearman([agree, flat_rm]) == pytest.approx(1.0)  # no ranking: left out
