@@ -73,16 +73,16 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "") -> list[str]:
+def describe(cls, prefix: str = "", default_obj=None) -> list[str]:
     """One line per (dotted) field: key, default and docstring. Used by `--help-config`."""
     lines, docs = [], field_docs(cls)
     hints = typing.get_type_hints(cls)
-    default_obj = cls()
+    default_obj = cls() if default_obj is None else default_obj
     for f in dataclasses.fields(cls):
         key = prefix + f.name
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            lines.extend(describe(tp, key + "."))
+        if dataclasses.is_dataclass(tp):  # the parent's default for it, not tp()'s
+            lines.extend(describe(tp, key + ".", getattr(default_obj, f.name)))
             continue
         default = getattr(default_obj, f.name)
         lines.append(f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
@@ -130,7 +130,9 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls, raw: Any, prefix: str, source: str | None):
+def _build(cls, raw: Any, prefix: str, source: str | None, base=None):
+    """`raw` over `base` (default: cls()): a nested field starts from its parent's default
+    (e.g. a default_factory that sets some keys), not from its own class's defaults."""
     if not isinstance(raw, dict):
         raise ConfigError(f"expected a mapping, got {type(raw).__name__}",
                           field=prefix.rstrip(".") or "<root>", file=source)
@@ -140,15 +142,16 @@ def _build(cls, raw: Any, prefix: str, source: str | None):
         if key not in names:
             raise ConfigError(f"unknown key (known: {', '.join(sorted(names))})",
                               field=prefix + str(key), file=source)
+    base = cls() if base is None else base
     kwargs = {}
     for name, value in raw.items():
         tp = hints[name]
         key = prefix + name
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, key + ".", source)
+            kwargs[name] = _build(tp, value, key + ".", source, getattr(base, name))
         else:
             kwargs[name] = _coerce(value, tp, key, source)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:

@@ -57,3 +57,17 @@ def test_bad_values_name_their_key(override, key):
 def test_describe_lists_nested_keys_with_their_docstrings():
     text = "\n".join(describe(Outer))
     assert "inner.lr = 0.001" in text and "Learning rate." in text and "Name -> path." in text
+
+
+@dataclass
+class WithTunedSection:
+    tuned: Inner = field(default_factory=lambda: Inner(lr=0.5, mode="b"))
+    """A section whose parent sets its own defaults."""
+
+
+def test_a_nested_default_factory_survives_overrides_of_its_other_keys():
+    # Overriding tuned.mode once rebuilt the section from Inner(), silently losing lr=0.5.
+    cfg = load_config(WithTunedSection, None, ["--tuned.mode=a"])
+    assert (cfg.tuned.lr, cfg.tuned.mode) == (0.5, "a")
+    assert load_config(WithTunedSection, None, []).tuned.lr == 0.5
+    assert any("tuned.lr = 0.5" in line for line in describe(WithTunedSection))
