@@ -53,6 +53,10 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
                   past_key_values=past, use_cache=True)
         past = o.past_key_values
         logits = o.logits[:, -1, :].float()  # (B, V)
+        # A non-finite row (a diverged policy) must not crash sampling: it samples uniformly
+        # and its log-prob is NaN, so PPO's guard sees the bad rollout and skips the step.
+        bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1)  # (B,)
+        logits = torch.where(bad[:, None], torch.zeros_like(logits), logits)
         if force_length:
             logits[:, eos_id] = float("-inf")
         if greedy:
@@ -62,6 +66,7 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
             logp_all = torch.log_softmax(logits / temperature, -1)
             tok = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(-1)
             logp = logp_all.gather(-1, tok[:, None]).squeeze(-1)
+        logp = torch.where(bad, torch.full_like(logp, float("nan")), logp)
         live = ~done
         out[:, t] = torch.where(live, tok, torch.full_like(tok, pad_id))
         lps[:, t] = torch.where(live, logp, torch.zeros_like(logp))

@@ -1,5 +1,5 @@
-"""NaN injected into rewards, logits and gradients of SFT, RM and PPO (in-process, by
-monkeypatching): the step is skipped with a warning, weights and optimizer state stay
+"""NaN injected into rewards, logits (sampling included) and gradients of SFT, RM and PPO
+(in-process, by monkeypatching): the step is skipped with a warning, weights and optimizer state stay
 bitwise unchanged; `patience` bad updates in a row stop the stage with a one-line error
 and the last checkpoint intact and resumable."""
 from __future__ import annotations
@@ -250,8 +250,26 @@ def _nan_in_ppo_grads(monkeypatch, now, bad):
     monkeypatch.setattr(ppo, "minibatch_loss", loss)
 
 
+def _nan_policy_in_ppo(monkeypatch, now, bad):
+    """The policy itself emits NaN logits in every forward of the step, sampling included."""
+    real = ppo.sample
+
+    def sample(model, *args, **kw):
+        if not bad(now["step"]):
+            return real(model, *args, **kw)
+        head = model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda mod, inp, out: out * NAN)
+        try:
+            return real(model, *args, **kw)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(ppo, "sample", sample)
+    _nan_in_ppo_reward(monkeypatch, now, bad)  # its rollout forwards are NaN too
+
+
 PPO_INJECT = {"reward": _nan_in_ppo_reward, "logits": _nan_in_ppo_logits,
-              "gradients": _nan_in_ppo_grads}
+              "gradients": _nan_in_ppo_grads, "sampling": _nan_policy_in_ppo}
 
 
 @pytest.mark.parametrize("where", list(PPO_INJECT))
@@ -261,7 +279,7 @@ def test_ppo_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monk
     with pytest.warns(RuntimeWarning, match="non-finite"):
         out, summary = ppo.train(ppo_config(lab, tmp_path / "out", total_episodes=24))
     assert same(states[1], states[2]) and not same(states[2], states[3])
-    assert summary["skipped_updates"] == (1 if where == "reward" else 4)  # rollout or 4 updates
+    assert summary["skipped_updates"] == (1 if where in ("reward", "sampling") else 4)  # rollout or 4 updates
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
