@@ -28,6 +28,9 @@ summary.json keys (all numbers; see docs/evaluation.md):
   n/<split>               prompts evaluated per split
   bon/<n>/kl, bon/<n>/gold, bon/<n>/rm   best-of-n over-optimization (Gao et al. 2022)
   bon_fit/<gold|rm>/<alpha|beta|r2>      fit of Δ = d(α − βd), d = sqrt(KL), to those points
+  rl/<run>/<peak_gold|peak_kl|final_gold|final_kl|final_rm>   each of `rl_runs` (PPO, validation
+                          prompts, sampled answers): the gold peak and the end of training
+  rl_fit/<run>/<gold|rm>/<alpha|beta|r2>  fit of Δ = d(α − β log d) to that run's curve
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, n_params, reward_scores
+from rlhflab.overopt import (best_of_n_kl, bon_summary, fit_best_of_n, fit_rl,  # noqa: F401
+                             rl_curve, rl_summary)
 from rlhflab.text import decode_response, encode_query, encode_response, pad_right
 from rlhflab.training import progress, resolve_device, set_seed
 from rlhflab.world.gold import STYLES
@@ -78,6 +83,9 @@ class EvalConfig:
     """Sampling temperature for answers; 0: greedy (deterministic, the default)."""
     capability_items: int = 0
     """Items per capability benchmark; 0: all."""
+    rl_runs: dict[str, str] = field(default_factory=dict)
+    """Label -> a PPO run's metrics.jsonl: its over-optimization curve (gold and RM score of
+    validation samples against sqrt(KL)) is summarized and fitted (rl/..., rl_fit/... keys)."""
     best_of_n: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
     """n values of the best-of-n curve (needs reward_model; empty: skip)."""
     best_of_n_policy: str = ""
@@ -106,6 +114,8 @@ class EvalConfig:
         check(not self.best_of_n_policy or self.best_of_n_policy in self.models, "best_of_n_policy",
               self.best_of_n_policy, "must name a model in models")
         check(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "must be positive")
+        for label, path in self.rl_runs.items():
+            check(Path(path).is_file(), f"rl_runs.{label}", path, "no such metrics file")
         check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", self.temperature,
               "must be >= 0 (0: greedy)")
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
@@ -278,34 +288,6 @@ def model_metrics(world, name: str, judged: dict, base: dict, families: list[str
 
 # --------------------------------------------------------------------------- over-optimization
 
-def _fit(x1: np.ndarray, x2: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Least squares y ≈ α·x1 − β·x2 (no intercept), closed form, with R²."""
-    X = np.stack([x1, -x2], 1)
-    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
-    resid = y - X @ coef
-    ss_res, ss_tot = float(resid @ resid), float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res < 1e-12)
-    return {"alpha": float(coef[0]), "beta": float(coef[1]), "r2": r2}
-
-
-def fit_best_of_n(d, y) -> dict[str, float]:
-    """Gao et al. 2022 eq. 1, best-of-n: R(d) = d(α − β d), d = sqrt(KL)."""
-    d, y = np.asarray(d, float), np.asarray(y, float)
-    return _fit(d, d * d, y)
-
-
-def fit_rl(d, y) -> dict[str, float]:
-    """Gao et al. 2022 eq. 2, RL: R(d) = d(α − β log d)  (d log d := 0 at d = 0)."""
-    d, y = np.asarray(d, float), np.asarray(y, float)
-    dlogd = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
-    return _fit(d, dlogd, y)
-
-
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n ‖ base policy) = log n − (n − 1)/n (Gao et al. 2022, §2)."""
-    return math.log(n) - (n - 1) / n
-
-
 @torch.no_grad()
 def best_of_n_curve(policy, rm, world, prompts: list[str], ns: list[int], *, tokenizer,
                     max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64) -> list[dict]:
@@ -334,40 +316,6 @@ def best_of_n_curve(policy, rm, world, prompts: list[str], ns: list[int], *, tok
         rows.append({"n": n, "kl": kl, "d": math.sqrt(kl), "gold": _mean(gold[i] for i in picks),
                      "rm": _mean(scores[i] for i in picks)})
     return rows
-
-
-def rl_curve(metrics_rows: list[dict]) -> list[dict]:
-    """PPO metrics rows -> points {step, kl, d, gold, rm} (gold/rm None where not logged).
-
-    KL is `eval/kl` (measured with eval/gold on the same policy) when present, else
-    `objective/kl`; a step-0 row without either is the SFT policy itself, KL 0.
-    """
-    points = []
-    for row in metrics_rows:
-        kl = row.get("eval/kl", row.get("objective/kl"))
-        if kl is None and row.get("step") == 0:
-            kl = 0.0
-        # eval/rm_score and eval/kl are of samples at the rollout temperature, so gold is too
-        gold = row.get("eval/sampled/gold", row.get("eval/gold"))
-        rm = row.get("eval/rm_score")
-        if kl is None or (gold is None and rm is None):
-            continue
-        kl = max(0.0, float(kl))  # the sampled estimate can dip below 0
-        points.append({"step": row.get("step"), "kl": kl, "d": math.sqrt(kl), "gold": gold, "rm": rm})
-    return points
-
-
-def bon_summary(rows: list[dict]) -> dict:
-    out = {}
-    for r in rows:
-        out.update({f"bon/{r['n']}/{k}": r[k] for k in ("kl", "gold", "rm")})
-    base = next((r for r in rows if r["n"] == 1), None)
-    if base is not None and len(rows) >= 3:
-        d = [r["d"] for r in rows]
-        for key in ("gold", "rm"):
-            fit = fit_best_of_n(d, [r[key] - base[key] for r in rows])
-            out.update({f"bon_fit/{key}/{k}": v for k, v in fit.items()})
-    return out
 
 
 # --------------------------------------------------------------------------- the run
@@ -437,6 +385,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.best_of_n:
             bon_rows = _best_of_n(cfg, rm, world, prompts["test"][: cfg.best_of_n_prompts], device)
             summary.update(bon_summary(bon_rows))
+
+    for label, path in cfg.rl_runs.items():
+        summary.update(rl_summary(label, [obj for _, obj in iter_jsonl(path)]))
 
     rows = [{"split": s, "family": t.family, "prompt": t.prompt, "model": v, "response": r,
              "gold": round(j.quality, 4), "style": j.style}

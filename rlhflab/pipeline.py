@@ -218,7 +218,10 @@ class Pipeline:
     def evaluate(self, world: Path, models: dict[str, Path], rm: Path) -> dict:
         from rlhflab.evaluate import evaluate
 
+        runs = ["ppo-small", "ppoptx-small"] + [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
+        rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
         cfg = dataclasses.replace(self.cfg.eval, world=str(world), models={k: str(v) for k, v in models.items()},
+                                  rl_runs=rl_runs,
                                   prompted=[m for m in models if m.startswith("GPT-")], baseline="SFT-small",
                                   reward_model=str(rm), out_dir=str(self.root / "eval"), seed=self.cfg.seed)
         cfg.validate()

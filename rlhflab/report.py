@@ -29,7 +29,7 @@ import yaml
 
 from rlhflab import report_charts as charts
 from rlhflab.capability import BENCHMARKS
-from rlhflab.evaluate import rl_curve
+from rlhflab.overopt import rl_curve
 from rlhflab.io import atomic_write_text
 from rlhflab.world.gold import STYLES
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhflab.evaluate import fit_best_of_n, fit_rl  # noqa: E402
+from rlhflab.overopt import fit_best_of_n, fit_rl, relative_to_start  # noqa: E402
 
 FAMILY_ORDER = ["GPT", "GPT-prompted", "SFT", "PPO", "PPO-ptx"]
 COLORS = {"GPT": "#8c8c8c", "GPT-prompted": "#4c72b0", "SFT": "#55a868", "PPO": "#dd8452", "PPO-ptx": "#c44e52"}
@@ -150,15 +150,6 @@ def capability_figure(summary: dict, benches: list[str]) -> str | None:
 
 # --------------------------------------------------------------------------- over-optimization
 
-def _relative(points: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(d, y − y at the smallest d): Gao et al.'s curves start at 0 for the initial policy."""
-    pts = sorted((p["d"], p[key]) for p in points if p.get(key) is not None)
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    d, y = np.array(pts, float).T
-    return d, y - y[0]
-
-
 def _fit_line(ax, d, y, fit_fn, col) -> str:
     """Draw the fitted curve; return its parameters as legend text ('' when too few points)."""
     if len(d) < 3 or np.ptp(d) == 0:
@@ -187,7 +178,7 @@ def overopt_figure(bon: list[dict], rl_runs: dict[str, list[dict]]) -> str | Non
             ax = axes[r][c]
             for i, (run, points) in enumerate(runs.items()):
                 col = cmap(i / max(1, len(runs) - 1) * 0.85) if len(runs) > 1 else "#c44e52"
-                d, y = _relative(points, key)
+                d, y = relative_to_start(points, key)
                 if len(d):
                     fit = _fit_line(ax, d, y, fit_fn, col)
                     text = ": ".join(x for x in (run, fit and f"fit {fit}") if x)
