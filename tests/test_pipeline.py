@@ -5,8 +5,8 @@ import json
 
 from rlhflab.cli import main
 
-STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large", "rm", "rm-eval",
-          "ppo-small", "ppoptx-small", "eval"]
+STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large", "comparisons", "rm",
+          "rm-eval", "ppo-small", "ppoptx-small", "sweep/beta-0", "eval"]
 
 
 def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
@@ -16,13 +16,17 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     assert [s for s in STAGES if f"[run] {s}: finished" in first] == STAGES
     assert (out / "report.html").stat().st_size > 10_000
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small"} <= set(summary)
+    assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small",
+            "rl/ppo-small/final_kl", "rl/beta-0/peak_gold", "rl_fit/beta-0/gold/r2"} <= set(summary)
+    rankings = (out / "comparisons" / "train.jsonl").read_text().splitlines()
+    assert rankings and all(json.loads(r)["prompt"] for r in rankings)  # the RM's data: SFT samples
+    assert "rm/spearman_gold_within_prompt" in json.loads((out / "rm-eval" / "summary.json").read_text())
     walk = json.loads((out / "walkthrough.json").read_text())
     step = walk["ppo_step"]
     assert abs(step["reward"] - (step["rm_score"] - step["kl_coef"] * step["kl"])) < 1e-3
     assert len(walk["ranking"]["rm_scores"]) == len(walk["ranking"]["responses"]) >= 4
     assert "Not shown" not in (out / "report.html").read_text().split("Walkthrough", 2)[-1].split("<h2", 1)[0]
-    for stage in ("sft-small", "rm", "ppo-small"):
+    for stage in ("sft-small", "rm", "ppo-small", "sweep/beta-0"):
         assert (out / stage / "config.yaml").is_file() and (out / stage / "metrics.jsonl").is_file()
 
     # Again: nothing is redone, so nothing changes.
