@@ -8,10 +8,10 @@ policy for every reward-model prompt and has the simulated labelers rank them:
     <out>/val.jsonl            validation prompts, ranked by the training labelers
     <out>/heldout.jsonl        the same validation samples, ranked by held-out labelers
 
-A reward model trained on the world's hand-written candidate answers instead scores
-the SFT policy's own samples almost at random (within-prompt Spearman with gold 0.05,
-against 0.36 for one trained on these; see docs/evaluation.md), and PPO then has
-nothing to climb.
+A reward model trained on the world's hand-written candidate answers (rm_train.jsonl)
+instead scores the SFT policy's own samples almost at random (within-prompt Spearman
+with gold 0.05, against 0.35 for one trained on these; README, "What a run shows
+today"), and PPO then has nothing to climb.
 """
 from __future__ import annotations
 
