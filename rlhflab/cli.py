@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("rlhflab.rm", "stage 2: reward model on K-wise rankings"),
     "ppo": ("rlhflab.ppo", "stage 3: PPO / PPO-ptx against the reward model"),
     "eval": ("rlhflab.evaluate", "the paper's evaluations on held-out prompts"),
+    "bench": ("rlhflab.bench", "time fixed PPO workloads, optionally against TRL (--vs trl)"),
     "report": ("rlhflab.report", "write the self-contained HTML report of a run directory"),
     "sim": ("rlhflab.sim.server", "the interactive policy simulator (web page)"),
     "label": ("rlhflab.label.cli", "the labeling app: serve, add-labeler, load, export"),

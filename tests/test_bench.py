@@ -1,0 +1,101 @@
+"""`rlhflab bench`: a tiny workload end to end, its JSON figures, and clean refusals."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from rlhflab import bench, cli
+
+SIDE_KEYS = {"episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s", "step_s",
+             "time_s", "time_share", "step_wall_s", "peak_memory_mb", "final_kl",
+             "final_rm_score", "response_length"}
+
+
+def run_json(capsys, *args) -> dict:
+    assert cli.main(["bench", "--workload", "tiny", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def check_side(side: dict, w: bench.Workload, steps: int, exact_length: bool = True) -> None:
+    assert SIDE_KEYS <= side.keys()
+    assert side["steps_measured"] == steps - 1 == len(side["step_wall_s"])  # warm-up left out
+    for key in ("episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s",
+                "peak_memory_mb"):
+        assert math.isfinite(side[key]) and side[key] > 0, key
+    assert side["episodes_per_s"] == pytest.approx(w.batch_size / side["step_s"])
+    assert set(side["time_share"]) == {"generate", "score", "update", "other"}
+    assert sum(side["time_share"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert all(v >= 0 for v in side["time_s"].values())
+    assert side["time_share"]["update"] > 0 and side["time_share"]["generate"] > 0
+    if exact_length:  # rlhflab never samples eos with force_length
+        assert side["response_length"] == w.response_len
+    else:  # TRL generates full length but ends a response at a sampled pad token (1 in 256)
+        assert 0 < side["response_length"] <= w.response_len
+    assert math.isfinite(side["final_kl"]) and math.isfinite(side["final_rm_score"])
+    assert side["peak_memory_mb"] > 50  # RSS of a process that imported torch
+
+
+def test_tiny_bench_reports_every_figure(capsys):
+    w = bench.WORKLOADS["tiny"]
+    report = run_json(capsys, "--steps", "3")
+    assert report["workload"]["name"] == "tiny" and report["workload"]["steps"] == 3
+    assert report["workload"]["policy_params"] > 0 and "cpu" in report["machine"]
+    assert "trl" not in report and "ratio" not in report
+    check_side(report["rlhflab"], w, 3)
+    text = bench.format_report(report)
+    assert "episodes/s" in text and "update (s/step, share)" in text and "TRL" not in text
+
+
+def test_workload_shapes_match_the_issue():
+    cpu, gpu = bench.WORKLOADS["cpu"], bench.WORKLOADS["gpu"]
+    assert round(bench.n_params(cpu) / 1e6, 2) == 1.19  # GPT-2 shape, 4 layers, d 128, vocab 2048
+    assert (cpu.prompt_len, cpu.response_len, cpu.batch_size, cpu.minibatch_size,
+            cpu.ppo_epochs, cpu.threads) == (32, 32, 64, 64, 4, 2)
+    assert round(bench.n_params(gpu) / 1e6) == 124  # GPT-2 small
+    assert (gpu.prompt_len, gpu.response_len, gpu.batch_size, gpu.minibatch_size,
+            gpu.ppo_epochs, gpu.device) == (64, 64, 512, 128, 4, "cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
+def test_gpu_workload_is_refused_in_one_line_without_cuda(capsys):
+    assert cli.main(["bench", "--workload", "gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA" in err
+
+
+def test_too_few_steps_and_stray_flag_are_refused(capsys):
+    assert cli.main(["bench", "--workload", "tiny", "--steps", "1"]) == 2
+    assert "at least 2 steps" in capsys.readouterr().err
+    assert cli.main(["bench", "--workload", "tiny", "--trl-fused-gelu"]) == 2
+    assert "needs --vs trl" in capsys.readouterr().err
+
+
+def test_vs_trl_without_trl_is_one_clear_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl raises ImportError
+    assert cli.main(["bench", "--workload", "tiny", "--vs", "trl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "TRL" in err and "pip install 'rlhflab[bench]'" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the bench extra) "
+                    "is not installed")
+def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
+    w = bench.WORKLOADS["tiny"]
+    report = run_json(capsys, "--steps", "3", "--vs", "trl")
+    check_side(report["rlhflab"], w, 3)
+    check_side(report["trl"], w, 3, exact_length=False)
+    trl = report["trl"]
+    assert trl["version"].startswith("1.12") and trl["fused_gelu"] is False
+    s = trl["settings"]
+    assert (s["num_ppo_epochs"], s["response_length"], s["per_device_train_batch_size"],
+            s["num_mini_batches"], s["gradient_checkpointing"], s["bf16"]) == (
+        w.ppo_epochs, w.response_len, w.batch_size, w.batch_size // w.minibatch_size, False, False)
+    assert report["ratio"]["episodes_per_s"] == pytest.approx(
+        report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"])
+    assert "rlhflab/TRL" in bench.format_report(report)
