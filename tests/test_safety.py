@@ -73,7 +73,7 @@ def test_trust_remote_code_is_never_on_by_default():
     for path, node in calls:
         value = _keyword(node, "trust_remote_code")
         assert value is None or not (isinstance(value, ast.Constant) and value.value is True), \
-            f"{path}:{node.lineno}: trust_remote_code=True"
+            f"{path}:{node.lineno}: trust_remote_code is passed a literal True"
     for fn in (models.load_causal_lm, models.load_reward_model):
         params = inspect.signature(fn).parameters
         if "trust_remote_code" in params:
