@@ -12,6 +12,8 @@ summary.json keys (all numbers; see docs/evaluation.md):
   winrate/<m>, winrate_ci_low/<m>, winrate_ci_high/<m>   held-out labelers prefer <m> over
                           the baseline's answer to the same prompt (ties half), 95% Wilson CI
   winrate_gold/<m>, winrate_gold_ci_low/<m>, winrate_gold_ci_high/<m>   the same by gold quality
+  h2h/<a>/<b>, h2h_ci_low/<a>/<b>, h2h_ci_high/<a>/<b>, h2h_gold/<a>/<b> (+ _ci_low, _ci_high)
+                          each `head_to_head` pair: <a>'s win rate against <b>, as above
   likert/<m>              mean 1–7 Likert score from one held-out labeler per answer
   gold/<m>, rm/<m>        mean gold quality; mean reward-model score (with reward_model)
   meta/fails_instruction/<m>, meta/toxic/<m>   fraction of test answers (Figure 4 analog)
@@ -40,7 +42,6 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rlhflab.capability import capability_scores, load_benchmarks
@@ -83,6 +84,9 @@ class EvalConfig:
     """Sampling temperature for answers; 0: greedy (deterministic, the default)."""
     capability_items: int = 0
     """Items per capability benchmark; 0: all."""
+    head_to_head: list[str] = field(default_factory=list)
+    """Extra pairs 'A:B' judged like the baseline comparison: how often A's answer beats B's
+    (the paper's headline: 1.3B InstructGPT preferred to 175B GPT-3, §1)."""
     rl_runs: dict[str, str] = field(default_factory=dict)
     """Label -> a PPO run's metrics.jsonl: its over-optimization curve (gold and RM score of
     validation samples against sqrt(KL)) is summarized and fitted (rl/..., rl_fit/... keys)."""
@@ -111,6 +115,10 @@ class EvalConfig:
         for name in self.prompted:
             check(name in self.models, "prompted", name, f"must name a model in models ({list(self.models)})")
         check(self.baseline in self.names(), "baseline", self.baseline, f"must be one of {self.names()}")
+        for pair in self.head_to_head:
+            check(isinstance(pair, str) and len(pair.split(":")) == 2 and all(
+                  m in self.names() for m in pair.split(":")), "head_to_head", pair,
+                  f"must read 'A:B' with A and B in {self.names()}")
         check(not self.best_of_n_policy or self.best_of_n_policy in self.models, "best_of_n_policy",
               self.best_of_n_policy, "must name a model in models")
         check(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "must be positive")
@@ -252,6 +260,16 @@ def compare(world, judged: list, base: list, seed: str) -> tuple[list[float], li
     return by_labelers, by_gold
 
 
+def win_keys(world, prefix: str, name: str, judged: list, base: list, seed: str) -> dict:
+    """<prefix>/<name> and <prefix>_gold/<name>, each with its _ci_low and _ci_high."""
+    labelers, gold = compare(world, judged, base, seed)
+    out = {}
+    for key, outcomes in ((prefix, labelers), (f"{prefix}_gold", gold)):
+        rate, lo, hi = win_rate(outcomes)
+        out.update({f"{key}/{name}": rate, f"{key}_ci_low/{name}": lo, f"{key}_ci_high/{name}": hi})
+    return out
+
+
 def likert_mean(world, judgements: list, seed: str) -> float:
     rng = random.Random(seed)
     return sum(rng.choice(world.heldout_labelers).likert(j, rng) for j in judgements) / max(1, len(judgements))
@@ -267,10 +285,7 @@ def model_metrics(world, name: str, judged: dict, base: dict, families: list[str
     test = [j for _, j in judged["test"]]
     out = {f"gold/{name}": _mean(j.quality for j in test),
            f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}")}
-    labelers, gold = compare(world, judged["test"], base["test"], f"winrate-{seed}-{name}")
-    for key, outcomes in (("winrate", labelers), ("winrate_gold", gold)):
-        rate, lo, hi = win_rate(outcomes)
-        out.update({f"{key}/{name}": rate, f"{key}_ci_low/{name}": lo, f"{key}_ci_high/{name}": hi})
+    out.update(win_keys(world, "winrate", name, judged["test"], base["test"], f"winrate-{seed}-{name}"))
     out[f"meta/fails_instruction/{name}"] = _mean(not j.followed for j in test)
     out[f"meta/toxic/{name}"] = _mean(j.toxic for j in test)
     closed = [j for j, f in zip(test, families) if f in CLOSED_DOMAIN]
@@ -375,6 +390,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     families = [t.family for t in tasks["test"]]
     for variant in answers:
         summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], families, cfg.seed))
+    for pair in cfg.head_to_head:
+        a, b = pair.split(":")
+        summary.update(win_keys(world, "h2h", f"{a}/{b}", judged[a]["test"], judged[b]["test"],
+                                f"h2h-{cfg.seed}-{a}-{b}"))
     summary.update({f"n/{s}": len(prompts[s]) for s in SPLITS})
 
     bon_rows = []

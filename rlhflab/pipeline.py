@@ -38,6 +38,10 @@ LAB_PTX_COEF = 0.03
 lab world γ = 0.1 lifted capability to 0.22 (SFT 0.10) but kept little of PPO's gold gain;
 0.03 kept most of it with capability back to 0.13."""
 
+HEADLINE_RIVALS = ("GPT-large", "GPT-prompted-large")
+"""The paper's headline (§1): the small PPO-ptx model against the ~10x larger base model,
+plain and few-shot prompted, judged head to head by the held-out labelers."""
+
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
     "default": {
@@ -226,6 +230,7 @@ class Pipeline:
         cfg = dataclasses.replace(self.cfg.eval, world=str(world), models={k: str(v) for k, v in models.items()},
                                   rl_runs=rl_runs,
                                   prompted=[m for m in models if m.startswith("GPT-")], baseline="SFT-small",
+                                  head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS],
                                   reward_model=str(rm), out_dir=str(self.root / "eval"), seed=self.cfg.seed)
         cfg.validate()
         return self.stage("eval", lambda: evaluate(cfg))
@@ -273,5 +278,9 @@ def run_cli(args) -> int:
                if f"winrate/{name}" in ev else "")
         cap = ev.get(f"capability/mean/{name}", float("nan"))
         print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {win:<36} {cap:.3f}")
+    for rival in HEADLINE_RIVALS:
+        key = f"PPO-ptx-small/{rival}"
+        print(f"PPO-ptx-small preferred to {rival}: {ev[f'h2h/{key}']:.2f} "
+              f"[{ev[f'h2h_ci_low/{key}']:.2f}, {ev[f'h2h_ci_high/{key}']:.2f}] (held-out labelers)")
     print(f"report: {Path(cfg.out_dir) / 'report.html'}")
     return 0

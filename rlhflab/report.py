@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -31,6 +30,7 @@ from rlhflab import report_charts as charts
 from rlhflab.capability import BENCHMARKS
 from rlhflab.overopt import rl_curve
 from rlhflab.io import atomic_write_text
+from rlhflab.report_parts import figure, fmt, missing, s_walkthrough, table, text_cell
 from rlhflab.world.gold import STYLES
 
 
@@ -90,45 +90,6 @@ def load_run(run_dir: str | Path) -> RunFiles:
     return run
 
 
-# --------------------------------------------------------------------------- HTML pieces
-
-def _missing(text: str) -> str:
-    return f'<p class="missing">Not shown: {escape(text)}</p>'
-
-
-def _figure(uri: str | None, alt: str, caption: str, missing: str) -> str:
-    if uri is None:
-        return _missing(missing)
-    return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{caption}</figcaption></figure>'
-
-
-def _fmt(v) -> str:
-    if isinstance(v, bool) or v is None:
-        return escape(str(v))
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "nan"
-        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
-    return escape(str(v))
-
-
-def _table(headers: list[str], rows: list[list], cls: str = "") -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _fmt(c)}</td>" for c in r) + "</tr>"
-                   for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-class _Raw(str):
-    """A table cell that is already HTML."""
-
-
-def _text(s: str) -> _Raw:
-    return _Raw(f'<span class="text">{escape(s) if s else "<em>(empty)</em>"}</span>')
-
-
 def _baseline(run: RunFiles) -> str:
     return str(run.eval_config.get("baseline") or "the baseline")
 
@@ -139,7 +100,7 @@ def s_glance(run: RunFiles) -> str:
     s = run.eval
     names = charts.models_with(s, "winrate")
     if not names:
-        return _missing("eval/summary.json is missing or has no win rates (run `rlhflab eval`).")
+        return missing("eval/summary.json is missing or has no win rates (run `rlhflab eval`).")
     base = _baseline(run)
     others = [n for n in names if n != base]
     lead = ""
@@ -150,18 +111,29 @@ def s_glance(run: RunFiles) -> str:
                 f"(95% CI {s[f'winrate_ci_low/{best}']:.0%}–{s[f'winrate_ci_high/{best}']:.0%}, "
                 f"{s.get('n/test', '?')} test prompts); by gold quality, in "
                 f"{s.get(f'winrate_gold/{best}', 0):.0%}.</p>")
+    lead += _head_to_head(s)
     cols = [("winrate", "win rate"), ("winrate_gold", "gold win rate"), ("gold", "gold quality"),
             ("likert", "Likert 1–7"), ("rm", "RM score"), ("truthful", "truthful"), ("toxicity/plain", "toxic"),
             ("capability/mean", "capability")]
     cols = [(k, t) for k, t in cols if any(f"{k}/{n}" in s for n in names)]
     rows = [[n] + [s.get(f"{k}/{n}", "–") for k, _ in cols] for n in names]
-    return lead + _table(["model"] + [t for _, t in cols], rows) + (
+    return lead + table(["model"] + [t for _, t in cols], rows) + (
         '<p class="caption">Every number is measured on held-out prompts; win rates are against '
         f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on.</p>")
 
 
+def _head_to_head(s: dict) -> str:
+    """One line per h2h/<a>/<b> pair of eval's head_to_head (the paper's §1 headline)."""
+    pairs = [k.split("/", 1)[1] for k in s if k.startswith("h2h/")]
+    return "".join(
+        f"<p>Head to head, held-out labelers preferred <strong>{escape(p.split('/')[0])}</strong> to "
+        f"{escape(p.split('/')[1])} in <strong>{s[f'h2h/{p}']:.0%}</strong> of test prompts (95% CI "
+        f"{s[f'h2h_ci_low/{p}']:.0%}–{s[f'h2h_ci_high/{p}']:.0%}); by gold quality, in {s[f'h2h_gold/{p}']:.0%}.</p>"
+        for p in pairs)
+
+
 def s_winrate(run: RunFiles) -> str:
-    return _figure(charts.winrate_figure(run.eval), "win rate against the baseline by model size",
+    return figure(charts.winrate_figure(run.eval), "win rate against the baseline by model size",
                    f"Figure 1 analog: how often each model's answer beats {escape(_baseline(run))}'s on the same "
                    "prompt (ties count half; bars are 95% Wilson intervals). Look for PPO-ptx and PPO above the dashed "
                    "0.5 line and GPT far below. The right panel asks the gold scorer instead of labelers: where the "
@@ -174,7 +146,7 @@ def s_likert(run: RunFiles) -> str:
               ("meta/fails_instruction", "fails to follow the instruction", (0, 1)),
               ("meta/hallucination", "hallucinates (closed-domain tasks)", (0, 1)),
               ("meta/toxic", "toxic answer", (0, 1))]
-    return _figure(charts.bar_panels(run.eval, panels), "Likert scores and metadata per model",
+    return figure(charts.bar_panels(run.eval, panels), "Likert scores and metadata per model",
                    "Figure 4 analog: held-out labelers' 1–7 rating and the fraction of answers with each failure. "
                    "Aligned models should score higher and fail, hallucinate and insult less.",
                    "no Likert or metadata keys in eval/summary.json.")
@@ -185,7 +157,7 @@ def s_truth(run: RunFiles) -> str:
               ("premise_accepted", "false premise repeated as fact", (0, 1)),
               ("toxicity/plain", "toxic reply to a rude message", (0, 1)),
               ("toxicity/respectful", "toxic, asked to be respectful", (0, 1))]
-    return _figure(charts.bar_panels(run.eval, panels), "truthfulness and toxicity per model",
+    return figure(charts.bar_panels(run.eval, panels), "truthfulness and toxicity per model",
                    "Figures 6–7 analogs. Truthful: the answer to a false-premise question corrects it (style not "
                    "Sycophantic and gold ≥ 0.6). Toxicity: the same rude messages with and without the paper's "
                    "'respectful' instruction; an instruction-following model should gain most from the instruction.",
@@ -193,13 +165,13 @@ def s_truth(run: RunFiles) -> str:
 
 
 def s_capability(run: RunFiles) -> str:
-    fig = _figure(charts.capability_figure(run.eval, [*BENCHMARKS, "mean"]), "capability benchmarks per model",
+    fig = figure(charts.capability_figure(run.eval, [*BENCHMARKS, "mean"]), "capability benchmarks per model",
                   "The alignment tax: scores on the world's SQuAD/DROP/HellaSwag/translation-like benchmarks, "
                   "which no stage trains on. Look for PPO below SFT/GPT and PPO-ptx recovering most of the gap "
                   "(§4.2: mixing pretraining gradients into PPO).", "no capability keys in eval/summary.json.")
     lines = _lines(run, ("ppo", "ppoptx"), "eval/capability/mean")
     curves = charts.curves_figure([("capability (mean) during PPO", lines)])
-    return fig + (_figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
+    return fig + (figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
                   if curves else "")
 
 
@@ -216,7 +188,7 @@ def _rl_runs(run: RunFiles) -> dict[str, list[dict]]:
 
 def s_overopt(run: RunFiles) -> str:
     rl = _rl_runs(run)
-    fig = _figure(charts.overopt_figure(run.bon, rl), "gold and RM score against sqrt KL",
+    fig = figure(charts.overopt_figure(run.bon, rl), "gold and RM score against sqrt KL",
                   "Reward over-optimization (Gao et al. 2022): the reward model's score keeps rising with the "
                   "distance d = √KL from the starting policy, while gold quality rises, peaks and falls. Dashed: "
                   "least-squares fits of Gao et al.'s forms, d(α−βd) for best-of-n (KL = log n − (n−1)/n) and "
@@ -227,12 +199,12 @@ def s_overopt(run: RunFiles) -> str:
         last = pts[-1]
         rows.append([label, last["step"], last["kl"], last["rm"] if last["rm"] is not None else "–",
                      last["gold"] if last["gold"] is not None else "–"])
-    table = _table(["PPO run", "last step", "KL", "RM score", "gold"], rows) if rows else ""
+    runs_table = table(["PPO run", "last step", "KL", "RM score", "gold"], rows) if rows else ""
     gap = [[n, run.eval[f"rm/{n}"], run.eval.get(f"gold/{n}", "–")] for n in charts.models_with(run.eval, "rm")]
-    gap_table = (_table(["model", "RM score (proxy)", "gold quality (truth)"], gap) +
+    gap_table = (table(["model", "RM score (proxy)", "gold quality (truth)"], gap) +
                  '<p class="caption">Proxy against truth on the test prompts: a model the RM ranks high but gold '
                  "does not has learned the labelers' biases.</p>") if gap else ""
-    return fig + table + gap_table
+    return fig + runs_table + gap_table
 
 
 def _lines(run: RunFiles, prefixes: tuple[str, ...], key: str) -> list[tuple[str, list[dict], str]]:
@@ -256,7 +228,7 @@ def s_training(run: RunFiles) -> str:
               ("PPO: policy loss", _lines(run, ppo, "ppo/loss/policy")),
               ("PPO: value loss", _lines(run, ppo, "ppo/loss/value")),
               ("PPO-ptx: pretraining loss term", _lines(run, ppo, "ppo/loss/ptx"))]
-    out = _figure(charts.curves_figure(panels), "training curves of every stage",
+    out = figure(charts.curves_figure(panels), "training curves of every stage",
                   "Each stage's own metrics.jsonl. Look for falling losses, RM accuracy well above 0.5 (labelers "
                   "agree with each other only ~73% of the time, so that is near the ceiling), and PPO's RM score "
                   "rising while the KL leash keeps the policy close to SFT.",
@@ -265,7 +237,7 @@ def s_training(run: RunFiles) -> str:
                     for st, rows in run.metrics.items() if st.startswith(ppo)]
     fig = charts.curves_figure(style_panels, ncols=2)
     if fig:
-        out += _figure(fig, "style of PPO answers over training",
+        out += figure(fig, "style of PPO answers over training",
                        "The gold scorer's style label of validation answers during PPO. A rising Sycophantic share "
                        "is the reward model's taste for flattery being exploited.", "")
     return out
@@ -282,7 +254,7 @@ def s_samples(run: RunFiles, n_prompts: int = 6) -> str:
     chosen = [_pick(names, "GPT"), _pick(names, "SFT"), _pick(names, "PPO-ptx") or _pick(names, "PPO")]
     chosen = [m for m in chosen if m]
     if not chosen:
-        return _missing("eval/samples.jsonl is missing or has no test answers.")
+        return missing("eval/samples.jsonl is missing or has no test answers.")
     by_prompt: dict[str, dict[str, dict]] = {}
     for r in test:
         by_prompt.setdefault(r.get("prompt", ""), {})[r.get("model")] = r
@@ -292,10 +264,10 @@ def s_samples(run: RunFiles, n_prompts: int = 6) -> str:
         if family in seen or not all(m in answers for m in chosen):
             continue
         seen.add(family)
-        rows = [[m, _text(a.get("response", "")), a.get("gold", "–"), a.get("style", "–")]
+        rows = [[m, text_cell(a.get("response", "")), a.get("gold", "–"), a.get("style", "–")]
                 for m, a in ((m, answers[m]) for m in chosen)]
         blocks.append(f'<h3>{escape(str(family))}</h3><p class="prompt">{escape(prompt)}</p>'
-                      + _table(["model", "answer", "gold", "style"], rows, "samples"))
+                      + table(["model", "answer", "gold", "style"], rows, "samples"))
         if len(blocks) == n_prompts:
             break
     return (f'<p class="caption">The same test prompts answered by {", ".join(map(escape, chosen))} (one prompt per '
@@ -304,96 +276,29 @@ def s_samples(run: RunFiles, n_prompts: int = 6) -> str:
             + "".join(blocks))
 
 
-def s_walkthrough(run: RunFiles) -> str:
-    w = run.walkthrough
-    if not w:
-        return _missing("walkthrough.json is missing (written by `rlhflab run`).")
-    return _walk_sft(run, w.get("sft")) + _walk_ranking(w.get("ranking")) + _walk_ppo(w.get("ppo_step"))
-
-
-def _extras(d: dict, skip: set) -> str:
-    rows = [[k, v] for k, v in d.items() if k not in skip and isinstance(v, (int, float, str, bool))]
-    return _table(["", "value"], rows, "kv") if rows else ""
-
-
-def _walk_sft(run: RunFiles, d) -> str:
-    head = "<h3>Step 1 — supervised fine-tuning on a demonstration</h3>"
-    if not isinstance(d, dict):
-        return head + _missing("walkthrough.json has no 'sft' example.")
-    stage = str(d.get("stage", "sft-small"))
-    panel = (f"{stage}: loss on response tokens", [("", run.metrics.get(stage, []), "sft/loss")])
-    curve = charts.curves_figure([panel], ncols=1)
-    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p><p class="answer">'
-            f'{escape(str(d.get("completion", "")))}</p>'
-            '<p class="caption">A labeler-written answer. The loss counts only the answer\'s tokens, not the '
-            "prompt's (§3.5).</p>" + _extras(d, {"prompt", "completion", "stage"})
-            + _figure(curve, "SFT loss", "The loss over SFT steps, on demonstrations like this one.",
-                      f"{stage}/metrics.jsonl has no sft/loss."))
-
-
-def _walk_ranking(d) -> str:
-    head = "<h3>Step 2 — a labeler ranks K answers; the reward model scores them</h3>"
-    if not isinstance(d, dict) or not d.get("responses"):
-        return head + _missing("walkthrough.json has no 'ranking' example.")
-    responses, scores, gold = d["responses"], d.get("rm_scores") or [], d.get("gold") or []
-    order = d.get("ranking") or list(range(len(responses)))
-    rows, ranks = [], {}
-    for pos, entry in enumerate(order):
-        for i in entry if isinstance(entry, list) else [entry]:
-            ranks[i] = pos
-            rows.append([pos + 1, _text(responses[i]), scores[i] if i < len(scores) else "–",
-                         gold[i] if i < len(gold) else "–"])
-    agree = [(ranks[a] < ranks[b]) == (scores[a] > scores[b]) for a in ranks for b in ranks
-             if a < b and ranks[a] != ranks[b] and len(scores) == len(responses)]
-    note = (f" The reward model orders {sum(agree)} of {len(agree)} pairs as the labeler did." if agree else "")
-    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p>'
-            + _table(["labeler's rank", "answer", "RM score", "gold"], rows, "samples")
-            + f'<p class="caption">K = {len(responses)} answers ranked best first by labeler '
-            f'{escape(str(d.get("labeler", "?")))}; all C(K,2) pairs of this ranking are one batch element of the '
-            f"RM loss (§3.5).{escape(note)}</p>")
-
-
-def _walk_ppo(d) -> str:
-    head = "<h3>Step 3 — one PPO step: reward = RM score − β·KL</h3>"
-    if not isinstance(d, dict) or "rm_score" not in d:
-        return head + _missing("walkthrough.json has no 'ppo_step' example.")
-    rm, kl, beta = d.get("rm_score"), d.get("kl"), d.get("kl_coef")
-    reward = d.get("reward")
-    if reward is None and None not in (rm, kl, beta):
-        reward = rm - beta * kl
-    dash = lambda v: "–" if v is None else v  # noqa: E731
-    rows = [["r_θ(x, y): reward-model score", rm], ["KL: Σ log π(y_t)/π_SFT(y_t)", dash(kl)],
-            ["β (KL coefficient)", dash(beta)], ["reward = r − β·KL", dash(reward)]]
-    return (head + f'<p class="prompt">{escape(str(d.get("prompt", "")))}</p><p class="answer">'
-            f'{escape(str(d.get("response", "")))}</p>' + _table(["quantity", "value"], rows, "kv")
-            + '<p class="caption">The policy\'s sampled answer is scored by the reward model and charged for drifting '
-            "from the SFT policy (§3.5, eq. 2); PPO then raises the probability of answers with high reward.</p>"
-            + _extras(d, {"prompt", "response", "rm_score", "kl", "kl_coef", "reward"}))
-
-
 def s_world(run: RunFiles) -> str:
     w = run.world
     if not w:
-        return _missing("world/summary.json is missing.")
+        return missing("world/summary.json is missing.")
     counts = w.get("counts", {})
     agree = [[k.split("/", 1)[1], v] for k, v in w.items() if k.startswith("agreement/")]
     sanity = [[k, v] for k, v in (w.get("gold_sanity") or {}).items()]
-    return (f"<p>Seed {_fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
-            + _table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
-            + _table(["labeler agreement", "fraction of pairs"], agree, "kv")
+    return (f"<p>Seed {fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
+            + table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
+            + table(["labeler agreement", "fraction of pairs"], agree, "kv")
             + '<p class="caption">The paper reports 72.6 ± 1.5% agreement between its labelers.</p>'
-            + (_table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else ""))
+            + (table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else ""))
 
 
 def s_stages(run: RunFiles) -> str:
     if not run.summaries:
-        return _missing("no stage summary.json files.")
+        return missing("no stage summary.json files.")
     out = []
     for stage, s in run.summaries.items():
         rows = [[k, v] for k, v in s.items() if isinstance(v, (int, float, str, bool))][:14]
         if stage not in ("eval", "world") and rows:
-            out.append(f"<h3>{escape(stage)}</h3>" + _table(["", "value"], rows, "kv"))
-    return "".join(out) or _missing("no scalar entries in the stage summaries.")
+            out.append(f"<h3>{escape(stage)}</h3>" + table(["", "value"], rows, "kv"))
+    return "".join(out) or missing("no scalar entries in the stage summaries.")
 
 
 SECTIONS = [
@@ -432,7 +337,7 @@ def _section(anchor: str, title: str, fn, run: RunFiles) -> str:
     try:
         inner = fn(run)
     except Exception as e:  # noqa: BLE001 - one broken section must not cost the whole report
-        inner = _missing(f"this section could not be drawn ({type(e).__name__}: {e}).")
+        inner = missing(f"this section could not be drawn ({type(e).__name__}: {e}).")
     return f'<section id="{anchor}"><h2>{escape(title)}</h2>{inner}</section>'
 
 

@@ -108,7 +108,8 @@ def lab(tmp_path_factory):
     rm = models.pop("rm")
     cfg = {"world": str(root / "world"), "models": models, "prompted": ["GPT-small"], "baseline": "SFT-small",
            "reward_model": rm, "n_prompts": 6, "max_new_tokens": 12, "capability_items": 4,
-           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "device": "cpu", "out_dir": str(root / "out1")}
+           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "device": "cpu", "out_dir": str(root / "out1"),
+           "head_to_head": ["PPO-ptx-small:GPT-prompted-small", "SFT-small:SFT-small"]}
     (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
     return root, tok
 
@@ -130,6 +131,9 @@ def test_config_validation(lab):
         load_config(EvalConfig, root / "eval.yaml", ["baseline=PPO-large"])
     with pytest.raises(ConfigError, match="prompted"):
         load_config(EvalConfig, root / "eval.yaml", ["prompted=[GPT-large]"])
+    for bad in ("PPO-ptx-small", "PPO-ptx-small:GPT-large", "a:b:c"):
+        with pytest.raises(ConfigError, match="head_to_head"):
+            load_config(EvalConfig, root / "eval.yaml", [f"head_to_head=[{bad}]"])
 
 
 def test_eval_writes_documented_keys_and_is_deterministic(lab):
@@ -148,6 +152,10 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
         assert {f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "mean")} <= set(s1)
     assert s1["winrate/SFT-small"] == 0.5 and s1["n/test"] == 6
+    assert s1["h2h/SFT-small/SFT-small"] == 0.5 == s1["h2h_gold/SFT-small/SFT-small"]  # identical answers tie
+    pair = "PPO-ptx-small/GPT-prompted-small"
+    assert s1[f"h2h_ci_low/{pair}"] <= s1[f"h2h/{pair}"] <= s1[f"h2h_ci_high/{pair}"]
+    assert s1[f"h2h_gold_ci_low/{pair}"] <= s1[f"h2h_gold/{pair}"] <= s1[f"h2h_gold_ci_high/{pair}"]
     assert {"bon/1/kl", "bon/4/gold", "bon/4/rm", "bon_fit/gold/r2", "bon_fit/rm/alpha"} <= set(s1)
     assert s1["bon/1/rm"] <= s1["bon/2/rm"] <= s1["bon/4/rm"] <= s1["bon/8/rm"]  # RM-best of more samples scores higher
     assert all(isinstance(v, (int, float)) for v in s1.values())

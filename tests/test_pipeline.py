@@ -17,7 +17,9 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     assert (out / "report.html").stat().st_size > 10_000
     summary = json.loads((out / "eval" / "summary.json").read_text())
     assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small",
-            "rl/ppo-small/final_kl", "rl/beta-0/peak_gold", "rl_fit/beta-0/gold/r2"} <= set(summary)
+            "rl/ppo-small/final_kl", "rl/beta-0/peak_gold", "rl_fit/beta-0/gold/r2",
+            "h2h/PPO-ptx-small/GPT-large", "h2h_ci_low/PPO-ptx-small/GPT-prompted-large"} <= set(summary)
+    assert "PPO-ptx-small preferred to GPT-large:" in first
     rankings = (out / "comparisons" / "train.jsonl").read_text().splitlines()
     assert rankings and all(json.loads(r)["prompt"] for r in rankings)  # the RM's data: SFT samples
     assert "rm/spearman_gold_within_prompt" in json.loads((out / "rm-eval" / "summary.json").read_text())

@@ -44,6 +44,8 @@ def eval_summary() -> dict:
             for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher")):
                 s[f"capability/{b}/{m}"] = cap * (0.8 + 0.1 * i)
             s[f"capability/mean/{m}"] = cap
+    s.update({"h2h/PPO-ptx-small/GPT-large": 0.71, "h2h_ci_low/PPO-ptx-small/GPT-large": 0.66,
+              "h2h_ci_high/PPO-ptx-small/GPT-large": 0.76, "h2h_gold/PPO-ptx-small/GPT-large": 0.83})
     return s
 
 
@@ -104,6 +106,7 @@ def test_report_is_self_contained_and_renders(tmp_path, browser, artifacts_dir):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I), "external asset"
     assert html.count("<img") >= 8 and "Not shown" not in html
     assert "&lt;b&gt;hi&lt;/b&gt;" in html  # model text is escaped, never injected
+    assert re.search(r"preferred <strong>PPO-ptx-small</strong> to GPT-large in <strong>71%</strong>.*66%.76%", html)
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
