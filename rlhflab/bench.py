@@ -184,7 +184,7 @@ def peak_memory(device: str) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
 
 
-def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str) -> dict:
+def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: str = "fp32") -> dict:
     """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload."""
     import torch
 
@@ -194,7 +194,7 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str) -> dict:
     config = PPOConfig(**inputs, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
                        ppo_epochs=w.ppo_epochs, max_new_tokens=w.response_len, force_length=True,
                        no_eos_penalty=0.0, warmup_steps=0, total_episodes=steps * w.batch_size,
-                       device=w.device, seed=SEED, out_dir=out_dir,
+                       device=w.device, seed=SEED, out_dir=out_dir, precision=precision,
                        **PPO_SETTINGS)
     set_seed(SEED)
     run = open_run(config)
@@ -230,7 +230,7 @@ def _child(side: str, w: Workload, inputs: dict, steps: int, options: dict) -> d
         if side == "trl":
             from rlhflab.bench_trl import run_trl
             return run_trl(w, inputs, steps, out_dir, **options)
-        return run_rlhflab(w, inputs, steps, out_dir)
+        return run_rlhflab(w, inputs, steps, out_dir, **options)
 
 
 def measure(side: str, w: Workload, inputs: dict, steps: int, options: dict | None = None) -> dict:
@@ -254,20 +254,20 @@ def check_can_run(w: Workload, vs: str | None) -> None:
 
 
 def bench(w: Workload, steps: int, vs: str | None = None, trl_fused_gelu: bool = False,
-          log=print) -> dict:
+          log=print, precision: str = "fp32") -> dict:
     """Run the workload with rlhflab (and TRL); return the report as a dict."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     check_can_run(w, vs)
     sides = ["rlhflab"] + ([vs] if vs else [])
     report = {"workload": {**asdict(w), "steps": steps, "policy_params": n_params(w),
-                           "ppo": PPO_SETTINGS},
+                           "ppo": PPO_SETTINGS, "precision": precision},
               "machine": machine_info(w), "date": datetime.date.today().isoformat()}
     with tempfile.TemporaryDirectory(prefix="rlhflab-bench-") as root:
         inputs = build_inputs(w, Path(root))
         for side in sides:
             log(f"bench: {side} on workload {w.name} ({steps} PPO steps) ...")
-            options = {"fused_gelu": trl_fused_gelu} if side == "trl" else {}
+            options = {"precision": precision, **({"fused_gelu": trl_fused_gelu} if side == "trl" else {})}
             report[side] = measure(side, w, inputs, steps, options)
     if vs:
         a, b = report["rlhflab"], report[vs]
@@ -311,7 +311,8 @@ def format_report(r: dict) -> str:
         f"workload {w['name']}: GPT-2, {w['n_layer']} layers, d {w['n_embd']}, vocab "
         f"{w['vocab_size']} ({w['policy_params'] / 1e6:.2f}M params) x4 models; prompt "
         f"{w['prompt_len']}, response {w['response_len']} (forced); batch {w['batch_size']}, "
-        f"minibatch = micro-batch {w['minibatch_size']}, {w['ppo_epochs']} PPO epochs",
+        f"minibatch = micro-batch {w['minibatch_size']}, {w['ppo_epochs']} PPO epochs; "
+        f"{w.get('precision', 'fp32')} on both sides",
         f"machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} cores"
         + (f", {w['threads']} threads" if w["threads"] and w["device"] == "cpu" else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}"
@@ -367,6 +368,9 @@ def add_arguments(parser) -> None:
                         "function to 1e-7), to compare the trainers alone")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both sides: fp32, or bf16 autocast over fp32 weights (rlhflab's "
+                        "precision=bf16, TRL's bf16=True); bf16 needs a GPU or a CPU with AMX")
 
 
 def run_cli(args) -> int:
@@ -380,6 +384,6 @@ def run_cli(args) -> int:
     if args.trl_fused_gelu and args.vs != "trl":
         raise InputError("--trl-fused-gelu needs --vs trl", field="trl-fused-gelu")
     report = bench(w, steps, args.vs, args.trl_fused_gelu, log=(lambda *a: None) if quiet else
-                   (lambda msg: print(msg, flush=True)))
+                   (lambda msg: print(msg, flush=True)), precision=args.precision)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

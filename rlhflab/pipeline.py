@@ -48,7 +48,7 @@ PRESETS: dict[str, dict] = {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
         "sft_large": {"lr": 3e-4},
-        "rm": {"lr": 1e-4},
+        "rm": {"lr": 1e-4, "epochs": 2},  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
     },
     "smoke": {
         "scale": "small", "rm_base": "small",
@@ -101,6 +101,10 @@ class RunConfig:
     """World seed and the seed of every stage."""
     scale: Literal["lab", "small"] = "lab"
     """Lab world size ('small' only for smoke tests)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of the SFT, RM and PPO stages (their own `precision` is set from this): 'auto'
+    is bf16 autocast where the hardware has bf16 matrix units (a CPU with AMX, a GPU with
+    bf16), else fp32. Pretraining, sampling and evaluation run in fp32."""
     pretrain_small: PretrainConfig = field(default_factory=lambda: _pretrain("small"))
     """Stage 0, the small base model (world, out_dir, size, seed are set by the pipeline)."""
     pretrain_large: PretrainConfig = field(default_factory=lambda: _pretrain("large"))
@@ -141,8 +145,13 @@ class RunConfig:
 
 class Pipeline:
     def __init__(self, cfg: RunConfig):
+        from rlhflab.training import native_bf16, resolve_device
+
         self.cfg, self.root = cfg, Path(cfg.out_dir)
         self.timings: dict[str, float] = {}
+        self.precision = cfg.precision
+        if cfg.precision == "auto":
+            self.precision = "bf16" if native_bf16(resolve_device("auto")) else "fp32"
 
     def stage(self, name: str, fn) -> dict:
         """Run `fn()` unless `<root>/<name>/summary.json` says the stage already finished."""
@@ -175,7 +184,8 @@ class Pipeline:
 
         cfg = dataclasses.replace(getattr(self.cfg, f"sft_{size}"), base=str(self.root / f"pretrain-{size}" / "model"),
                                   data=str(world / "sft_train.jsonl"), val_data=str(world / "sft_val.jsonl"),
-                                  out_dir=str(self.root / f"sft-{size}"), seed=self.cfg.seed)
+                                  out_dir=str(self.root / f"sft-{size}"), seed=self.cfg.seed,
+                                  precision=self.precision)
         self.stage(f"sft-{size}", lambda: train(cfg))
         return self.root / f"sft-{size}" / "model"
 
@@ -194,7 +204,7 @@ class Pipeline:
                                   rankings=str(comparisons / "train.jsonl"),
                                   val_rankings=str(comparisons / "val.jsonl"),
                                   demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
-                                  seed=self.cfg.seed)
+                                  seed=self.cfg.seed, precision=self.precision)
         self.stage("rm", lambda: train(cfg))
         from rlhflab.rm_eval import rm_report
 
@@ -212,7 +222,8 @@ class Pipeline:
         cfg = dataclasses.replace(base, policy=str(self.root / "sft-small" / "model"), reward_model=str(rm),
                                   prompts=str(world / "ppo_train.jsonl"), val_prompts=str(world / "ppo_val.jsonl"),
                                   ptx_data=str(world / "corpus_train.jsonl") if ptx else None,
-                                  world=str(world), out_dir=str(self.root / name), seed=self.cfg.seed)
+                                  world=str(world), out_dir=str(self.root / name), seed=self.cfg.seed,
+                                  precision=self.precision)
         self.stage(name, lambda: train(cfg))
         return self.root / name / "policy"
 
@@ -238,6 +249,7 @@ class Pipeline:
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
+        print(f"[run] precision: {self.precision}", flush=True)
         world = self.world()
         results = {f"pretrain_{s}": self.pretrain(s, world) for s in SIZES}
         models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}

@@ -32,7 +32,7 @@ from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, poli
                               value_loss, whiten)
 from rlhflab.ppo_setup import Run, open_run
 from rlhflab.text import pad_left
-from rlhflab.training import progress, set_seed
+from rlhflab.training import autocast, progress, set_seed
 
 
 @dataclass
@@ -114,6 +114,11 @@ def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.
 
 def ppo_step(run: Run, step: int) -> dict[str, float]:
     """One PPO iteration on batch_size fresh episodes; returns the step's metrics."""
+    with autocast(run.device, run.config.precision):
+        return _ppo_step(run, step)
+
+
+def _ppo_step(run: Run, step: int) -> dict[str, float]:
     cfg, timer = run.config, _Timer(run.device)
     gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.seed, step))
 
@@ -256,12 +261,13 @@ def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
     scores, kls, lengths, ended = [], [], [], []
     for i in range(0, len(run.val_queries), cfg.batch_size):
         queries = run.val_queries[i:i + cfg.batch_size]
-        g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
-        (qr, am), R = _join(run, queries, g), g.mask.shape[1]
-        lp = policy_logprobs(policy, qr, am, R, cfg.temperature)[0]
-        ref = policy_logprobs(run.ref_policy, qr, am, R, cfg.temperature)[0]
-        scores.append(score(run.reward_model, qr, am))
+        with autocast(run.device, cfg.precision):
+            g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
+                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+            (qr, am), R = _join(run, queries, g), g.mask.shape[1]
+            lp = policy_logprobs(policy, qr, am, R, cfg.temperature)[0]
+            ref = policy_logprobs(run.ref_policy, qr, am, R, cfg.temperature)[0]
+            scores.append(score(run.reward_model, qr, am))
         kls.append(((lp - ref) * g.mask).sum(1))
         lengths.append(g.mask.sum(1).float())
         ended.append(g.ended.float())

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhflab.config import check
+from rlhflab.training import PRECISIONS
 
 
 @dataclass
@@ -84,6 +85,10 @@ class PPOConfig:
     (default <world>/ppo_val.jsonl); measurement only, never a training signal."""
     device: str = "auto"
     """Where to train: auto (cuda if available), cpu, or cuda[:N]."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': every forward (sampling, scoring, training) under bfloat16 autocast;
+    weights, Adam state, log-softmax, rewards, GAE and losses stay fp32. bf16 needs a GPU or a
+    CPU with bf16 matrix units (AMX), where it is several times faster (BENCHMARKS.md)."""
     resume: bool = True
     """Continue from <out_dir>/checkpoint when there is one; False starts over."""
     out_dir: str = "runs/ppo"
@@ -108,6 +113,7 @@ class PPOConfig:
         check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
               "must be in (0, 1) or null")
+        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
               self.max_grad_norm, "must be > 0 or null")
 

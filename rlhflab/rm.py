@@ -25,8 +25,8 @@ from rlhflab.errors import InputError
 from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
                             reward_bias, reward_scores)
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, progress, resolve_device, save_stage_checkpoint,
-                              set_seed, start_or_resume, write_outputs)
+from rlhflab.training import (PRECISIONS, NonFiniteGuard, autocast, fast_kernels, progress, resolve_device,
+                              save_stage_checkpoint, set_seed, start_or_resume, write_outputs)
 
 
 @dataclass
@@ -69,6 +69,9 @@ class RMConfig:
     """Sequences per forward when scoring (evaluation, demo centring)."""
     device: str = "auto"
     """'auto' (CUDA if present), 'cpu', 'cuda', ..."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': training forwards under bfloat16 autocast (weights, Adam state and the
+    loss stay fp32). bf16 pays on a GPU or a CPU with AMX (BENCHMARKS.md)."""
 
     def validate(self) -> None:
         check(bool(self.base), "base", self.base, "the SFT model directory is required")
@@ -84,6 +87,7 @@ class RMConfig:
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
         check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
 
 
@@ -290,7 +294,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     # 1. Read and check every input before anything is written.
     tokenizer, model, train_set, val_set, demos = read_inputs(config)
     device, pad_id = resolve_device(config.device), tokenizer.pad_token_id
-    model.to(device).train()
+    fast_kernels(model.to(device).train(), device, config.precision)
 
     # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
     steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
@@ -352,7 +356,8 @@ def _step(model, opt, chunk: list[Comparison], pad_id: int, config: RMConfig,
     total_loss, correct = torch.zeros((), device=device), 0.0
     for i in range(0, len(chunk), micro):
         part = collate(chunk[i: i + micro], pad_id).to(device)
-        scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,)
+        with autocast(device, config.precision):
+            scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,), fp32
         loss, accuracy = batch_loss(scores, part)
         weight = len(part.offsets) / len(chunk)  # the step's loss is the mean over its prompts
         (loss * weight).backward()

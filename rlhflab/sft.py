@@ -29,8 +29,8 @@ from rlhflab.models import context_length, load_causal_lm, load_reward_model, lo
 from rlhflab.rm import score_pairs
 from rlhflab.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (NonFiniteGuard, progress, resolve_device, save_stage_checkpoint,
-                              set_seed, start_or_resume, write_outputs)
+from rlhflab.training import (PRECISIONS, NonFiniteGuard, autocast, fast_kernels, progress, resolve_device,
+                              save_stage_checkpoint, set_seed, start_or_resume, write_outputs)
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""
@@ -90,11 +90,15 @@ class SFTConfig:
     """Sequences per forward when sampling, scoring and computing val loss."""
     device: str = "auto"
     """'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': training forwards under bfloat16 autocast (weights, Adam state and the
+    loss stay fp32). bf16 pays on a GPU or a CPU with AMX (BENCHMARKS.md)."""
 
     def validate(self) -> None:
         check(bool(self.base), "base", self.base, "a base model directory is required")
         check(bool(self.data), "data", self.data, "a demonstrations JSONL file is required")
         check(bool(self.out_dir), "out_dir", self.out_dir, "required")
+        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         check((self.reward_model is None) == (self.val_prompts is None), "val_prompts",
               self.val_prompts, "reward_model and val_prompts go together")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -243,7 +247,7 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     model, tokenizer, train_set = inp.model, inp.tokenizer, inp.train_set
     device = resolve_device(config.device)
     set_seed(config.seed)
-    model.to(device).train()
+    fast_kernels(model.to(device).train(), device, config.precision)
     if inp.rm is not None:
         inp.rm.to(device)
 
@@ -262,7 +266,8 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
         order = torch.randperm(len(train_set), generator=epoch_generator(config.seed, epoch))
         for b in range(state["batch"], steps_per_epoch):
             idx = order[b * config.batch_size: (b + 1) * config.batch_size].tolist()
-            loss = forward_loss(model, [train_set[i] for i in idx], tokenizer.pad_token_id, device)
+            with autocast(device, config.precision):
+                loss = forward_loss(model, [train_set[i] for i in idx], tokenizer.pad_token_id, device)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if guard.ok(loss, model.parameters()):

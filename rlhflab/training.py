@@ -26,6 +26,32 @@ def set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for a block: 'bf16' runs matmuls in bfloat16 with fp32 weights, fp32
+    optimizer state and fp32 log-softmax (a CPU with AMX, or a GPU); 'fp32' changes nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether this device runs bf16 matmuls natively (a CUDA GPU with bf16, a CPU with AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """The same function, faster: GPT-2's gelu_new as one fused kernel, and on a CPU in bf16
+    the matmul ('eager') attention. Returns the model."""
+    from rlhflab.models import fast_attention, fuse_gelu
+
+    fuse_gelu(model)
+    fast_attention(model, device, precision)
+    return model
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                     final_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to `final_ratio` of the peak (§C.1: to 10%)."""
