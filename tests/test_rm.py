@@ -93,9 +93,10 @@ def test_scores_do_not_depend_on_padding(world, arch):
 
 # --------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_rm_learns_changes_every_parameter_and_centres_demos(world, tmp_path, arch):
-    cfg = config(world, tmp_path / "out", base=arch, epochs=2, val_rankings=str(world["val"]))
+@pytest.mark.parametrize("arch,precision", [("gpt2", "fp32"), ("llama", "fp32"), ("gpt2", "bf16")])
+def test_rm_learns_changes_every_parameter_and_centres_demos(world, tmp_path, arch, precision):
+    cfg = config(world, tmp_path / "out", base=arch, epochs=2, val_rankings=str(world["val"]),
+                 precision=precision)
     out, summary = rm.train(cfg)
     assert summary["steps"] == 2 * 6  # 24 prompts / 4 per batch, not 24 * 6 comparisons
     rows = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]

@@ -91,10 +91,10 @@ def test_prompt_changes_reach_the_loss_only_through_conditioning(world):
 
 # --------------------------------------------------------------------------- training
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_sft_learns_and_changes_every_parameter(world, tmp_path, arch):
+@pytest.mark.parametrize("arch,precision", [("gpt2", "fp32"), ("llama", "fp32"), ("gpt2", "bf16")])
+def test_sft_learns_and_changes_every_parameter(world, tmp_path, arch, precision):
     out, summary = sft.train(config(world, tmp_path / "out", base=arch, epochs=3,
-                                    val_data=str(world["val"])))
+                                    val_data=str(world["val"]), precision=precision))
     losses = [e["val_loss"] for e in summary["epochs"]]
     assert losses[-1] < losses[0]
     before, after = weights(world[arch]), weights(out)
