@@ -116,9 +116,8 @@ class EvalConfig:
             check(name in self.models, "prompted", name, f"must name a model in models ({list(self.models)})")
         check(self.baseline in self.names(), "baseline", self.baseline, f"must be one of {self.names()}")
         for pair in self.head_to_head:
-            check(isinstance(pair, str) and len(pair.split(":")) == 2 and all(
-                  m in self.names() for m in pair.split(":")), "head_to_head", pair,
-                  f"must read 'A:B' with A and B in {self.names()}")
+            ok = isinstance(pair, str) and len(pair.split(":")) == 2 and set(pair.split(":")) <= set(self.names())
+            check(ok, "head_to_head", pair, f"must read 'A:B' with A and B in {self.names()}")
         check(not self.best_of_n_policy or self.best_of_n_policy in self.models, "best_of_n_policy",
               self.best_of_n_policy, "must name a model in models")
         check(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "must be positive")
@@ -262,8 +261,7 @@ def compare(world, judged: list, base: list, seed: str) -> tuple[list[float], li
 
 def win_keys(world, prefix: str, name: str, judged: list, base: list, seed: str) -> dict:
     """<prefix>/<name> and <prefix>_gold/<name>, each with its _ci_low and _ci_high."""
-    labelers, gold = compare(world, judged, base, seed)
-    out = {}
+    (labelers, gold), out = compare(world, judged, base, seed), {}
     for key, outcomes in ((prefix, labelers), (f"{prefix}_gold", gold)):
         rate, lo, hi = win_rate(outcomes)
         out.update({f"{key}/{name}": rate, f"{key}_ci_low/{name}": lo, f"{key}_ci_high/{name}": hi})
@@ -390,10 +388,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     families = [t.family for t in tasks["test"]]
     for variant in answers:
         summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], families, cfg.seed))
-    for pair in cfg.head_to_head:
-        a, b = pair.split(":")
-        summary.update(win_keys(world, "h2h", f"{a}/{b}", judged[a]["test"], judged[b]["test"],
-                                f"h2h-{cfg.seed}-{a}-{b}"))
+    for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
+        h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.seed}-{a}-{b}")
+        summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
     summary.update({f"n/{s}": len(prompts[s]) for s in SPLITS})
 
     bon_rows = []
