@@ -3,6 +3,10 @@
 Items are in the web corpus's natural form, with no instruction template: reading
 (SQuAD-like, F1 of a greedy answer), arithmetic (DROP-like, exact match), continuation
 (HellaSwag-like, choice by mean log-likelihood) and cipher (translation-like, exact).
+webtext is the pretraining distribution itself (LAMBADA-like, but every token): the
+fraction of tokens of held-out web documents the model predicts greedily. It does not
+saturate where the four task benchmarks do: after SFT the small lab models sit at chance
+on those, so what PPO then trades away shows only here.
 """
 from __future__ import annotations
 
@@ -12,17 +16,22 @@ from pathlib import Path
 import torch
 
 from rlhflab.data import iter_jsonl
+from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.models import token_logprobs
 from rlhflab.text import pad_right
 
-BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher")
+BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher", "webtext")
 
 
 def load_benchmarks(world_dir: str | Path, limit: int | None = None) -> dict[str, list[dict]]:
     out = {}
     for name in BENCHMARKS:
-        rows = [obj for _, obj in iter_jsonl(Path(world_dir) / "benchmarks" / f"{name}.jsonl")]
+        path = Path(world_dir) / "benchmarks" / f"{name}.jsonl"
+        if not path.is_file():
+            raise InputError(f"no {name} benchmark: the world was written by an older rlhflab; "
+                             "write it again with `rlhflab world`", file=str(path))
+        rows = [obj for _, obj in iter_jsonl(path)]
         out[name] = rows[:limit] if limit else rows
     return out
 
@@ -63,6 +72,23 @@ def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
 
 
 @torch.no_grad()
+def _token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    """Fraction of the tokens of [bos] text [eos] (bos excepted) that are the argmax of the
+    model's next-token distribution: the documents are laid out as in pretraining."""
+    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
+    seqs = [(_context_ids(tokenizer, t) + [tokenizer.eos_token_id])[:n_pos] for t in texts]
+    hits = total = 0
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = pad_right(seqs[i: i + batch_size], tokenizer.pad_token_id)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        scored = mask[:, 1:].bool()
+        hits += int((pred == ids[:, 1:])[scored].sum())
+        total += int(scored.sum())
+    return hits / max(1, total)
+
+
+@torch.no_grad()
 def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[str, float]:
     was_training = model.training
     model.eval()
@@ -76,6 +102,8 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
             out[name] = sum((p.split() or [""])[0] == x["answer"].lower() for p, x in zip(preds, bench[name])) / len(preds)
     if bench.get("continuation"):
         out["continuation"] = _choice_accuracy(model, tokenizer, bench["continuation"])
+    if bench.get("webtext"):
+        out["webtext"] = _token_accuracy(model, tokenizer, [x["text"] for x in bench["webtext"]])
     out["mean"] = sum(out.values()) / max(1, len(out))
     model.train(was_training)
     return {k: round(v, 4) for k, v in out.items()}

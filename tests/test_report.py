@@ -41,7 +41,7 @@ def eval_summary() -> dict:
                   f"toxicity/plain/{m}": 0.2 - gold / 5, f"toxicity/respectful/{m}": 0.15 - gold / 4})
         s.update({f"meta/style/{st}/{m}": 1 / len(STYLES) for st in STYLES})
         if "prompted" not in m:
-            for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher")):
+            for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher", "webtext")):
                 s[f"capability/{b}/{m}"] = cap * (0.8 + 0.1 * i)
             s[f"capability/mean/{m}"] = cap
     s.update({"h2h/PPO-ptx-small/GPT-large": 0.71, "h2h_ci_low/PPO-ptx-small/GPT-large": 0.66,

@@ -7,7 +7,7 @@ the readers):
   ppo_train / ppo_val / test          {"prompt"}
   truthful, toxicity, toxicity_respectful   {"prompt"}  (evaluation sets)
   corpus_train / corpus_val           {"text"}                         the web corpus
-  benchmarks/{reading,arithmetic,continuation,cipher}.jsonl
+  benchmarks/{reading,arithmetic,continuation,cipher,webtext}.jsonl
   tokenizer/                          BPE trained on the corpus (transformers format)
   world.json, labelers.json, summary.json
 Same seed, same bytes.

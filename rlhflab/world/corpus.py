@@ -4,7 +4,8 @@ A model pretrained on this corpus knows the world's facts and skills, but after 
 instruction it continues the page (more questions, forum chatter, flattery, hedging,
 wrong answers, now and then an insult) instead of answering: the misalignment that
 SFT and RLHF then fix. The benchmarks (reading, arithmetic, continuation, cipher) are
-held-out items in the corpus's own natural form, scored as the paper scores GPT-3.
+held-out items in the corpus's own natural form, scored as the paper scores GPT-3;
+webtext is held-out web documents, scored by next-token accuracy.
 """
 from __future__ import annotations
 
@@ -130,4 +131,8 @@ def benchmarks(facts: F.Facts, seed: int, n: int) -> dict[str, list[dict]]:
         out["continuation"].append({"context": ctx, "endings": endings, "label": right})
         q, a = cipher_item(facts, rng)
         out["cipher"].append({"context": q, "answer": a.strip(" .")})
+    # The pretraining distribution itself, from a stream of its own so the items above stay
+    # as they were: what PPO trades away and PPO-ptx keeps (§4.2, the alignment tax).
+    rng = random.Random(f"webtext-{seed}")
+    out["webtext"] = [{"text": web_document(facts, rng)} for _ in range(n)]
     return out

@@ -1,0 +1,70 @@
+"""The capability benchmarks' webtext score: next-token accuracy on held-out web text."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhflab.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
+from rlhflab.errors import InputError
+from rlhflab.models import load_causal_lm, load_tokenizer
+from rlhflab.world.build import build
+from tiny import gpt2_dir, llama_dir
+
+TEXTS = ["the cat sat on the mat .", "a dog ran far away .", "name a color : red blue green .",
+         "summarize this : birds fly south in winter .", "one two three four"]
+
+
+def _by_hand(model, tok, texts) -> float:
+    hits = total = 0
+    for t in texts:
+        ids = torch.tensor([[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+        with torch.no_grad():
+            pred = model(input_ids=ids).logits[0, :-1].argmax(-1)
+        hits += int((pred == ids[0, 1:]).sum())
+        total += ids.shape[1] - 1
+    return hits / total
+
+
+@pytest.mark.parametrize("make", [gpt2_dir, llama_dir])
+def test_webtext_accuracy_matches_one_text_at_a_time_and_ignores_padding(make, tmp_path):
+    path = make(tmp_path / "m")
+    model, tok = load_causal_lm(path).eval(), load_tokenizer(path)
+    want = _by_hand(model, tok, TEXTS)
+    assert _token_accuracy(model, tok, TEXTS, batch_size=32) == pytest.approx(want, abs=1e-12)
+    assert _token_accuracy(model, tok, TEXTS, batch_size=1) == pytest.approx(want, abs=1e-12)
+
+
+def test_webtext_accuracy_rises_when_the_model_learns_the_text(tmp_path, one_torch_thread):
+    path = gpt2_dir(tmp_path / "m")
+    model, tok = load_causal_lm(path), load_tokenizer(path)
+    before = _token_accuracy(model.eval(), tok, TEXTS)
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in TEXTS]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        for seq in ids:
+            x = torch.tensor([seq])
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    after = _token_accuracy(model.eval(), tok, TEXTS)
+    assert before < 0.3 and after > 0.8
+
+
+def test_the_world_writes_webtext_and_every_score_is_a_fraction(tmp_path):
+    world = tmp_path / "world"
+    build(world, seed=1, scale="small", vocab_size=400)
+    bench = load_benchmarks(world, limit=5)
+    assert set(bench) == set(BENCHMARKS) and len(bench["webtext"]) == 5
+    assert all(isinstance(x["text"], str) and x["text"] for x in bench["webtext"])
+    path = gpt2_dir(tmp_path / "m", load_tokenizer(world / "tokenizer"))
+    scores = capability_scores(load_causal_lm(path), load_tokenizer(path), bench)
+    assert set(scores) == {*BENCHMARKS, "mean"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert scores["mean"] == pytest.approx(sum(scores[b] for b in BENCHMARKS) / len(BENCHMARKS), abs=1e-3)
+
+    (world / "benchmarks" / "webtext.jsonl").unlink()  # a world written before webtext existed
+    with pytest.raises(InputError, match="webtext") as err:
+        load_benchmarks(world)
+    assert "webtext.jsonl" in str(err.value)
