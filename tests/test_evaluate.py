@@ -16,7 +16,7 @@ from rlhflab.errors import ConfigError
 from rlhflab.evaluate import (EvalConfig, best_of_n_kl, build_queries, compare, evaluate, few_shot_prefix,
                               fit_best_of_n, fit_rl, rl_curve, wilson, win_rate)
 from rlhflab.models import lab_model, load_tokenizer
-from rlhflab.world import World
+from rlhflab.world import World, load_world
 from rlhflab.world.build import build
 from rlhflab.world.gold import STYLES
 
@@ -150,7 +150,7 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
         assert 1 <= s1[f"likert/{m}"] <= 7
         assert s1[f"winrate_ci_low/{m}"] <= s1[f"winrate/{m}"] <= s1[f"winrate_ci_high/{m}"]
     for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
-        assert {f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "mean")} <= set(s1)
+        assert {f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "webtext", "mean")} <= set(s1)
     assert s1["winrate/SFT-small"] == 0.5 and s1["n/test"] == 6
     assert s1["h2h/SFT-small/SFT-small"] == 0.5 == s1["h2h_gold/SFT-small/SFT-small"]  # identical answers tie
     pair = "PPO-ptx-small/GPT-prompted-small"
@@ -164,6 +164,11 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     rows = [json.loads(x) for x in (out1 / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 4 * 6 * 4 and {"prompt", "model", "response", "gold", "style"} <= set(rows[0])
     assert (out1 / "config.yaml").is_file() and len((out1 / "best_of_n.jsonl").read_text().splitlines()) == 4
+    # gold_unseen: the mean gold of the answers to test prompts that no training split holds.
+    seen = load_world(root / "world").seen_prompts()
+    for m in names:
+        golds = [r["gold"] for r in rows if r["model"] == m and r["split"] == "test" and r["prompt"] not in seen]
+        assert len(golds) == s1["n/test_unseen"] and s1[f"gold_unseen/{m}"] == pytest.approx(sum(golds) / max(1, len(golds)), abs=1e-4)
 
     # The same config again through the CLI: byte-identical results.
     assert main(["eval", "--config", str(root / "eval.yaml"), f"--out_dir={root / 'out2'}"]) == 0

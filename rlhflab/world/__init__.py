@@ -24,14 +24,15 @@ from rlhflab.world.tasks import FAMILIES, MIX, Task, words
 # Table 6 of the paper scaled down (SFT 13k, RM 33k, PPO 31k prompts there).
 SCALES: dict[str, dict[str, int]] = {
     "lab": dict(sft=1200, sft_val=150, rm=4000, rm_val=300, rm_heldout=300, ppo=1500, ppo_val=200,
-                test=300, truthful=150, toxicity=150, bench=150, corpus=40000, corpus_val=1000,
+                test=1000, truthful=150, toxicity=150, bench=150, corpus=40000, corpus_val=1000,
                 agreement=400),
     "small": dict(sft=120, sft_val=20, rm=150, rm_val=40, rm_heldout=40, ppo=100, ppo_val=20,
                   test=40, truthful=20, toxicity=20, bench=20, corpus=3000, corpus_val=100,
                   agreement=200),
 }
+TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
-VERSION = 1
+VERSION = 2  # 2: benchmarks/webtext.jsonl
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.
@@ -75,6 +76,12 @@ class World:
             return self._index[prompt]
         except KeyError:
             raise InputError(f"prompt is not from this lab world: {prompt[:60]!r}") from None
+
+    def seen_prompts(self) -> set[str]:
+        """Every prompt of a split the pipeline trains or selects on. The world's prompt
+        distribution has finite support (a few families have only a handful of prompts), so
+        fresh test draws often repeat one of these, as common requests recur on an API."""
+        return {t.prompt for s in TRAINING_SPLITS for t in self.splits[s]}
 
     def ideal_words(self, task: Task) -> int:
         return len(words(FAMILIES[task.family].demo(task, random.Random(0))))
