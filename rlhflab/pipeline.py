@@ -102,9 +102,10 @@ class RunConfig:
     scale: Literal["lab", "small"] = "lab"
     """Lab world size ('small' only for smoke tests)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """Precision of the SFT, RM and PPO stages (their own `precision` is set from this): 'auto'
-    is bf16 autocast where the hardware has bf16 matrix units (a CPU with AMX, a GPU with
-    bf16), else fp32. Pretraining, sampling and evaluation run in fp32."""
+    """Precision of the training stages, pretraining, SFT, RM and PPO (their own `precision`
+    is set from this): 'auto' is bf16 autocast where the hardware has bf16 matrix units (a
+    CPU with AMX, a GPU with bf16), else fp32. Sampling for comparisons and evaluation run
+    in fp32."""
     pretrain_small: PretrainConfig = field(default_factory=lambda: _pretrain("small"))
     """Stage 0, the small base model (world, out_dir, size, seed are set by the pipeline)."""
     pretrain_large: PretrainConfig = field(default_factory=lambda: _pretrain("large"))
@@ -176,7 +177,7 @@ class Pipeline:
     def pretrain(self, size: str, world: Path) -> dict:
         base: PretrainConfig = getattr(self.cfg, f"pretrain_{size}")
         cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"),
-                                  size=size, seed=self.cfg.seed)
+                                  size=size, seed=self.cfg.seed, precision=self.precision)
         return self.stage(f"pretrain-{size}", lambda: pretrain(cfg))
 
     def sft(self, size: str, world: Path) -> Path:

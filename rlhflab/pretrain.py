@@ -24,7 +24,9 @@ from rlhflab.errors import InputError
 from rlhflab.io import MetricsLog, atomic_dir, write_json
 from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
 from rlhflab.tokenizer import train_tokenizer
-from rlhflab.training import NonFiniteGuard, cosine_schedule, progress, set_seed
+from rlhflab.training import PRECISIONS, NonFiniteGuard, autocast, cosine_schedule, fast_kernels, progress, set_seed
+
+CPU = torch.device("cpu")  # the base models are small: pretraining runs on the CPU
 
 
 @dataclass
@@ -63,6 +65,10 @@ class PretrainConfig:
     """Held-out lab instructions answered greedily at the end to measure gold quality (0: skip)."""
     seed: int = 0
     """Seed for initialisation and data order."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': the training forward under bfloat16 autocast (weights, AdamW state
+    and the loss stay fp32); pays on a CPU with AMX (BENCHMARKS.md). Held-out loss and the
+    gold check run in fp32."""
 
     def validate(self):
         check(self.steps > 0, "steps", self.steps, "must be positive")
@@ -71,6 +77,7 @@ class PretrainConfig:
         check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be positive")
         check(self.vocab_size >= 300, "vocab_size", self.vocab_size, "must be at least 300")
         check(self.size in LAB_SIZES, "size", self.size, f"must be one of {list(LAB_SIZES)}")
+        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
 
 
 def _paths(cfg: PretrainConfig) -> tuple[Path, Path | None, Path | None]:
@@ -131,7 +138,7 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
         raise InputError(f"corpus too short for seq_len {cfg.seq_len}", file=str(corpus_path))
 
     set_seed(cfg.seed)
-    model = lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.seed)
+    model = fast_kernels(lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.seed), CPU, cfg.precision)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     sched = cosine_schedule(opt, cfg.steps, cfg.warmup_steps)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +155,8 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
     bar = progress(total=cfg.steps, initial=start, desc=f"pretrain {cfg.size}")
     for step in range(start + 1, cfg.steps + 1):
         x = windows(stream, cfg.batch_size, cfg.seq_len, cfg.seed, step)
-        loss = model(input_ids=x, labels=x).loss
+        with autocast(CPU, cfg.precision):
+            loss = model(input_ids=x, labels=x).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

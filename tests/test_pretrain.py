@@ -28,8 +28,9 @@ def _cfg(world, out, **kw):
     return load_config(PretrainConfig, overrides=[f"{k}={v}" for k, v in base.items()])
 
 
-def test_pretrain_beats_unigram_and_round_trips(world, tmp_path):
-    model_dir, s = train(_cfg(world, tmp_path / "pt"))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pretrain_beats_unigram_and_round_trips(world, tmp_path, precision):
+    model_dir, s = train(_cfg(world, tmp_path / "pt", precision=precision))
     assert s["val_loss"] < s["unigram_loss"] - 1.0
     rows = [json.loads(x) for x in (tmp_path / "pt" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 81))
@@ -62,6 +63,7 @@ def test_resume_after_interruption_matches_uninterrupted(world, tmp_path, monkey
 
 @pytest.mark.parametrize("override, needle", [
     ("steps=abc", "steps"), ("stepz=3", "stepz"), ("size=huge", "size"), ("lr=-1", "lr"),
+    ("precision=fp16", "precision"),
 ])
 def test_bad_config_values_are_refused_in_one_line(world, tmp_path, capsys, override, needle):
     out = tmp_path / "o"
