@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from rlhflab.cli import main
 
 STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large", "comparisons", "rm",
@@ -20,6 +22,8 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
             "rl/ppo-small/final_kl", "rl/beta-0/peak_gold", "rl_fit/beta-0/gold/r2",
             "h2h/PPO-ptx-small/GPT-large", "h2h_ci_low/PPO-ptx-small/GPT-prompted-large"} <= set(summary)
     assert "PPO-ptx-small preferred to GPT-large:" in first
+    row = next(x for x in first.splitlines() if x.strip().startswith("SFT-small "))
+    assert row.split()[1:3] == [f"{summary['gold/SFT-small']:.3f}", f"{summary['gold_unseen/SFT-small']:.3f}"]
     rankings = (out / "comparisons" / "train.jsonl").read_text().splitlines()
     assert rankings and all(json.loads(r)["prompt"] for r in rankings)  # the RM's data: SFT samples
     assert "rm/spearman_gold_within_prompt" in json.loads((out / "rm-eval" / "summary.json").read_text())
@@ -47,3 +51,18 @@ def test_bad_override_is_refused_before_anything_is_written(tmp_path, capsys):
     assert main(["run", "--preset", "smoke", f"--out_dir={out}", "--ppo.kl_coef=-1"]) == 2
     assert "ppo.kl_coef" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_stage_error_in_its_own_process_reaches_the_caller_whole(tmp_path):
+    """Stages run in spawned processes; a bad input there is still one error naming file and line."""
+    from rlhflab.data import read_prompts
+    from rlhflab.errors import InputError
+    from rlhflab.pipeline import Pipeline, RunConfig
+
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
+    pipe = Pipeline(RunConfig(out_dir=str(tmp_path / "run")))
+    assert pipe.cfg.isolate_stages
+    with pytest.raises(InputError) as err:
+        pipe.stage("bad", read_prompts, bad)
+    assert (err.value.file, err.value.line, err.value.field) == (str(bad), 2, "prompt")
