@@ -93,7 +93,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False,
         # precision, and transformers 5 no longer exports it, so bf16=True alone changes nothing.
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     args = PPOConfig(output_dir=out_dir, **settings)
-    policy = load_causal_lm(inputs["policy"])
+    policy = load_causal_lm(inputs["policy"], fast_gelu=fused_gelu)  # TRL's models as loaded, by default
     reward_model = load_reward_model(inputs["reward_model"])
     value_model = copy.deepcopy(reward_model)  # the value function starts from the RM, as rlhflab's
     if fused_gelu:  # the kernel rlhflab's loader swaps in (TRL's reference model copies the policy)

@@ -113,13 +113,15 @@ def s_glance(run: RunFiles) -> str:
                 f"{s.get(f'winrate_gold/{best}', 0):.0%}.</p>")
     lead += _head_to_head(s)
     cols = [("winrate", "win rate"), ("winrate_gold", "gold win rate"), ("gold", "gold quality"),
-            ("likert", "Likert 1–7"), ("rm", "RM score"), ("truthful", "truthful"), ("toxicity/plain", "toxic"),
+            ("gold_unseen", "gold, unseen prompts"), ("likert", "Likert 1–7"), ("rm", "RM score"), ("truthful", "truthful"), ("toxicity/plain", "toxic"),
             ("capability/mean", "capability")]
     cols = [(k, t) for k, t in cols if any(f"{k}/{n}" in s for n in names)]
     rows = [[n] + [s.get(f"{k}/{n}", "–") for k, _ in cols] for n in names]
     return lead + table(["model"] + [t for _, t in cols], rows) + (
-        '<p class="caption">Every number is measured on held-out prompts; win rates are against '
-        f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on.</p>")
+        '<p class="caption">Every number is measured on a held-out draw of test prompts; win rates are against '
+        f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on. The world has "
+        f"few distinct prompts in some families, so many test prompts also occur in training; "
+        f"{s.get('n/test_unseen', '?')} of them do not, and “gold, unseen prompts” is measured on those.</p>")
 
 
 def _head_to_head(s: dict) -> str:

@@ -29,13 +29,13 @@ def _json(path: Path, obj) -> None:
 
 
 def eval_summary() -> dict:
-    s = {"n/test": 300, "n/truthful": 150, "n/toxicity": 150, "n/toxicity_respectful": 150}
+    s = {"n/test": 300, "n/test_unseen": 93, "n/truthful": 150, "n/toxicity": 150, "n/toxicity_respectful": 150}
     for m, (params, win, gold, cap) in MODELS.items():
         s[f"params/{m}"] = params
         for key, rate in (("winrate", win), ("winrate_gold", gold + 0.05)):
             half = 1.96 * math.sqrt(rate * (1 - rate) / 300)
             s.update({f"{key}/{m}": rate, f"{key}_ci_low/{m}": rate - half, f"{key}_ci_high/{m}": rate + half})
-        s.update({f"gold/{m}": gold, f"rm/{m}": 4 * win - 2, f"likert/{m}": 1 + 6 * win,
+        s.update({f"gold/{m}": gold, f"gold_unseen/{m}": gold / 2, f"rm/{m}": 4 * win - 2, f"likert/{m}": 1 + 6 * win,
                   f"meta/fails_instruction/{m}": 1 - gold, f"meta/hallucination/{m}": 0.3 - gold / 3,
                   f"meta/toxic/{m}": 0.1 - gold / 10, f"truthful/{m}": gold, f"premise_accepted/{m}": 0.5 - gold / 2,
                   f"toxicity/plain/{m}": 0.2 - gold / 5, f"toxicity/respectful/{m}": 0.15 - gold / 4})
@@ -107,6 +107,7 @@ def test_report_is_self_contained_and_renders(tmp_path, browser, artifacts_dir):
     assert html.count("<img") >= 8 and "Not shown" not in html
     assert "&lt;b&gt;hi&lt;/b&gt;" in html  # model text is escaped, never injected
     assert re.search(r"preferred <strong>PPO-ptx-small</strong> to GPT-large in <strong>71%</strong>.*66%.76%", html)
+    assert "gold, unseen prompts" in html and "93 of them do not" in html
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -99,3 +99,21 @@ def test_empty_responses_are_resampled_or_dropped(world, tmp_path, monkeypatch):
     with pytest.raises(TrainingError, match="two non-empty"):
         sample.run(config(world, out, k_min=2, k_max=2, retries=2))
     assert not out.exists()
+
+
+def test_categorical_draws_follow_the_probabilities_and_never_a_zero():
+    from rlhflab.generation import categorical
+
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.4, 0.0]).expand(100_000, 7).contiguous()
+    g = torch.Generator().manual_seed(0)
+    draws = categorical(probs, g)
+    freq = torch.bincount(draws, minlength=7).double() / len(draws)
+    assert freq[[0, 2, 6]].sum() == 0  # zero-probability tokens, first and last included
+    # 5 standard errors of a binomial proportion at 100k draws is <= 0.008.
+    assert torch.allclose(freq, probs[0].double(), atol=0.008), freq
+    assert torch.equal(categorical(probs, torch.Generator().manual_seed(0)), draws)  # seeded
+    one_hot = torch.zeros(3, 5)
+    one_hot[torch.arange(3), torch.tensor([0, 4, 2])] = 1
+    assert categorical(one_hot).tolist() == [0, 4, 2]
+    unnormalized = categorical(torch.tensor([2.0, 0.0, 6.0]).expand(40_000, 3).contiguous(), g)
+    assert abs(float((unnormalized == 2).double().mean()) - 0.75) < 0.01 and not bool((unnormalized == 1).any())
