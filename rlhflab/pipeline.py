@@ -31,7 +31,8 @@ SIZES = ("small", "large")
 LAB_KL_COEF = 0.1
 """β of the lab run's PPO. The paper's 0.02 (PPOConfig's default) lets the lab policy walk
 past the reward model's useful range: gold of samples peaks at 0.50 (KL 5 nats) and falls to
-0.35 by 4096 episodes (KL 45), while β = 0.1 holds KL near 1 nat and keeps the gain (README,
+0.35 by 4096 episodes (KL 45) in one run (in another it held 0.45 at KL 7), while β = 0.1
+holds KL near 2 nats and keeps the gain (README,
 "What a run shows today"). The β sweep (sweep_betas) shows both."""
 LAB_PTX_COEF = 0.03
 """γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small). On the
