@@ -137,7 +137,7 @@ class RunConfig:
     chart: gold and RM score against sqrt(KL). [] skips them."""
     isolate_stages: bool = True
     """Run each stage in a fresh process (spawned; it re-imports torch, ~4 s). In one
-    process the later stages ran up to 1.6x slower than on their own."""
+    process the later stages ran slower than on their own (PPO 185 s against 137 s)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(temperature=1.0))
     """The evaluations (world, models, reward_model, out_dir are set by the pipeline). Answers
     are sampled at T = 1, the temperature PPO trains and is measured at; greedy decoding
@@ -162,7 +162,7 @@ class Pipeline:
         """Run `fn(*args)` unless `<root>/<name>/summary.json` says the stage already finished.
 
         Each stage runs in a fresh process (`isolate_stages`): run one after another in one
-        process, the later stages slowed down (PPO 185 s against 116 s on its own), and the
+        process, the later stages slowed down (PPO 185 s against 137 s in a process of its own), and the
         stages hand off through their directories only anyway (DESIGN §2).
         """
         done = self.root / name / "summary.json"
