@@ -5,7 +5,7 @@ Items are in the web corpus's natural form, with no instruction template: readin
 (HellaSwag-like, choice by mean log-likelihood) and cipher (translation-like, exact).
 webtext is the pretraining distribution itself (LAMBADA-like, but every token): the
 fraction of tokens of held-out web documents the model predicts greedily. It does not
-saturate where the four task benchmarks do: after SFT the small lab models sit at chance
+saturate where the four task benchmarks do: after SFT the small lab models sit at the floor
 on those, so what PPO then trades away shows only here.
 """
 from __future__ import annotations
