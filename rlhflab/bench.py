@@ -27,9 +27,7 @@ import resource
 import tempfile
 import textwrap
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 
 from rlhflab.errors import InputError
@@ -234,8 +232,9 @@ def _child(side: str, w: Workload, inputs: dict, steps: int, options: dict) -> d
 
 
 def measure(side: str, w: Workload, inputs: dict, steps: int, options: dict | None = None) -> dict:
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(_child, side, w, inputs, steps, options or {}).result()
+    from rlhflab.training import in_fresh_process
+
+    return in_fresh_process(_child, side, w, inputs, steps, options or {})
 
 
 # --------------------------------------------------------------------------- the bench

@@ -16,8 +16,7 @@ summary.json keys (all numbers; see docs/evaluation.md):
                           each `head_to_head` pair: <a>'s win rate against <b>, as above
   likert/<m>              mean 1–7 Likert score from one held-out labeler per answer
   gold/<m>, rm/<m>        mean gold quality; mean reward-model score (with reward_model)
-  gold_unseen/<m>         mean gold on the test prompts that no training split holds
-                          (n/test_unseen of them; the rest recur from training, World.seen_prompts)
+  gold_unseen/<m>         mean gold on the n/test_unseen test prompts in no training split
   meta/fails_instruction/<m>, meta/toxic/<m>   fraction of test answers (Figure 4 analog)
   meta/hallucination/<m>  fraction of answers to closed-domain prompts (closed_qa,
                           summarization, extraction) that make something up
@@ -280,9 +279,9 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
-def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seen: set[str], seed: int) -> dict:
+def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed: int) -> dict:
     """Every per-model key of summary.json except capability, params and rm."""
-    test, families = [j for _, j in judged["test"]], [t.family for t in tasks]
+    test, families, seen = [j for _, j in judged["test"]], [t.family for t in tasks], world.seen_prompts()
     out = {f"gold/{name}": _mean(j.quality for j in test),
            f"gold_unseen/{name}": _mean(j.quality for j, t in zip(test, tasks) if t.prompt not in seen),
            f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}")}
@@ -388,14 +387,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     answers, summary = _answer_all(cfg, prompts, demos, bench, device)
     judged = {v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS}
               for v, a in answers.items()}
-    seen = world.seen_prompts()
     for variant in answers:
-        summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], seen,
-                                     cfg.seed))
+        summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.seed))
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
         h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.seed}-{a}-{b}")
         summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
     summary.update({f"n/{s}": len(prompts[s]) for s in SPLITS})
+    seen = world.seen_prompts()
     summary["n/test_unseen"] = sum(p not in seen for p in prompts["test"])
 
     bon_rows = []

@@ -172,12 +172,9 @@ class Pipeline:
         print(f"[run] {name} ...", flush=True)
         t0 = time.time()
         if self.cfg.isolate_stages:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
+            from rlhflab.training import in_fresh_process
 
-            # spawn, not fork: a forked child inherits torch's OpenMP pool, which is not fork-safe.
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                pool.submit(fn, *args).result()  # the stage's own error is raised again here
+            in_fresh_process(fn, *args)  # the stage's own error is raised again here
         else:
             fn(*args)
         self.timings[name] = round(time.time() - t0, 1)

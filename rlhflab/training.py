@@ -109,6 +109,17 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
                 file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def in_fresh_process(fn, *args):
+    """`fn(*args)` in a spawned child process; its result or its own exception comes back.
+    Spawn, not fork: a forked child inherits torch's OpenMP pool, which is not fork-safe.
+    `fn` and `args` must pickle (a module-level function, dataclass configs, paths)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU; any other name is passed to torch."""
     if name == "auto":
