@@ -87,26 +87,52 @@ def _keep_kwargs(model, n: int) -> dict:
     return {"logits_to_keep": n} if _TAKES_KEEP[cls] else {}
 
 
-@torch.no_grad()
-def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor):
-    """Old logprobs/values, ref logprobs and scores, in chunks of one minibatch.
+@dataclass
+class TrainForward:
+    """The training forward of one minibatch, graph attached: (B, R) each."""
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor  # (B,) mean over response tokens, detached
 
-    The old logprobs come from the same function, chunk size and mode as the training
-    forward, so with lr = 0 the PPO ratio is exactly 1.
-    """
+
+def train_forward(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor) -> TrainForward:
+    """log π and V of a minibatch from the models being trained (gradients kept)."""
     cfg, R = run.config, mask.shape[1]
-    out = {"logprobs": [], "values": [], "ref_logprobs": [], "scores": [], "entropy": []}
-    for i in range(0, qr.shape[0], cfg.minibatch_size):
-        rows = slice(i, i + cfg.minibatch_size)
-        q, a, m = qr[rows], am[rows], mask[rows]
-        lp, logits = policy_logprobs(run.policy, q, a, R, cfg.temperature)
-        out["logprobs"].append(lp)
-        out["entropy"].append(masked_mean(entropy_from_logits(logits / cfg.temperature), m, dim=1))
-        del logits
-        out["values"].append(response_values(run.value_model, q, a, R))
-        out["ref_logprobs"].append(policy_logprobs(run.ref_policy, q, a, R, cfg.temperature)[0])
-        out["scores"].append(score(run.reward_model, q, a))
-    return {k: torch.cat(v) for k, v in out.items()}
+    logprobs, logits = policy_logprobs(run.policy, qr, am, R, cfg.temperature)
+    with torch.no_grad():
+        entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask, dim=1)
+    return TrainForward(logprobs, response_values(run.value_model, qr, am, R), entropy)
+
+
+@torch.no_grad()
+def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor,
+                      first: torch.Tensor, head: TrainForward) -> dict[str, torch.Tensor]:
+    """Old logprobs/values, ref logprobs and scores of every episode, in minibatch chunks.
+
+    The rows `first` (the update's first minibatch) take their old logprobs and values from
+    `head`, that minibatch's own training forward: same parameters, same rows, so it need not
+    run twice. The other rows go through the same function in chunks of the minibatch size,
+    so with lr = 0 the PPO ratio is exactly 1 on every minibatch.
+    """
+    cfg, R, B = run.config, mask.shape[1], qr.shape[0]
+    rest = torch.ones(B, dtype=torch.bool, device=qr.device)
+    rest[first] = False
+    rest = rest.nonzero().squeeze(1)
+    rows, parts = [first], [(head.logprobs.detach(), head.values.detach(), head.entropy)]
+    for i in range(0, rest.shape[0], cfg.minibatch_size):
+        idx = rest[i:i + cfg.minibatch_size]
+        f = train_forward(run, qr[idx], am[idx], mask[idx])
+        rows.append(idx)
+        parts.append((f.logprobs, f.values, f.entropy))
+    order = torch.empty(B, dtype=torch.long, device=qr.device)
+    order[torch.cat(rows)] = torch.arange(B, device=qr.device)  # back to the batch's row order
+    out = {k: torch.cat(v)[order] for k, v in zip(("logprobs", "values", "entropy"), zip(*parts))}
+    ref, scores = [], []
+    for i in range(0, B, cfg.minibatch_size):
+        q, a = qr[i:i + cfg.minibatch_size], am[i:i + cfg.minibatch_size]
+        ref.append(policy_logprobs(run.ref_policy, q, a, R, cfg.temperature)[0])
+        scores.append(score(run.reward_model, q, a))
+    return {**out, "ref_logprobs": torch.cat(ref), "scores": torch.cat(scores)}
 
 
 # --------------------------------------------------------------------------- the PPO step
@@ -129,10 +155,15 @@ def _ppo_step(run: Run, step: int) -> dict[str, float]:
         g = sample(run.policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    generator=gen, force_length=cfg.force_length)
+    orders = _minibatch_orders(cfg, step, g.mask.device)
     with timer("score"):
         qr, am = _join(run, queries, g)
-        # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores
-        fw = _rollout_forwards(run, qr, am, g.mask)
+        # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
+        # update's first minibatch runs its training forward now and keeps it: its output
+        # at these parameters is the old logprobs and values of those rows.
+        first = orders[0][:cfg.minibatch_size]
+        head = train_forward(run, qr[first], am[first], g.mask[first])
+        fw = _rollout_forwards(run, qr, am, g.mask, first, head)
         scores = fw["scores"] + cfg.no_eos_penalty * (~g.ended).float()  # an offset, not in §3.5
         # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → whitened advantages
         rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask,
@@ -143,7 +174,9 @@ def _ppo_step(run: Run, step: int) -> dict[str, float]:
     # 6. PPO epochs over minibatches, the ptx term in the same loss (PPO-ptx)
     with timer("update"):
         finite = run.guard.check(rewards.sum() + rollout.advantages.sum())
-        train_stats = ppo_epochs(run, rollout, step) if finite else {"ppo/skipped": 1.0}
+        train_stats = (ppo_epochs(run, rollout, step, orders, head) if finite
+                       else {"ppo/skipped": 1.0})
+    del head  # its graph, when the step was skipped
     # 7. update the KL controller (a no-op for fixed β)
     kl_coef = run.kl_ctl.value
     if finite:
@@ -179,25 +212,34 @@ def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout) -> dic
     }
 
 
-def ppo_epochs(run: Run, rollout: Rollout, step: int) -> dict[str, float]:
-    """ppo_epochs passes over the batch in shuffled minibatches; one optimizer step each."""
+def _minibatch_orders(cfg: PPOConfig, step: int, device: torch.device) -> list[torch.Tensor]:
+    """One shuffled order of the batch's rows per PPO epoch, drawn from the step's seed."""
+    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1)
+    return [torch.randperm(cfg.batch_size, generator=gen).to(device) for _ in range(cfg.ppo_epochs)]
+
+
+def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor],
+               head: TrainForward | None = None) -> dict[str, float]:
+    """ppo_epochs passes over the batch in shuffled minibatches; one optimizer step each.
+
+    `head`, when given, is the first minibatch's training forward, already run.
+    """
     cfg = run.config
     _set_lr(run.optimizer, _lr(cfg, step))
-    perm_gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1)
     B, stats = rollout.mask.shape[0], []
-    for _ in range(cfg.ppo_epochs):
-        perm = torch.randperm(B, generator=perm_gen).to(rollout.mask.device)
+    for order in orders:
         for i in range(0, B, cfg.minibatch_size):
-            mb = rollout.select(perm[i:i + cfg.minibatch_size])
+            mb = rollout.select(order[i:i + cfg.minibatch_size])
             ptx = run.ptx_batch(cfg.minibatch_size) if run.ptx is not None else None
-            stats.append(train_minibatch(run, mb, ptx))
+            stats.append(train_minibatch(run, mb, ptx, head))
+            head = None
     return _reduce(stats)
 
 
-def train_minibatch(run: Run, mb: Rollout, ptx) -> dict:
+def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None) -> dict:
     """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
     cfg, opt = run.config, run.optimizer
-    loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg)
+    loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norms = [_grad_norm(params, cfg.max_grad_norm)
@@ -219,15 +261,20 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig):
+def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig,
+                   forward: TrainForward | None = None):
     """pg_loss + vf_coef·vf_loss + γ·ptx_nll: one loss, one backward, one step (§3.5 eq. 2).
 
-    `ptx` is (input_ids, attention_mask) of pretraining texts, or None for plain PPO.
+    `ptx` is (input_ids, attention_mask) of pretraining texts, or None for plain PPO;
+    `forward` the minibatch's training forward when it has already run.
     """
     R = mb.mask.shape[1]
-    logprobs, _ = policy_logprobs(policy, mb.query_responses, mb.attention_mask, R,
-                                  cfg.temperature)
-    values = response_values(value_model, mb.query_responses, mb.attention_mask, R)
+    if forward is not None:
+        logprobs, values = forward.logprobs, forward.values
+    else:
+        logprobs, _ = policy_logprobs(policy, mb.query_responses, mb.attention_mask, R,
+                                      cfg.temperature)
+        values = response_values(value_model, mb.query_responses, mb.attention_mask, R)
     pg_loss, pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
     vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_range)
     loss = pg_loss + cfg.vf_coef * vf_loss

@@ -226,8 +226,9 @@ def _nan_in_ppo_reward(monkeypatch, now, bad):
 
 
 def _nan_in_ppo_logits(monkeypatch, now, bad):
-    """NaN logits in the training forwards (the rollout's are the reward case's path; and
-    while sampling, torch.multinomial refuses NaN probabilities before any guard could)."""
+    """NaN logits in the training forwards. The first minibatch's training forward also gives
+    the rollout's old logprobs, so the KL-shaped rewards turn NaN and the whole step is
+    skipped. Sampling's forwards are the "sampling" case."""
     real = ppo.policy_logprobs
 
     def logprobs(policy, qr, am, R, temperature):
@@ -279,7 +280,7 @@ def test_ppo_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monk
     with pytest.warns(RuntimeWarning, match="non-finite"):
         out, summary = ppo.train(ppo_config(lab, tmp_path / "out", total_episodes=24))
     assert same(states[1], states[2]) and not same(states[2], states[3])
-    assert summary["skipped_updates"] == (1 if where in ("reward", "sampling") else 4)  # rollout or 4 updates
+    assert summary["skipped_updates"] == (4 if where == "gradients" else 1)  # 4 updates or the rollout
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 

@@ -115,6 +115,36 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
     assert (out / "config.yaml").is_file() and json.loads((out / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("minibatch_size", [4, 8])
+def test_first_minibatch_forward_is_the_rollouts_and_runs_once(lab, monkeypatch, minibatch_size):
+    held, forwards, rollouts = capture_run(monkeypatch), [], []
+    real_lp, real_epochs = ppo.policy_logprobs, ppo.ppo_epochs
+
+    def spy_lp(policy, qr, am, R, temperature):
+        forwards.append((policy is held["run"].policy, torch.is_grad_enabled(), qr.shape[0]))
+        return real_lp(policy, qr, am, R, temperature)
+
+    def spy_epochs(run, rollout, step, orders, head=None):
+        rollouts.append(rollout)
+        return real_epochs(run, rollout, step, orders, head)
+
+    monkeypatch.setattr(ppo, "policy_logprobs", spy_lp)
+    monkeypatch.setattr(ppo, "ppo_epochs", spy_epochs)
+    ppo.train(make_config(lab, f"once-{minibatch_size}", total_episodes=8, lr=0.0,
+                          minibatch_size=minibatch_size))
+    policy = [(grad, n) for is_policy, grad, n in forwards if is_policy]
+    # 8 episodes, 2 epochs: one training forward per minibatch, with gradients; the rows
+    # outside the first minibatch get one more, without, for their old logprobs.
+    per_epoch = 8 // minibatch_size
+    assert policy.count((True, minibatch_size)) == 2 * per_epoch
+    assert [p for p in policy if not p[0]] == [(False, minibatch_size)] * (per_epoch - 1)
+    ro = rollouts[0]
+    with torch.no_grad():
+        plain = real_lp(held["run"].policy, ro.query_responses, ro.attention_mask,
+                        ro.mask.shape[1], 1.0)[0]
+    torch.testing.assert_close(ro.logprobs, plain, rtol=0, atol=1e-5)  # rows in batch order
+
+
 def test_step_changes_every_trainable_parameter_and_no_frozen_one(lab, monkeypatch):
     held = capture_run(monkeypatch)
     cfg = make_config(lab, "lr_pos", total_episodes=8, ema_decay=0.9)
