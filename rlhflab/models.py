@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
+from torch.autograd.function import once_differentiable
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
                           AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase)
 
@@ -139,22 +140,68 @@ def reward_bias(model) -> float:
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[labels] without keeping a full-vocabulary log-prob tensor.
+    """log softmax(logits / T)[labels], in fp32, without a full-vocabulary fp32 tensor.
 
-    logits (B, T, V), labels (B, T) -> (B, T).
+    logits (B, ..., V), labels (B, ...) -> (B, ...). Works a block of rows at a time, in
+    the forward and in the backward (which recomputes the softmax of its block), so what
+    stays alive is the logits themselves and one fp32 number per position.
     """
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _TokenLogprobs.apply(logits, labels, float(temperature))
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per position.  (B, T, V) -> (B, T)"""
-    logits = logits.float()
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / T) per position, a statistic (no gradient).  (B, ..., V) -> (B, ...)"""
+    out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
+    for rows in _row_blocks(logits):
+        z = _scaled(logits[rows], temperature)
+        lse = torch.logsumexp(z, -1, keepdim=True)
+        p = (z - lse).exp_()
+        out[rows] = lse.squeeze(-1) - (p * z).sum(-1)  # H = log Z - E_p[z]
+    return out
+
+
+def _row_blocks(logits: torch.Tensor) -> list[slice]:
+    """Slices along dim 0 of about 2^20 elements (CPU: a block's fp32 copy stays in cache)
+    or 2^26 (GPU: bounds the fp32 working set)."""
+    per_row = max(logits[0].numel(), 1) if logits.shape[0] else 1
+    budget = 1 << (26 if logits.device.type == "cuda" else 20)
+    step = max(1, budget // per_row)
+    return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
+
+
+def _scaled(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A block of logits / T as a new fp32 tensor (never a view: callers write into it)."""
+    z = block.to(torch.float32, copy=True)
+    return z.div_(temperature) if temperature != 1.0 else z
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """d/dz log softmax(z)[y] = onehot(y) - softmax(z); z = logits / T."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature):
+        out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for rows in _row_blocks(logits):
+            z = _scaled(logits[rows], temperature)
+            lse[rows] = torch.logsumexp(z, -1)
+            out[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        T = ctx.temperature
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for rows in _row_blocks(logits):
+            g = (grad[rows] / T).unsqueeze(-1)
+            p = _scaled(logits[rows], T).sub_(lse[rows].unsqueeze(-1)).exp_()
+            out[rows] = p.mul_(-g).scatter_add_(-1, labels[rows].unsqueeze(-1), g)
+        return out, None, None
 
 
 def fuse_gelu(model: torch.nn.Module) -> None:

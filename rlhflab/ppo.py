@@ -100,7 +100,7 @@ def train_forward(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tens
     cfg, R = run.config, mask.shape[1]
     logprobs, logits = policy_logprobs(run.policy, qr, am, R, cfg.temperature)
     with torch.no_grad():
-        entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask, dim=1)
+        entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask, dim=1)
     return TrainForward(logprobs, response_values(run.value_model, qr, am, R), entropy)
 
 
