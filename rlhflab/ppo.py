@@ -139,24 +139,24 @@ def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.
 
 
 def ppo_step(run: Run, step: int) -> dict[str, float]:
-    """One PPO iteration on batch_size fresh episodes; returns the step's metrics."""
-    with autocast(run.device, run.config.precision):
-        return _ppo_step(run, step)
+    """One PPO iteration on batch_size fresh episodes; returns the step's metrics.
 
-
-def _ppo_step(run: Run, step: int) -> dict[str, float]:
+    bf16 autocast covers forwards only, one context per phase or minibatch: autocast
+    caches each weight's bf16 copy until its context exits, so a context spanning an
+    optimizer step would feed the next minibatch the weights from before it.
+    """
     cfg, timer = run.config, _Timer(run.device)
     gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.seed, step))
 
     # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5)
     queries = [run.queries[i] for i in run.prompt_stream.take(cfg.batch_size)]
     # 2. respond, batched with the KV cache
-    with timer("generate"):
+    with timer("generate"), autocast(run.device, cfg.precision):
         g = sample(run.policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    generator=gen, force_length=cfg.force_length)
     orders = _minibatch_orders(cfg, step, g.mask.device)
-    with timer("score"):
+    with timer("score"), autocast(run.device, cfg.precision):
         qr, am = _join(run, queries, g)
         # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
         # update's first minibatch runs its training forward now and keeps it: its output
@@ -239,7 +239,8 @@ def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor]
 def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None) -> dict:
     """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
     cfg, opt = run.config, run.optimizer
-    loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
+    with autocast(run.device, cfg.precision):  # fresh bf16 weights: the last step's
+        loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norms = [_grad_norm(params, cfg.max_grad_norm)

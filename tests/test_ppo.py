@@ -1,6 +1,7 @@
 """PPO / PPO-ptx on tiny GPT-2s built from config: invariants, resume, NaN guard, learning."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -143,6 +144,26 @@ def test_first_minibatch_forward_is_the_rollouts_and_runs_once(lab, monkeypatch,
         plain = real_lp(held["run"].policy, ro.query_responses, ro.attention_mask,
                         ro.mask.shape[1], 1.0)[0]
     torch.testing.assert_close(ro.logprobs, plain, rtol=0, atol=1e-5)  # rows in batch order
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_training_forward_sees_the_latest_weights(lab, monkeypatch, precision):
+    # A bf16 autocast context that spans an optimizer step keeps serving the bf16 copies of
+    # the weights cast before it: the later minibatches would train on a stale policy.
+    held, checked = capture_run(monkeypatch), []
+    real = ppo.policy_logprobs
+
+    def spy(policy, qr, am, R, temperature):
+        lp, logits = real(policy, qr, am, R, temperature)
+        if torch.is_grad_enabled() and policy is held["run"].policy:
+            fresh = copy.deepcopy(policy)  # new parameter tensors: nothing cached for them
+            with torch.no_grad():
+                checked.append(torch.equal(lp.detach(), real(fresh, qr, am, R, temperature)[0]))
+        return lp, logits
+
+    monkeypatch.setattr(ppo, "policy_logprobs", spy)
+    ppo.train(make_config(lab, f"fresh-{precision}", total_episodes=8, precision=precision))
+    assert len(checked) == 4 and all(checked)  # 2 epochs x 2 minibatches, lr 1e-3
 
 
 def test_step_changes_every_trainable_parameter_and_no_frozen_one(lab, monkeypatch):
