@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhflab.models import position_ids
+from rlhflab.models import keep_last, position_ids
 from rlhflab.text import pad_left
 
 
@@ -64,7 +64,7 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
     step_ids, pos = ids, position_ids(mask)
     for t in range(max_new_tokens):
         o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                  past_key_values=past, use_cache=True)
+                  past_key_values=past, use_cache=True, **keep_last(model, 1))
         past = o.past_key_values
         logits = o.logits[:, -1, :].float()  # (B, V)
         # A non-finite row (a diverged policy) must not crash sampling: it samples uniformly

@@ -7,6 +7,7 @@ each sequence (§3.5). Nothing here downloads: paths are local directories, and
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -100,6 +101,18 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, **kw):
             path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise InputError(f"cannot load a reward model: {str(e).splitlines()[0]}", file=str(path)) from None
+
+
+_TAKES_KEEP: dict[type, bool] = {}
+
+
+def keep_last(model, n: int) -> dict:
+    """Forward kwargs asking for the last n positions' logits only (`logits_to_keep`),
+    where the model's forward takes it; {} where it does not."""
+    cls = type(model)
+    if cls not in _TAKES_KEEP:
+        _TAKES_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
+    return {"logits_to_keep": n} if _TAKES_KEEP[cls] else {}
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

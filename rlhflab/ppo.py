@@ -13,7 +13,6 @@ One PPO step (`ppo_step`) reads top to bottom:
 from __future__ import annotations
 
 import contextlib
-import inspect
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -25,7 +24,7 @@ from rlhflab.config import save_config
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
-from rlhflab.models import (entropy_from_logits, position_ids, reward_scores, token_logprobs,
+from rlhflab.models import (entropy_from_logits, keep_last, position_ids, reward_scores, token_logprobs,
                             token_values)
 from rlhflab.ppo_config import PPOConfig
 from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
@@ -61,7 +60,7 @@ def policy_logprobs(policy, query_responses, attention_mask, R: int, temperature
     """
     out = policy(input_ids=query_responses, attention_mask=attention_mask,
                  position_ids=position_ids(attention_mask), use_cache=False,
-                 **_keep_kwargs(policy, R + 1))
+                 **keep_last(policy, R + 1))
     logits = out.logits[:, -R - 1:-1]  # position t predicts response token t
     return token_logprobs(logits, query_responses[:, -R:], temperature), logits
 
@@ -74,17 +73,6 @@ def response_values(value_model, query_responses, attention_mask, R: int) -> tor
 def score(reward_model, query_responses, attention_mask) -> torch.Tensor:
     """r_θ(x, y) for each episode, read at the last real token (eos when emitted).  (B,)"""
     return reward_scores(reward_model, query_responses, attention_mask)
-
-
-_TAKES_KEEP: dict[type, bool] = {}
-
-
-def _keep_kwargs(model, n: int) -> dict:
-    """Ask for the last n positions' logits only, where the model's forward supports it."""
-    cls = type(model)
-    if cls not in _TAKES_KEEP:
-        _TAKES_KEEP[cls] = "logits_to_keep" in inspect.signature(model.forward).parameters
-    return {"logits_to_keep": n} if _TAKES_KEEP[cls] else {}
 
 
 @dataclass
