@@ -11,7 +11,6 @@ import inspect
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
 from safetensors import SafetensorError
 from torch.autograd.function import once_differentiable
