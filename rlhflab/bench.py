@@ -253,11 +253,12 @@ def check_can_run(w: Workload, vs: str | None) -> None:
 
 
 def bench(w: Workload, steps: int, vs: str | None = None, trl_fused_gelu: bool = False,
-          log=print, precision: str = "fp32") -> dict:
+          log=print, precision: str = "auto") -> dict:
     """Run the workload with rlhflab (and TRL); return the report as a dict."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     check_can_run(w, vs)
+    precision = resolve_precision(precision, w)
     sides = ["rlhflab"] + ([vs] if vs else [])
     report = {"workload": {**asdict(w), "steps": steps, "policy_params": n_params(w),
                            "ppo": PPO_SETTINGS, "precision": precision},
@@ -276,6 +277,18 @@ def bench(w: Workload, steps: int, vs: str | None = None, trl_fused_gelu: bool =
         report["ratio"].update({f"time_{k}": a["time_s"][k] / max(b["time_s"][k], 1e-12)
                                 for k in a["time_s"]})
     return report
+
+
+def resolve_precision(precision: str, w: Workload) -> str:
+    """'auto': bf16 where the workload's device has bf16 matrix units (a CPU with AMX, a GPU
+    with bf16), else fp32, as `rlhflab run` picks; both sides then run at that precision."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    from rlhflab.training import native_bf16
+
+    return "bf16" if native_bf16(torch.device(w.device)) else "fp32"
 
 
 def machine_info(w: Workload) -> dict:
@@ -367,9 +380,10 @@ def add_arguments(parser) -> None:
                         "function to 1e-7), to compare the trainers alone")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="both sides: fp32, or bf16 autocast over fp32 weights (rlhflab's "
-                        "precision=bf16, TRL's bf16=True); bf16 needs a GPU or a CPU with AMX")
+                        "precision=bf16, TRL's bf16=True); auto (default) is bf16 where the "
+                        "device has bf16 matrix units (a GPU, a CPU with AMX), else fp32")
 
 
 def run_cli(args) -> int:

@@ -46,6 +46,9 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert report["workload"]["name"] == "tiny" and report["workload"]["steps"] == 3
     assert report["workload"]["policy_params"] > 0 and "cpu" in report["machine"]
     assert "trl" not in report and "ratio" not in report
+    # --precision auto (the default) runs what this CPU runs natively, as `rlhflab run` does
+    from rlhflab.training import native_bf16
+    assert report["workload"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     check_side(report["rlhflab"], w, 3)
     text = bench.format_report(report)
     assert "episodes/s" in text and "update (s/step, share)" in text and "TRL" not in text
@@ -95,7 +98,8 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     s = trl["settings"]
     assert (s["num_ppo_epochs"], s["response_length"], s["per_device_train_batch_size"],
             s["num_mini_batches"], s["gradient_checkpointing"], s["bf16"]) == (
-        w.ppo_epochs, w.response_len, w.batch_size, w.batch_size // w.minibatch_size, False, False)
+        w.ppo_epochs, w.response_len, w.batch_size, w.batch_size // w.minibatch_size, False,
+        report["workload"]["precision"] == "bf16")  # the same precision on both sides
     assert report["ratio"]["episodes_per_s"] == pytest.approx(
         report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"])
     assert "rlhflab/TRL" in bench.format_report(report)
