@@ -163,7 +163,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
 
 @torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / T) per position, a statistic (no gradient).  (B, ..., V) -> (B, ...)"""
+    """Entropy of softmax(logits / T) per position, a statistic (no gradient).
+    (B, ..., V) -> (B, ...)"""
     out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     for rows in _row_blocks(logits):
         z = _scaled(logits[rows], temperature)

@@ -12,7 +12,6 @@ One PPO step (`ppo_step`) reads top to bottom:
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -24,14 +23,14 @@ from rlhflab.config import save_config
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
-from rlhflab.models import (entropy_from_logits, keep_last, position_ids, reward_scores, token_logprobs,
-                            token_values)
+from rlhflab.models import (entropy_from_logits, keep_last, position_ids, reward_scores,
+                            token_logprobs, token_values)
 from rlhflab.ppo_config import PPOConfig
 from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
                               value_loss, whiten)
 from rlhflab.ppo_setup import Run, open_run
 from rlhflab.text import pad_left
-from rlhflab.training import autocast, progress, set_seed
+from rlhflab.training import PhaseTimer, autocast, progress, set_seed
 
 
 @dataclass
@@ -133,7 +132,7 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
     caches each weight's bf16 copy until its context exits, so a context spanning an
     optimizer step would feed the next minibatch the weights from before it.
     """
-    cfg, timer = run.config, _Timer(run.device)
+    cfg, timer = run.config, PhaseTimer(run.device)
     gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.seed, step))
 
     # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5)
@@ -227,7 +226,7 @@ def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor]
 def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None) -> dict:
     """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
     cfg, opt = run.config, run.optimizer
-    with autocast(run.device, cfg.precision):  # fresh bf16 weights: the last step's
+    with autocast(run.device, cfg.precision):  # its own: bf16 weights as the last step left them
         loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -405,33 +404,6 @@ def _reduce(stats: list[dict]) -> dict[str, float]:
                                                                        torch.mean)
         out[key] = float(reduce(vals))
     return out
-
-
-class _Timer:
-    """Wall time per named phase of a step (synchronising the GPU at each boundary)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.times = device, {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        self._sync()
-        t0 = time.perf_counter()
-        yield
-        self._sync()
-        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def total(self) -> float:
-        return max(sum(self.times.values()), 1e-9)
-
-    def metrics(self, episodes: int, tokens: int) -> dict[str, float]:
-        return {**{f"time/{k}_s": v for k, v in self.times.items()}, "time/step_s": self.total(),
-                "time/episodes_per_s": episodes / self.total(),
-                "time/generated_tokens_per_s": tokens / max(self.times.get("generate", 0), 1e-9)}
 
 
 # --------------------------------------------------------------------------- CLI

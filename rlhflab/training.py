@@ -1,10 +1,12 @@
 """Small pieces every training loop shares: seeding, schedules, the NaN guard, progress."""
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import sys
+import time
 import warnings
 
 import shutil
@@ -186,3 +188,30 @@ def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
     for name in ("checkpoint", "best"):  # resumable state is not needed any more
         shutil.rmtree(out_dir / name, ignore_errors=True)
     return out_dir / "model"
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step (synchronising the GPU at each boundary)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def total(self) -> float:
+        return max(sum(self.times.values()), 1e-9)
+
+    def metrics(self, episodes: int, tokens: int) -> dict[str, float]:
+        return {**{f"time/{k}_s": v for k, v in self.times.items()}, "time/step_s": self.total(),
+                "time/episodes_per_s": episodes / self.total(),
+                "time/generated_tokens_per_s": tokens / max(self.times.get("generate", 0), 1e-9)}

@@ -1,4 +1,4 @@
-"""token_logprobs and entropy_from_logits, block by block, against the plain full-vocabulary formulas."""
+"""token_logprobs and entropy_from_logits, block by block, against the full-vocabulary formulas."""
 from __future__ import annotations
 
 import pytest
