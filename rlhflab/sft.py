@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
@@ -25,7 +24,8 @@ from rlhflab.config import check
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
 from rlhflab.io import atomic_dir
-from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
+from rlhflab.models import (context_length, load_causal_lm, load_reward_model, load_tokenizer,
+                            token_logprobs)
 from rlhflab.rm import score_pairs
 from rlhflab.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
@@ -146,10 +146,15 @@ def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token NLL over labelled (response) tokens.  logits (B, T, V), labels (B, T)"""
+    """Mean next-token NLL over labelled (response) tokens.  logits (B, T, V), labels (B, T)
+
+    Through `token_logprobs`: no fp32 copy of the full-vocabulary logits is kept for the
+    backward (the bulk of an SFT step's memory on a GPU at a 50k vocabulary).
+    """
     # Position t predicts token t+1; prompt and padding labels are -100 and carry no loss.
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                           ignore_index=IGNORE)
+    target = labels[:, 1:]
+    labelled = target != IGNORE
+    return -token_logprobs(logits[:, :-1], target.clamp(min=0))[labelled].mean()
 
 
 def forward_loss(model, examples, pad_id: int, device) -> torch.Tensor:

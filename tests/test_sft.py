@@ -12,7 +12,7 @@ from rlhflab import sft
 from rlhflab.checkpoint import load_checkpoint, save_checkpoint
 from rlhflab.cli import main
 from rlhflab.errors import InputError
-from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
+from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.text import encode_query, encode_response
 from tiny import demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
@@ -68,7 +68,8 @@ def test_loss_is_on_response_tokens_only_and_every_eos_is_a_label(world):
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask).logits
         loss = sft.sft_loss(out, labels)
-        lp = token_logprobs(out[:, :-1], labels[:, 1:].clamp(min=0))
+        logp = torch.log_softmax(out[:, :-1].float(), -1)  # the full-vocabulary formula
+        lp = logp.gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
         expected = -lp[labels[:, 1:] != sft.IGNORE].mean()
     torch.testing.assert_close(loss, expected)
 
