@@ -1,9 +1,10 @@
 """The `rlhflab` command: one subcommand per stage, plus the lab-world pipeline.
 
 Each subcommand lives in its own module, imported only when named, and exposes
-`add_arguments(parser)` and `run_cli(args) -> int | None`. Stages with a config take
-`--config FILE.yaml` and any number of `--key=value` overrides (dotted keys for nested
-fields); `--help-config` lists every key with its default and meaning.
+`add_arguments(parser)` and `run_cli(args) -> int | None`; nothing imports this module
+back. Stages with a config take `--config FILE.yaml` and any number of overrides, written
+`--key=value` or `--key value` (dotted keys for nested fields); `--help` lists the keys
+and `--help-config` what each means.
 """
 from __future__ import annotations
 
@@ -21,34 +22,18 @@ from rlhflab.errors import InputError, TrainingError
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("rlhflab.pipeline", "the whole pipeline on the lab world, resumable stage by stage"),
     "world": ("rlhflab.world.build", "generate the lab world (tasks, corpus, labelers, splits)"),
-    "pretrain": ("rlhflab.pretrain", "stage 0: pretrain a GPT-shaped base model on the web corpus"),
-    "sft": ("rlhflab.sft", "stage 1: supervised fine-tuning on demonstrations"),
-    "sample": ("rlhflab.sample", "K samples per prompt from a policy, ready to be ranked"),
+    "pretrain": ("rlhflab.stages.pretrain", "stage 0: pretrain a GPT-shaped base model on the web corpus"),
+    "sft": ("rlhflab.stages.sft", "stage 1: supervised fine-tuning on demonstrations"),
+    "sample": ("rlhflab.stages.sample", "K samples per prompt from a policy, ready to be ranked"),
     "rank": ("rlhflab.world.rank", "simulated labelers rank sampled responses (lab world)"),
-    "rm": ("rlhflab.rm", "stage 2: reward model on K-wise rankings"),
-    "ppo": ("rlhflab.ppo", "stage 3: PPO / PPO-ptx against the reward model"),
-    "eval": ("rlhflab.evaluate", "the paper's evaluations on held-out prompts"),
-    "bench": ("rlhflab.bench", "time fixed PPO workloads, optionally against TRL (--vs trl)"),
-    "report": ("rlhflab.report", "write the self-contained HTML report of a run directory"),
+    "rm": ("rlhflab.stages.rm", "stage 2: reward model on K-wise rankings"),
+    "ppo": ("rlhflab.stages.ppo.loop", "stage 3: PPO / PPO-ptx against the reward model"),
+    "eval": ("rlhflab.eval.evaluate", "the paper's evaluations on held-out prompts"),
+    "bench": ("rlhflab.bench.main", "time fixed PPO workloads, optionally against TRL (--vs trl)"),
+    "report": ("rlhflab.report.sections", "write the self-contained HTML report of a run directory"),
     "sim": ("rlhflab.sim.server", "the interactive policy simulator (web page)"),
     "label": ("rlhflab.label.cli", "the labeling app: serve, add-labeler, load, export"),
 }
-
-
-def stage_parser(parser: argparse.ArgumentParser) -> None:
-    """Arguments shared by every config-driven stage."""
-    parser.add_argument("--config", help="YAML config file; --key=value overrides follow it")
-    parser.add_argument("--help-config", action="store_true",
-                        help="list every config key with its default and meaning, then exit")
-
-
-def load_stage_config(cls, args: argparse.Namespace):
-    from rlhflab.config import describe, load_config
-
-    if getattr(args, "help_config", False):
-        print("\n".join(describe(cls)))
-        raise SystemExit(0)
-    return load_config(cls, args.config, args.overrides)
 
 
 def _usage() -> str:
@@ -57,6 +42,24 @@ def _usage() -> str:
              "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def overrides(tokens: list[str]) -> list[str]:
+    """Config overrides from the command line: `--key=value` or `--key value` -> 'key=value'."""
+    out, i = [], 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--") or tok == "--":
+            raise ValueError(f"unrecognized argument {tok!r} (overrides are --key=value or --key value)")
+        if "=" in tok:
+            out.append(tok[2:])
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append(f"{tok[2:]}={tokens[i + 1]}")
+            i += 2
+        else:
+            raise ValueError(f"{tok} needs a value (--key=value or --key value)")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"rlhflab {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
     args, unknown = parser.parse_known_args(rest)
-    bad = [u for u in unknown if not (u.startswith("--") and "=" in u)]
-    if bad:
-        parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --key=value)")
-    args.overrides = [u[2:] for u in unknown]
-    if args.overrides and not hasattr(args, "config"):
+    if unknown and not hasattr(args, "config"):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:
+        args.overrides = overrides(unknown)
+    except ValueError as e:
+        parser.error(str(e))
     try:
         return int(module.run_cli(args) or 0)
     except InputError as e:

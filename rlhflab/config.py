@@ -44,6 +44,29 @@ def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[
     return obj
 
 
+def add_config_arguments(parser, cls) -> None:
+    """`--config FILE.yaml` and `--help-config` for a config-driven command; `--help` lists
+    the keys of `cls` with their defaults (the command line takes `--key=value` or
+    `--key value` for each)."""
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--config", help="YAML config file; --key=value overrides follow it")
+    parser.add_argument("--help-config", action="store_true",
+                        help="list every config key with its default and meaning, then exit")
+    parser.epilog = ("config keys (--key=value or --key value; --help-config says what each "
+                     "means):\n" + "\n".join(describe(cls, brief=True)))
+
+
+def config_from_args(cls, args, base: dict | None = None):
+    """The config of a command: defaults <- `base` <- --config file <- overrides.
+    With --help-config, print every key with its meaning and exit."""
+    if getattr(args, "help_config", False):
+        print("\n".join(describe(cls)))
+        raise SystemExit(0)
+    return load_config(cls, args.config, args.overrides, base=base)
+
+
 def save_config(obj, path: str | Path) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(dataclasses.asdict(obj), sort_keys=False))
 
@@ -73,8 +96,9 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def describe(cls, prefix: str = "", default_obj=None) -> list[str]:
-    """One line per (dotted) field: key, default and docstring. Used by `--help-config`."""
+def describe(cls, prefix: str = "", default_obj=None, brief: bool = False) -> list[str]:
+    """Each (dotted) field: key, default and docstring (`--help-config`); `brief`: key and
+    default only, a nested block as one line (`--help`)."""
     lines, docs = [], field_docs(cls)
     hints = typing.get_type_hints(cls)
     default_obj = cls() if default_obj is None else default_obj
@@ -82,10 +106,14 @@ def describe(cls, prefix: str = "", default_obj=None) -> list[str]:
         key = prefix + f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):  # the parent's default for it, not tp()'s
-            lines.extend(describe(tp, key + ".", getattr(default_obj, f.name)))
+            if brief:
+                lines.append(f"  {key}.*  ({tp.__name__}: see --help-config)")
+            else:
+                lines.extend(describe(tp, key + ".", getattr(default_obj, f.name)))
             continue
         default = getattr(default_obj, f.name)
-        lines.append(f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
+        lines.append(f"  {key} = {default!r}" if brief else
+                     f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
     return lines
 
 

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhflab.config import check, load_config, save_config
-from rlhflab.evaluate import EvalConfig
-from rlhflab.pretrain import PretrainConfig
-from rlhflab.ppo_config import PPOConfig
-from rlhflab.pretrain import train as pretrain
-from rlhflab.rm import RMConfig
-from rlhflab.sample import SampleConfig
-from rlhflab.sft import SFTConfig
+from rlhflab.config import add_config_arguments, check, config_from_args, load_config, save_config
+from rlhflab.eval.evaluate import EvalConfig
+from rlhflab.stages.pretrain import PretrainConfig
+from rlhflab.stages.ppo.config import PPOConfig
+from rlhflab.stages.pretrain import train as pretrain
+from rlhflab.stages.rm import RMConfig
+from rlhflab.stages.sample import SampleConfig
+from rlhflab.stages.sft import SFTConfig
 
 SIZES = ("small", "large")
 
@@ -195,7 +195,7 @@ class Pipeline:
         return self.stage(f"pretrain-{size}", pretrain, cfg)
 
     def sft(self, size: str, world: Path) -> Path:
-        from rlhflab.sft import train
+        from rlhflab.stages.sft import train
 
         cfg = dataclasses.replace(getattr(self.cfg, f"sft_{size}"), base=str(self.root / f"pretrain-{size}" / "model"),
                                   data=str(world / "sft_train.jsonl"), val_data=str(world / "sft_val.jsonl"),
@@ -205,7 +205,7 @@ class Pipeline:
         return self.root / f"sft-{size}" / "model"
 
     def comparisons(self, world: Path) -> Path:
-        from rlhflab.comparisons import build
+        from rlhflab.stages.comparisons import build
 
         out = self.root / "comparisons"
         self.stage("comparisons", build, world, self.root / "sft-small" / "model", out, self.cfg.comparisons,
@@ -213,7 +213,7 @@ class Pipeline:
         return out
 
     def rm(self, world: Path, comparisons: Path) -> Path:
-        from rlhflab.rm import train
+        from rlhflab.stages.rm import train
 
         cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
                                   rankings=str(comparisons / "train.jsonl"),
@@ -221,7 +221,7 @@ class Pipeline:
                                   demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
                                   seed=self.cfg.seed, precision=self.precision)
         self.stage("rm", train, cfg)
-        from rlhflab.rm_eval import rm_report
+        from rlhflab.eval.rm_report import rm_report
 
         self.stage("rm-eval", rm_report, world, self.root / "rm" / "model", self.root / "rm-eval",
                    comparisons / "val.jsonl", comparisons / "heldout.jsonl")
@@ -231,7 +231,7 @@ class Pipeline:
         return self._ppo(name, self.cfg.ppo_ptx if ptx else self.cfg.ppo, world, rm, ptx)
 
     def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool) -> Path:
-        from rlhflab.ppo import train
+        from rlhflab.stages.ppo import train
 
         cfg = dataclasses.replace(base, policy=str(self.root / "sft-small" / "model"), reward_model=str(rm),
                                   prompts=str(world / "ppo_train.jsonl"), val_prompts=str(world / "ppo_val.jsonl"),
@@ -248,7 +248,7 @@ class Pipeline:
             self._ppo(name, dataclasses.replace(self.cfg.ppo, kl_coef=beta), world, rm, ptx=False)
 
     def evaluate(self, world: Path, models: dict[str, Path], rm: Path) -> dict:
-        from rlhflab.evaluate import evaluate
+        from rlhflab.eval.evaluate import evaluate
 
         runs = ["ppo-small", "ppoptx-small"] + [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
@@ -273,8 +273,8 @@ class Pipeline:
         models["PPO-ptx-small"] = self.ppo("ppoptx-small", world, rm, ptx=True)
         self.sweep(world, rm)
         results["eval"] = self.evaluate(world, models, rm)
-        from rlhflab.report import write_report
-        from rlhflab.walkthrough import write_walkthrough
+        from rlhflab.report.sections import write_report
+        from rlhflab.report.walkthrough import write_walkthrough
 
         write_walkthrough(self.root, world, rm, self.root / "ppo-small", self.root / "sft-small" / "model")
         write_report(self.root, self.root / "report.html")
@@ -283,19 +283,13 @@ class Pipeline:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
+    add_config_arguments(parser, RunConfig)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="'default': the full lab run; 'smoke': a one-minute check")
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    if getattr(args, "help_config", False):
-        return load_stage_config(RunConfig, args) or 0
-    cfg = load_config(RunConfig, args.config, args.overrides, base=_base(args.preset))
+    cfg = config_from_args(RunConfig, args, base=_base(args.preset))
     results = Pipeline(cfg).run()
     ev = results["eval"]
     print("model              gold   unseen  win vs SFT-small (held-out labelers)   capability")

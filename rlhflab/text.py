@@ -3,11 +3,20 @@
 query    = [bos] + tokens(prompt + SEP)
 response = tokens(completion) + [eos]
 Every stage (SFT, sampling, RM, PPO, eval) goes through these two functions so that a
-model never sees one layout in training and another in use.
+model never sees one layout in training and another in use. `train_tokenizer` makes the
+lab's byte-level BPE tokenizer (pad, bos and eos three distinct special tokens, so a padded
+position is never mistaken for the end of a response).
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+"""The lab tokenizer's special tokens."""
 
 SEP = "\n"
 """Text between the prompt and the response."""
@@ -54,3 +63,16 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts`, as a transformers fast tokenizer."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
+                                   eos_token=EOS, clean_up_tokenization_spaces=False)

@@ -190,6 +190,12 @@ def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
     return out_dir / "model"
 
 
+def sync(device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): timings must not stop early."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PhaseTimer:
     """Wall time per named phase of a step (synchronising the GPU at each boundary)."""
 
@@ -198,15 +204,11 @@ class PhaseTimer:
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        self._sync()
+        sync(self.device)
         t0 = time.perf_counter()
         yield
-        self._sync()
+        sync(self.device)
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def total(self) -> float:
         return max(sum(self.times.values()), 1e-9)

@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from rlhflab import cli  # noqa: E402
 
 for _stage in ("sft", "rm", "ppo"):  # imported once here, so every child starts warm
-    importlib.import_module(f"rlhflab.{_stage}")
+    importlib.import_module(f"rlhflab.stages.{_stage}")
 
 
 def child(job: dict) -> int:

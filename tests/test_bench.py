@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from rlhflab import bench, cli
+from rlhflab import cli
+from rlhflab.bench import main as bench
 
 SIDE_KEYS = {"episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s", "step_s",
              "time_s", "time_share", "step_wall_s", "peak_memory_mb", "final_kl",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhflab.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
+from rlhflab.eval.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
 from rlhflab.errors import InputError
 from rlhflab.models import load_causal_lm, load_tokenizer
 from rlhflab.world.build import build

@@ -1,7 +1,7 @@
 """Comparison data from the policy's own samples: the labeler-agreement ceiling."""
 from __future__ import annotations
 
-from rlhflab.comparisons import agreement
+from rlhflab.stages.comparisons import agreement
 
 
 def test_agreement_counts_untied_pairs_across_rows():

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhflab import ppo, rm, sft
+from rlhflab.stages.ppo import step as ppo
+from rlhflab.stages.ppo import loop as ppo_loop
+from rlhflab.stages import rm
+from rlhflab.stages import sft
 from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
 from tiny import demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
@@ -55,7 +58,7 @@ def run_rm(lab, out: Path, seed: int) -> list[Path]:
 
 
 def run_ppo(lab, out: Path, seed: int) -> list[Path]:
-    ppo.train(ppo.PPOConfig(policy=str(lab["base"]), reward_model=str(lab["rm"]),
+    ppo_loop.train(ppo.PPOConfig(policy=str(lab["base"]), reward_model=str(lab["rm"]),
                             prompts=str(lab["prompts"]), batch_size=8, minibatch_size=4,
                             ppo_epochs=2, max_new_tokens=6, total_episodes=16, lr=1e-3,
                             warmup_steps=0, seed=seed, device="cpu", out_dir=str(out)))

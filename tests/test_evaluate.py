@@ -13,7 +13,7 @@ import yaml
 from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.evaluate import (EvalConfig, best_of_n_kl, build_queries, compare, evaluate, few_shot_prefix,
+from rlhflab.eval.evaluate import (EvalConfig, best_of_n_kl, build_queries, compare, evaluate, few_shot_prefix,
                               fit_best_of_n, fit_rl, rl_curve, wilson, win_rate)
 from rlhflab.models import lab_model, load_tokenizer
 from rlhflab.world import World, load_world

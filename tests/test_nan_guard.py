@@ -12,7 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab import cli, ppo, rm, sft
+from rlhflab import cli
+from rlhflab.stages.ppo import step as ppo
+from rlhflab.stages.ppo import loop as ppo_loop
+from rlhflab.stages import rm
+from rlhflab.stages import sft
 from rlhflab.errors import TrainingError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
@@ -207,7 +211,7 @@ def ppo_config(lab, out: Path, **kw) -> ppo.PPOConfig:
 
 def _ppo_step_spy(monkeypatch) -> tuple[dict, dict]:
     """({step under way, its Run}, snapshots of trainable weights and Adam state per step)."""
-    now, states, real = {"step": 0}, {}, ppo.ppo_step
+    now, states, real = {"step": 0}, {}, ppo_loop.ppo_step
 
     def step(run, n):
         now.update(step=n, run=run)
@@ -215,7 +219,7 @@ def _ppo_step_spy(monkeypatch) -> tuple[dict, dict]:
         states[n] = snapshot(run.trainable, run.optimizer)
         return row
 
-    monkeypatch.setattr(ppo, "ppo_step", step)
+    monkeypatch.setattr(ppo_loop, "ppo_step", step)
     return now, states
 
 
@@ -278,7 +282,7 @@ def test_ppo_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monk
     now, states = _ppo_step_spy(monkeypatch)
     PPO_INJECT[where](monkeypatch, now, lambda n: n == 2)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        out, summary = ppo.train(ppo_config(lab, tmp_path / "out", total_episodes=24))
+        out, summary = ppo_loop.train(ppo_config(lab, tmp_path / "out", total_episodes=24))
     assert same(states[1], states[2]) and not same(states[2], states[3])
     assert summary["skipped_updates"] == (4 if where == "gradients" else 1)  # 4 updates or the rollout
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
@@ -292,7 +296,7 @@ def test_ppo_stops_after_patience_bad_updates_and_resumes_from_its_checkpoint(la
     _nan_in_ppo_grads(monkeypatch, now, lambda n: n >= 2)
     cfg = ppo_config(lab, tmp_path / "out")
     with pytest.warns(RuntimeWarning), pytest.raises(TrainingError, match="5 non-finite"):
-        ppo.train(cfg)
+        ppo_loop.train(cfg)
     assert now["step"] == 3 and sorted(states) == [1, 2]
     ckpt = tmp_path / "out" / "checkpoint"
     assert json.loads((ckpt / "state.json").read_text())["step"] == 2
@@ -301,6 +305,6 @@ def test_ppo_stops_after_patience_bad_updates_and_resumes_from_its_checkpoint(la
     assert all(torch.isfinite(t).all() for t in saved.values())
 
     monkeypatch.undo()  # the fault is gone: the same command resumes and finishes
-    out, summary = ppo.train(cfg)
+    out, summary = ppo_loop.train(cfg)
     assert summary["resumed_from_step"] == 2
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]

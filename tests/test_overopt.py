@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rlhflab.overopt import rl_summary
+from rlhflab.eval.overopt import rl_summary
 
 
 def _rows(alpha: float, beta: float, kls: list[float]) -> list[dict]:

@@ -9,11 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab import cli, ppo
+from rlhflab import cli
+from rlhflab.stages.ppo import step as ppo
+from rlhflab.stages.ppo import loop as ppo_loop
 from rlhflab.errors import InputError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_causal_lm, load_reward_model
-from rlhflab.ppo import PPOConfig, Rollout, minibatch_loss, policy_logprobs
+from rlhflab.stages.ppo.step import PPOConfig, Rollout, minibatch_loss, policy_logprobs
 from tiny import gpt2_dir, tiny_tokenizer, write_jsonl
 
 
@@ -78,8 +80,8 @@ def capture_run(monkeypatch) -> dict:
         held["run"] = real(config)
         return held["run"]
 
-    real = ppo.open_run
-    monkeypatch.setattr(ppo, "open_run", opener)
+    real = ppo_loop.open_run
+    monkeypatch.setattr(ppo_loop, "open_run", opener)
     return held
 
 
@@ -98,7 +100,7 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
     evaluator = lambda policy, tok, step: calls.append(step) or {"gold": 0.5}  # noqa: E731
     cfg = make_config(lab, f"lr0-{precision}", lr=0.0, ptx_data=str(lab["ptx"]), ptx_per_episode=1.0,
                       val_prompts=str(lab["val"]), eval_every=1, no_eos_penalty=-1.0, precision=precision)
-    out, summary = ppo.train(cfg, evaluator=evaluator)
+    out, summary = ppo_loop.train(cfg, evaluator=evaluator)
     assert len(seen) == 2 * 2 * 2  # steps × epochs × minibatches
     assert all(equal and clipfrac == 0.0 for equal, clipfrac in seen)
     rows = read_metrics(out / "metrics.jsonl")
@@ -131,7 +133,7 @@ def test_first_minibatch_forward_is_the_rollouts_and_runs_once(lab, monkeypatch,
 
     monkeypatch.setattr(ppo, "policy_logprobs", spy_lp)
     monkeypatch.setattr(ppo, "ppo_epochs", spy_epochs)
-    ppo.train(make_config(lab, f"once-{minibatch_size}", total_episodes=8, lr=0.0,
+    ppo_loop.train(make_config(lab, f"once-{minibatch_size}", total_episodes=8, lr=0.0,
                           minibatch_size=minibatch_size))
     policy = [(grad, n) for is_policy, grad, n in forwards if is_policy]
     # 8 episodes, 2 epochs: one training forward per minibatch, with gradients; the rows
@@ -162,14 +164,14 @@ def test_every_training_forward_sees_the_latest_weights(lab, monkeypatch, precis
         return lp, logits
 
     monkeypatch.setattr(ppo, "policy_logprobs", spy)
-    ppo.train(make_config(lab, f"fresh-{precision}", total_episodes=8, precision=precision))
+    ppo_loop.train(make_config(lab, f"fresh-{precision}", total_episodes=8, precision=precision))
     assert len(checked) == 4 and all(checked)  # 2 epochs x 2 minibatches, lr 1e-3
 
 
 def test_step_changes_every_trainable_parameter_and_no_frozen_one(lab, monkeypatch):
     held = capture_run(monkeypatch)
     cfg = make_config(lab, "lr_pos", total_episodes=8, ema_decay=0.9)
-    ppo.train(cfg)
+    ppo_loop.train(cfg)
     run = held["run"]
     sft = dict(load_causal_lm(lab["policy"]).named_parameters())
     rm = dict(load_reward_model(lab["rm"]).named_parameters())
@@ -221,20 +223,20 @@ def test_resumed_run_ends_identical_to_uninterrupted(lab, monkeypatch):
     kw = dict(total_episodes=32, save_every=2, ptx_data=str(lab["ptx"]), ptx_per_episode=0.5,
               adaptive_kl=True, kl_horizon=100, ema_decay=0.8, val_prompts=str(lab["val"]),
               eval_every=2)
-    whole, _ = ppo.train(make_config(lab, "whole", **kw))
+    whole, _ = ppo_loop.train(make_config(lab, "whole", **kw))
 
-    real = ppo.ppo_step
+    real = ppo_loop.ppo_step
 
     def crash(run, step):
         if step == 3:
             raise KeyboardInterrupt
         return real(run, step)
 
-    monkeypatch.setattr(ppo, "ppo_step", crash)
+    monkeypatch.setattr(ppo_loop, "ppo_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        ppo.train(make_config(lab, "resumed", **kw))
-    monkeypatch.setattr(ppo, "ppo_step", real)
-    resumed, summary = ppo.train(make_config(lab, "resumed", **kw))
+        ppo_loop.train(make_config(lab, "resumed", **kw))
+    monkeypatch.setattr(ppo_loop, "ppo_step", real)
+    resumed, summary = ppo_loop.train(make_config(lab, "resumed", **kw))
     assert summary["resumed_from_step"] == 2
     assert summary["kl_coef"] < 0.02  # KL far below target: the adaptive β went down
     for name in ("policy/model.safetensors", "value/model.safetensors"):
@@ -247,11 +249,11 @@ def test_resumed_run_ends_identical_to_uninterrupted(lab, monkeypatch):
                {k: v for k, v in rb.items() if not k.startswith("time/")}
     # A changed learning rate is refused rather than silently mixed into the trajectory.
     with pytest.raises(InputError, match="lr"):
-        ppo.train(make_config(lab, "resumed", **dict(kw, lr=5e-4)))
+        ppo_loop.train(make_config(lab, "resumed", **dict(kw, lr=5e-4)))
 
 
 def test_nan_scores_skip_the_step_with_parameters_unchanged(lab, monkeypatch):
-    real_score, real_step = ppo.score, ppo.ppo_step
+    real_score, real_step = ppo.score, ppo_loop.ppo_step
     state = {"step": 0}
     snapshots = {}
 
@@ -267,9 +269,9 @@ def test_nan_scores_skip_the_step_with_parameters_unchanged(lab, monkeypatch):
         return row
 
     monkeypatch.setattr(ppo, "score", nan_score)
-    monkeypatch.setattr(ppo, "ppo_step", step)
+    monkeypatch.setattr(ppo_loop, "ppo_step", step)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        out, summary = ppo.train(make_config(lab, "nan", total_episodes=24))
+        out, summary = ppo_loop.train(make_config(lab, "nan", total_episodes=24))
     assert snapshots == {1: False, 2: True, 3: False}
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[1]["ppo/skipped"] == 1.0 and "ppo/skipped" not in rows[2]
@@ -286,7 +288,7 @@ def test_non_finite_minibatch_is_skipped_and_training_goes_on(lab, monkeypatch):
 
     monkeypatch.setattr(ppo, "ptx_nll", nan_once)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        out, _ = ppo.train(make_config(lab, "nan_mb", total_episodes=8, ptx_data=str(lab["ptx"]),
+        out, _ = ppo_loop.train(make_config(lab, "nan_mb", total_episodes=8, ptx_data=str(lab["ptx"]),
                                        ptx_per_episode=0.5))
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert len(calls) == 4 and row["ppo/skipped_minibatches"] == 1.0
@@ -297,7 +299,7 @@ def test_non_finite_minibatch_is_skipped_and_training_goes_on(lab, monkeypatch):
 def test_rm_score_rises_on_a_toy_reward(lab, precision):
     cfg = make_config(lab, f"learn-{precision}", batch_size=16, minibatch_size=8, max_new_tokens=8,
                       total_episodes=16 * 20, lr=3e-3, no_eos_penalty=0.0, precision=precision)
-    out, _ = ppo.train(cfg)
+    out, _ = ppo_loop.train(cfg)
     scores = [r["objective/rm_score"] for r in read_metrics(out / "metrics.jsonl")]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
     assert last > first + 0.3, scores
@@ -307,13 +309,13 @@ def test_inputs_are_checked_before_anything_is_written(lab, tmp_path):
     long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "ok"}, {"prompt": "red " * 80}])
     cfg = make_config(lab, "never", prompts=str(long), out_dir=str(tmp_path / "out"))
     with pytest.raises(InputError) as e:
-        ppo.train(cfg)
+        ppo_loop.train(cfg)
     assert e.value.line == 2 and e.value.field == "prompt"
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"promt": "typo"}])
     with pytest.raises(InputError, match="bad.jsonl:2: field 'prompt'"):
-        ppo.train(make_config(lab, "never", prompts=str(bad), out_dir=str(tmp_path / "out")))
+        ppo_loop.train(make_config(lab, "never", prompts=str(bad), out_dir=str(tmp_path / "out")))
     with pytest.raises(InputError, match="not a reward model"):  # an LM dir given as the RM
-        ppo.train(make_config(lab, "never", reward_model=str(lab["policy"]),
+        ppo_loop.train(make_config(lab, "never", reward_model=str(lab["policy"]),
                               out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 

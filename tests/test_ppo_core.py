@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from rlhflab.ppo_core import (AdaptiveKLController, FixedKLController, ema_update, gae,
+from rlhflab.stages.ppo.core import (AdaptiveKLController, FixedKLController, ema_update, gae,
                               kl_shaped_rewards, last_index, lm_loss, masked_mean, policy_loss,
                               value_loss, whiten)
 

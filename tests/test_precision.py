@@ -8,7 +8,7 @@ from rlhflab import pipeline
 from rlhflab.config import ConfigError
 from rlhflab.models import (load_causal_lm, load_reward_model, position_ids, token_logprobs,
                             token_values)
-from rlhflab.ppo import PPOConfig
+from rlhflab.stages.ppo import PPOConfig
 from rlhflab.training import autocast, fast_kernels, native_bf16
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
 

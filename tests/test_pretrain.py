@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import rlhflab.pretrain as pretrain_mod
+import rlhflab.stages.pretrain as pretrain_mod
 from rlhflab.cli import main
 from rlhflab.config import load_config
-from rlhflab.pretrain import PretrainConfig, train
+from rlhflab.stages.pretrain import PretrainConfig, train
 from rlhflab.world.build import build
 
 

@@ -7,7 +7,7 @@ import random
 import re
 from pathlib import Path
 
-from rlhflab.report import write_report
+from rlhflab.report.sections import write_report
 from rlhflab.world.gold import STYLES
 
 MODELS = {  # name -> (params, labeler win rate, gold, capability)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab import rm
+from rlhflab.stages import rm
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking, read_demos, read_rankings
 from rlhflab.models import load_reward_model, load_tokenizer, reward_scores

@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from rlhflab.rm_eval import spearman
+from rlhflab.eval.rm_report import spearman
 
 
 def test_spearman_matches_hand_computed_values():
@@ -18,7 +18,7 @@ def test_spearman_matches_hand_computed_values():
 
 
 def test_within_prompt_spearman_averages_prompts_and_skips_constant_ones():
-    from rlhflab.rm_eval import within_prompt_spearman
+    from rlhflab.eval.rm_report import within_prompt_spearman
 
     agree, reverse, flat_rm = ([1, 2, 3], [0.1, 0.5, 0.9]), ([1, 2, 3], [0.9, 0.5, 0.1]), ([2, 2, 2], [0, 1, 2])
     assert within_prompt_spearman([agree]) == pytest.approx(1.0)

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from rlhflab import sample
+from rlhflab.stages import sample
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking
 from rlhflab.errors import TrainingError

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab import sft
+from rlhflab.stages import sft
 from rlhflab.checkpoint import load_checkpoint, save_checkpoint
 from rlhflab.cli import main
 from rlhflab.errors import InputError
@@ -171,7 +171,7 @@ def test_checkpoint_round_trips(world, tmp_path):
 
 
 def test_reward_model_chooses_the_epoch(world, tmp_path):
-    from rlhflab import rm
+    from rlhflab.stages import rm
 
     ranks = write_jsonl(tmp_path / "ranks.jsonl", ranking_rows(4))
     rm_dir, _ = rm.train(rm.RMConfig(base=str(world["gpt2"]), rankings=str(ranks),

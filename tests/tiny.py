@@ -13,7 +13,7 @@ from pathlib import Path
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlhflab.models import lab_model
-from rlhflab.tokenizer import train_tokenizer
+from rlhflab.text import train_tokenizer
 
 WORDS = ("the cat sat on the mat . a dog ran far away . name a color : red blue green . "
          "summarize this : birds fly south in winter . yes no maybe . one two three four")

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from rlhflab.io import atomic_dir, write_json, write_jsonl
-from rlhflab.tokenizer import train_tokenizer
+from rlhflab.text import train_tokenizer
 from rlhflab.world import SCALES, VERSION, World
 from rlhflab.world.corpus import benchmarks, web_document
 from rlhflab.world.gold import STYLES, write

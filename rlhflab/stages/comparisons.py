@@ -20,8 +20,8 @@ from pathlib import Path
 
 from rlhflab.data import iter_jsonl, pair_agreement
 from rlhflab.io import write_json, write_jsonl
-from rlhflab.sample import SampleConfig
-from rlhflab.sample import run as sample
+from rlhflab.stages.sample import SampleConfig
+from rlhflab.stages.sample import run as sample
 from rlhflab.world import load_world
 from rlhflab.world.rank import rank_samples
 

@@ -18,12 +18,12 @@ from typing import Literal
 import torch
 
 from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import check, save_config
+from rlhflab.config import add_config_arguments, check, config_from_args, save_config
 from rlhflab.data import read_texts
 from rlhflab.errors import InputError
 from rlhflab.io import MetricsLog, atomic_dir, write_json
 from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
-from rlhflab.tokenizer import train_tokenizer
+from rlhflab.text import train_tokenizer
 from rlhflab.training import PRECISIONS, NonFiniteGuard, autocast, cosine_schedule, fast_kernels, progress, set_seed
 
 CPU = torch.device("cpu")  # the base models are small: pretraining runs on the CPU
@@ -180,7 +180,7 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
                "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
                "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
     if cfg.world and cfg.gold_prompts:
-        from rlhflab.labeval import gold_of_policy
+        from rlhflab.eval.lab import gold_of_policy
         from rlhflab.world import load_world
 
         world = load_world(cfg.world)
@@ -194,14 +194,11 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlhflab.cli import stage_parser
-    stage_parser(parser)
+    add_config_arguments(parser, PretrainConfig)
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    cfg = load_stage_config(PretrainConfig, args)
+    cfg = config_from_args(PretrainConfig, args)
     model_dir, s = train(cfg)
     gold = f", greedy gold quality on held-out instructions {s['base_gold']:.3f}" if "base_gold" in s else ""
     print(f"pretrained {cfg.size} ({s['params']:,} params) -> {model_dir}: held-out loss {s['val_loss']:.3f} "

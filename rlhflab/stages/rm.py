@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhflab.config import check
+from rlhflab.config import add_config_arguments, check, config_from_args
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
 from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
@@ -373,15 +373,11 @@ def _step(model, opt, chunk: list[Comparison], pad_id: int, config: RMConfig,
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
+    add_config_arguments(parser, RMConfig)
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    config = load_stage_config(RMConfig, args)
+    config = config_from_args(RMConfig, args)
     out_dir, summary = train(config)
     val = summary["epochs"][-1].get("val_accuracy")
     print(f"rm: wrote {out_dir} (train accuracy {summary['rm/train_accuracy']:.3f}"

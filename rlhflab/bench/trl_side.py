@@ -20,6 +20,7 @@ import warnings
 from transformers import TrainerCallback
 
 from rlhflab.errors import InputError
+from rlhflab.training import sync
 
 TRL_VERSIONS = ">=1.12,<1.13"
 """What `rlhflab bench --vs trl` was verified against (the newest release with PPO)."""
@@ -72,7 +73,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False,
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trainer_module
 
-    from rlhflab.bench import PPO_SETTINGS, SEED, peak_memory, side_result
+    from rlhflab.bench.common import PPO_SETTINGS, SEED, peak_memory, side_result
     from rlhflab.data import read_prompts
     from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
     from rlhflab.models import fast_attention, fuse_gelu
@@ -146,10 +147,10 @@ class _PhaseClock(TrainerCallback):
         import torch
 
         def wrapper(model, queries, *args, **kwargs):
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             out = fn(model, queries, *args, **kwargs)
-            _sync(device)
+            sync(device)
             self.gen_end = time.perf_counter()
             self.current["generate"] = self.gen_end - t0
             responses = out[0][:, queries.shape[1]:]
@@ -165,7 +166,7 @@ class _PhaseClock(TrainerCallback):
 
         def wrapper(model, *args, **kwargs):
             if torch.is_grad_enabled() and self.update_start is None:
-                _sync(device)
+                sync(device)
                 self.update_start = time.perf_counter()
                 self.current["score"] = self.update_start - self.gen_end
             return fn(model, *args, **kwargs)
@@ -187,7 +188,3 @@ class _PhaseClock(TrainerCallback):
         self._reset(now)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-        torch.cuda.synchronize()

@@ -13,7 +13,7 @@ import torch
 from rlhflab.data import read_demos, read_rankings
 from rlhflab.io import write_json
 from rlhflab.models import load_reward_model, load_tokenizer
-from rlhflab.rm import pairwise_accuracy, score_pairs
+from rlhflab.stages.rm import pairwise_accuracy, score_pairs
 from rlhflab.world import load_world
 
 

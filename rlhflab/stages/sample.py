@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.config import check
+from rlhflab.config import add_config_arguments, check, config_from_args
 from rlhflab.data import MAX_K, iter_jsonl, read_prompts
 from rlhflab.errors import InputError, TrainingError
 from rlhflab.generation import sample
@@ -140,15 +140,11 @@ def run(config: SampleConfig) -> tuple[Path, dict]:
 
 
 def add_arguments(parser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
+    add_config_arguments(parser, SampleConfig)
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    config = load_stage_config(SampleConfig, args)
+    config = config_from_args(SampleConfig, args)
     out, metrics = run(config)
     print(f"sample: wrote {metrics['sample/responses']} responses for "
           f"{metrics['sample/prompts']} prompts to {out}")

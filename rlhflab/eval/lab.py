@@ -56,7 +56,7 @@ def gold_of_policy(model, tokenizer, world, prompts: list[str], max_new_tokens: 
 def make_lab_evaluator(world_dir: str, val_prompts: list[str], max_new_tokens: int = 48,
                        temperature: float = 1.0, capability_items: int = 60):
     """A callable (policy, tokenizer, step) -> metrics for PPO's periodic measurement."""
-    from rlhflab.capability import capability_scores, load_benchmarks
+    from rlhflab.eval.capability import capability_scores, load_benchmarks
     from rlhflab.world import load_world
 
     world = load_world(world_dir)

@@ -45,14 +45,14 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.capability import capability_scores, load_benchmarks
-from rlhflab.config import check, save_config
+from rlhflab.eval.capability import capability_scores, load_benchmarks
+from rlhflab.config import add_config_arguments, check, config_from_args, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, n_params, reward_scores
-from rlhflab.overopt import (best_of_n_kl, bon_summary, fit_best_of_n, fit_rl,  # noqa: F401
+from rlhflab.eval.overopt import (best_of_n_kl, bon_summary, fit_best_of_n, fit_rl,  # noqa: F401
                              rl_curve, rl_summary)
 from rlhflab.text import decode_response, encode_query, encode_response, pad_right
 from rlhflab.training import progress, resolve_device, set_seed
@@ -425,9 +425,7 @@ def _round(v):
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
+    add_config_arguments(parser, EvalConfig)
 
 
 def format_table(summary: dict, names: list[str]) -> str:
@@ -444,9 +442,7 @@ def format_table(summary: dict, names: list[str]) -> str:
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    cfg = load_stage_config(EvalConfig, args)
+    cfg = config_from_args(EvalConfig, args)
     summary = evaluate(cfg)
     print(format_table(summary, cfg.names()))
     print(f"baseline {cfg.baseline}; held-out labelers; {summary['n/test']} test prompts -> {cfg.out_dir}")

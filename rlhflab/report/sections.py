@@ -26,11 +26,12 @@ from pathlib import Path
 
 import yaml
 
-from rlhflab import report_charts as charts
-from rlhflab.capability import BENCHMARKS
-from rlhflab.overopt import rl_curve
+from rlhflab.report import charts
+from rlhflab.eval.capability import BENCHMARKS
+from rlhflab.eval.overopt import rl_curve
 from rlhflab.io import atomic_write_text
-from rlhflab.report_parts import figure, fmt, missing, s_walkthrough, table, text_cell
+from rlhflab.report.html import figure, fmt, missing, table, text_cell
+from rlhflab.report.walkthrough import s_walkthrough
 from rlhflab.world.gold import STYLES
 
 

@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlhflab.overopt import fit_best_of_n, fit_rl, relative_to_start  # noqa: E402
+from rlhflab.eval.overopt import fit_best_of_n, fit_rl, relative_to_start  # noqa: E402
 
 FAMILY_ORDER = ["GPT", "GPT-prompted", "SFT", "PPO", "PPO-ptx"]
 COLORS = {"GPT": "#8c8c8c", "GPT-prompted": "#4c72b0", "SFT": "#55a868", "PPO": "#dd8452", "PPO-ptx": "#c44e52"}

@@ -20,14 +20,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
-from rlhflab.config import check
+from rlhflab.config import add_config_arguments, check, config_from_args
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
 from rlhflab.io import atomic_dir
 from rlhflab.models import (context_length, load_causal_lm, load_reward_model, load_tokenizer,
                             token_logprobs)
-from rlhflab.rm import score_pairs
-from rlhflab.sample import check_prompt_lengths, generate_texts
+from rlhflab.stages.rm import score_pairs
+from rlhflab.stages.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
 from rlhflab.training import (PRECISIONS, NonFiniteGuard, autocast, fast_kernels, progress, resolve_device,
                               save_stage_checkpoint, set_seed, start_or_resume, write_outputs)
@@ -348,15 +348,11 @@ def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> di
 # --------------------------------------------------------------------------- CLI
 
 def add_arguments(parser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
+    add_config_arguments(parser, SFTConfig)
 
 
 def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    config = load_stage_config(SFTConfig, args)
+    config = config_from_args(SFTConfig, args)
     out_dir, summary = train(config)
     print(f"sft: wrote {out_dir} (epoch {summary['best_epoch']} of {config.epochs}, "
           f"chosen by {summary['selected_by']}, {summary['steps']} steps)")

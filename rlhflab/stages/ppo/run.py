@@ -20,12 +20,12 @@ from rlhflab import checkpoint, data
 from rlhflab.config import to_dict
 from rlhflab.errors import InputError
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
-from rlhflab.ppo_core import AdaptiveKLController, FixedKLController
+from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
 from rlhflab.text import encode_query, pad_right
 from rlhflab.training import NonFiniteGuard, check_resumable, fast_kernels, resolve_device
 
 if TYPE_CHECKING:
-    from rlhflab.ppo_config import PPOConfig
+    from rlhflab.stages.ppo.config import PPOConfig
 
 # Config keys a resumed run may change; any other change would alter the trajectory.
 RESUME_FREE = {"total_episodes", "eval_every", "save_every", "world", "val_prompts",

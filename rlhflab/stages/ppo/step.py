@@ -1,4 +1,4 @@
-"""Stage 3: PPO / PPO-ptx against the reward model (§3.5, App. C.4).
+"""The PPO step (§3.5, App. C.4): rollout, scoring, KL-shaped rewards, GAE, PPO epochs.
 
 The environment is a contextual bandit: an episode is one prompt, one sampled response,
 one reward-model score, and the end. Per token the policy also pays β·log(π/π_SFT) to the
@@ -18,17 +18,17 @@ from pathlib import Path
 
 import torch
 
-from rlhflab import ppo_core
+from rlhflab.stages.ppo import core as ppo_core
 from rlhflab.config import save_config
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
 from rlhflab.models import (entropy_from_logits, keep_last, position_ids, reward_scores,
                             token_logprobs, token_values)
-from rlhflab.ppo_config import PPOConfig
-from rlhflab.ppo_core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
+from rlhflab.stages.ppo.config import PPOConfig
+from rlhflab.stages.ppo.core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
                               value_loss, whiten)
-from rlhflab.ppo_setup import Run, open_run
+from rlhflab.stages.ppo.run import Run, open_run
 from rlhflab.text import pad_left
 from rlhflab.training import PhaseTimer, autocast, progress, set_seed
 
@@ -285,96 +285,6 @@ def ptx_nll(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
     return lm_loss(logprobs, attention_mask[:, 1:])
 
 
-# --------------------------------------------------------------------------- measurement
-
-
-@torch.no_grad()
-def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
-    """RM score, KL to SFT and response length of `policy` on the validation prompts."""
-    cfg = run.config
-    gen = torch.Generator(device=run.device).manual_seed(cfg.seed + 12345)  # same noise each time
-    scores, kls, lengths, ended = [], [], [], []
-    for i in range(0, len(run.val_queries), cfg.batch_size):
-        queries = run.val_queries[i:i + cfg.batch_size]
-        with autocast(run.device, cfg.precision):
-            g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
-            (qr, am), R = _join(run, queries, g), g.mask.shape[1]
-            lp = policy_logprobs(policy, qr, am, R, cfg.temperature)[0]
-            ref = policy_logprobs(run.ref_policy, qr, am, R, cfg.temperature)[0]
-            scores.append(score(run.reward_model, qr, am))
-        kls.append(((lp - ref) * g.mask).sum(1))
-        lengths.append(g.mask.sum(1).float())
-        ended.append(g.ended.float())
-    mean = lambda xs: float(torch.cat(xs).mean())  # noqa: E731
-    return {"eval/rm_score": mean(scores), "eval/kl": mean(kls),
-            "eval/response_length": mean(lengths), "eval/eos_rate": mean(ended)}
-
-
-def measure(run: Run, step: int, evaluator) -> dict[str, float]:
-    policy = run.ema if run.ema is not None else run.policy  # what would be saved now
-    row = val_rollout_metrics(run, policy) if run.val_queries else {}
-    if evaluator is not None:
-        for key, value in evaluator(policy, run.tokenizer, step).items():
-            row[key if key.startswith("eval/") else f"eval/{key}"] = float(value)
-    return row
-
-
-# --------------------------------------------------------------------------- the run
-
-
-def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
-    """PPO (or PPO-ptx when ptx_data is set) from the SFT policy; returns (out_dir, summary)."""
-    if evaluator is None and config.world:
-        evaluator = make_evaluator(config)  # imported only here: the lab world is optional
-    set_seed(config.seed)
-    run = open_run(config)  # validates every input and loads models; writes nothing
-    out = Path(config.out_dir)
-    start = run.restore_or_start()
-    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=start if start else None)
-    save_config(config, out / "config.yaml")
-    t0, last = time.perf_counter(), {}
-    if start == 0 and (run.val_queries or evaluator is not None):
-        log.log({"step": 0, "episodes": 0, **measure(run, 0, evaluator)})
-    for step in progress(range(start + 1, config.n_steps + 1), total=config.n_steps,
-                         desc="ppo", initial=start):
-        last = ppo_step(run, step)
-        if step % config.eval_every == 0 or step == config.n_steps:
-            if run.val_queries or evaluator is not None:
-                last.update(measure(run, step, evaluator))
-        log.log(last)
-        if step % config.save_every == 0 or step == config.n_steps:
-            run.save_checkpoint(step)
-    if not last:  # resumed at the end: nothing left to train
-        last = (read_metrics(out / "metrics.jsonl") or [{}])[-1]
-    summary = {"steps": config.n_steps, "episodes": config.n_steps * config.batch_size,
-               "resumed_from_step": start, "skipped_updates": run.guard.skipped,
-               "kl_coef": run.kl_ctl.value, "time_s": time.perf_counter() - t0,
-               "final": last, "ptx": run.ptx is not None, "ema": config.ema_decay is not None}
-    _save_outputs(run, out)
-    write_json(out / "summary.json", summary)
-    return out, summary
-
-
-def _save_outputs(run: Run, out: Path) -> None:
-    for name, model in (("policy", run.ema if run.ema is not None else run.policy),
-                        ("value", run.value_model)):
-        with atomic_dir(out / name) as tmp:
-            model.save_pretrained(tmp)
-            run.tokenizer.save_pretrained(str(tmp))
-
-
-def make_evaluator(config: PPOConfig):
-    """The lab world's measurement (gold, styles, capability) on the validation prompts."""
-    from rlhflab.data import read_prompts
-    from rlhflab.labeval import make_lab_evaluator
-
-    if not Path(config.world).is_dir():
-        raise InputError("lab world directory not found", file=config.world, field="world")
-    prompts = read_prompts(config.val_prompts or Path(config.world) / "ppo_val.jsonl")
-    return make_lab_evaluator(config.world, prompts, config.max_new_tokens, config.temperature)
-
-
 # --------------------------------------------------------------------------- helpers
 
 
@@ -404,24 +314,3 @@ def _reduce(stats: list[dict]) -> dict[str, float]:
                                                                        torch.mean)
         out[key] = float(reduce(vals))
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser) -> None:
-    from rlhflab.cli import stage_parser
-
-    stage_parser(parser)
-
-
-def run_cli(args) -> int:
-    from rlhflab.cli import load_stage_config
-
-    config = load_stage_config(PPOConfig, args)
-    out, summary = train(config)  # builds the lab evaluator when config.world is set
-    final = summary["final"]
-    print(f"ppo: {summary['steps']} steps, {summary['episodes']} episodes -> {out}/policy "
-          f"(RM score {final.get('objective/rm_score', float('nan')):.3f}, "
-          f"KL {final.get('objective/kl', float('nan')):.3f})")
-    return 0

@@ -1,0 +1,44 @@
+"""HTML helpers of the run report (a leaf: it imports nothing from the report).
+
+Every function returns an HTML fragment; model text is escaped.
+"""
+from __future__ import annotations
+
+import math
+from html import escape
+
+def missing(text: str) -> str:
+    return f'<p class="missing">Not shown: {escape(text)}</p>'
+
+
+def figure(uri: str | None, alt: str, caption: str, missing: str) -> str:
+    if uri is None:
+        return missing(missing)
+    return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{caption}</figcaption></figure>'
+
+
+def fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return escape(str(v))
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "nan"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}" if 0 < abs(v) < 0.01 else f"{v:.3f}"
+    return escape(str(v))
+
+
+def table(headers: list[str], rows: list[list], cls: str = "") -> str:
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else fmt(c)}</td>" for c in r) + "</tr>"
+                   for r in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+class Raw(str):
+    """A table cell that is already HTML."""
+
+
+def text_cell(s: str) -> Raw:
+    return Raw(f'<span class="text">{escape(s) if s else "<em>(empty)</em>"}</span>')
