@@ -8,11 +8,14 @@ offending key and value. `save_config` writes the resolved config beside an outp
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import inspect
+import math
 import textwrap
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -20,6 +23,56 @@ import yaml
 
 from rlhflab.errors import ConfigError
 from rlhflab.io import atomic_write_text
+
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass
+class RunFields:
+    """The fields every stage shares, embedded as `run` in each stage's config (one
+    definition, one meaning; lm-human-preferences' RunHParams)."""
+
+    seed: int = 0
+    """Seed of everything random in the stage: initialisation, dropout, data order, sampling."""
+    device: str = "auto"
+    """Where to run: 'auto' (CUDA when present, else the CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+
+    def validate(self) -> None:
+        check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        check(bool(self.device), "device", self.device, "must name a device (auto, cpu, cuda, ...)")
+
+
+@dataclass
+class TrainFields:
+    """The optimisation fields every training stage shares (pretrain, SFT, RM, PPO), embedded
+    as `train`; each stage's default and its source are in that stage's docstring."""
+
+    lr: float = 1e-4
+    """Peak learning rate."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this before each optimizer step (PPO: the policy's and the
+    value model's, each); null: no clipping."""
+    save_every: int = 200
+    """Write the resumable checkpoint every this many steps (PPO: PPO iterations), and at
+    the end of each epoch and of the run."""
+    precision: str = "fp32"
+    """'fp32', or 'bf16': forwards under bfloat16 autocast while weights, optimizer state,
+    log-softmax and losses stay fp32. Pays on a GPU or a CPU with fast bf16 matmuls
+    (BENCHMARKS.md); `rlhflab run --precision auto` picks it where it does."""
+
+    def validate(self) -> None:
+        check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "must be >= 0 and finite")
+        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+              self.max_grad_norm, "must be > 0, or null for no clipping")
+        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
+        check(self.precision in PRECISIONS, "precision", self.precision,
+              f"must be one of {list(PRECISIONS)}")
+
+
+def train_fields(**defaults) -> Any:
+    """A `train` block default for a stage config: dataclasses.field(default_factory=...)."""
+    return dataclasses.field(default_factory=lambda: TrainFields(**defaults))
 
 
 def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = (),
@@ -73,6 +126,18 @@ def save_config(obj, path: str | Path) -> None:
 
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
+
+
+def flat_dict(obj, prefix: str = "") -> dict:
+    """A config as {dotted key: value}: nested config blocks flattened ('train.lr')."""
+    out: dict = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(flat_dict(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = copy.deepcopy(value)
+    return out
 
 
 def check(condition: bool, key: str, value: Any, why: str) -> None:
@@ -243,6 +308,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def validate(obj) -> None:
+    """Check a config built in Python as `load_config` checks one it reads: every nested
+    block's `validate()`, then the config's own; a ConfigError names the dotted key."""
+    _validate(obj, prefix="")
 
 
 def _validate(obj, prefix: str) -> None:

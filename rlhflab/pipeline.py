@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhflab.config import add_config_arguments, check, config_from_args, load_config, save_config
+from rlhflab.config import add_config_arguments, check, config_from_args, load_config, save_config, validate
 from rlhflab.eval.evaluate import EvalConfig
 from rlhflab.stages.pretrain import PretrainConfig
 from rlhflab.stages.ppo.config import PPOConfig
@@ -48,8 +48,8 @@ PRESETS: dict[str, dict] = {
     "default": {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
-        "sft_large": {"lr": 3e-4},
-        "rm": {"lr": 1e-4, "epochs": 2},  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
+        "sft_large": {"train": {"lr": 3e-4}},
+        "rm": {"train": {"lr": 1e-4}, "epochs": 2},  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
     },
     "smoke": {
         "scale": "small", "rm_base": "small",
@@ -158,12 +158,19 @@ class Pipeline:
         if cfg.precision == "auto":
             self.precision = "bf16" if native_bf16(resolve_device("auto")) else "fp32"
 
+    def _seeded(self, cfg):
+        """A stage's config with the run's seed and, for a training stage, its precision."""
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, seed=self.cfg.seed))
+        if hasattr(cfg, "train"):
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=self.precision))
+        return cfg
+
     def stage(self, name: str, fn, *args) -> dict:
         """Run `fn(*args)` unless `<root>/<name>/summary.json` says the stage already finished.
 
         Each stage runs in a fresh process (`isolate_stages`): run one after another in one
         process, the later stages slowed down (PPO 185 s against 137 s in a process of its own), and the
-        stages hand off through their directories only anyway (DESIGN §2).
+        stages hand off through their directories only anyway (docs/design.md §2).
         """
         done = self.root / name / "summary.json"
         if done.is_file():
@@ -191,7 +198,8 @@ class Pipeline:
     def pretrain(self, size: str, world: Path) -> dict:
         base: PretrainConfig = getattr(self.cfg, f"pretrain_{size}")
         cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"),
-                                  size=size, seed=self.cfg.seed, precision=self.precision)
+                                  size=size)
+        cfg = self._seeded(cfg)
         return self.stage(f"pretrain-{size}", pretrain, cfg)
 
     def sft(self, size: str, world: Path) -> Path:
@@ -199,8 +207,8 @@ class Pipeline:
 
         cfg = dataclasses.replace(getattr(self.cfg, f"sft_{size}"), base=str(self.root / f"pretrain-{size}" / "model"),
                                   data=str(world / "sft_train.jsonl"), val_data=str(world / "sft_val.jsonl"),
-                                  out_dir=str(self.root / f"sft-{size}"), seed=self.cfg.seed,
-                                  precision=self.precision)
+                                  out_dir=str(self.root / f"sft-{size}"))
+        cfg = self._seeded(cfg)
         self.stage(f"sft-{size}", train, cfg)
         return self.root / f"sft-{size}" / "model"
 
@@ -218,8 +226,8 @@ class Pipeline:
         cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
                                   rankings=str(comparisons / "train.jsonl"),
                                   val_rankings=str(comparisons / "val.jsonl"),
-                                  demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"),
-                                  seed=self.cfg.seed, precision=self.precision)
+                                  demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"))
+        cfg = self._seeded(cfg)
         self.stage("rm", train, cfg)
         from rlhflab.eval.rm_report import rm_report
 
@@ -236,8 +244,8 @@ class Pipeline:
         cfg = dataclasses.replace(base, policy=str(self.root / "sft-small" / "model"), reward_model=str(rm),
                                   prompts=str(world / "ppo_train.jsonl"), val_prompts=str(world / "ppo_val.jsonl"),
                                   ptx_data=str(world / "corpus_train.jsonl") if ptx else None,
-                                  world=str(world), out_dir=str(self.root / name), seed=self.cfg.seed,
-                                  precision=self.precision)
+                                  world=str(world), out_dir=str(self.root / name))
+        cfg = self._seeded(cfg)
         self.stage(name, train, cfg)
         return self.root / name / "policy"
 
@@ -256,8 +264,9 @@ class Pipeline:
                                   rl_runs=rl_runs,
                                   prompted=[m for m in models if m.startswith("GPT-")], baseline="SFT-small",
                                   head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS],
-                                  reward_model=str(rm), out_dir=str(self.root / "eval"), seed=self.cfg.seed)
-        cfg.validate()
+                                  reward_model=str(rm), out_dir=str(self.root / "eval"))
+        cfg = self._seeded(cfg)
+        validate(cfg)
         return self.stage("eval", evaluate, cfg)
 
     def run(self) -> dict:

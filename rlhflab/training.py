@@ -1,22 +1,25 @@
-"""Small pieces every training loop shares: seeding, schedules, the NaN guard, progress."""
+"""The one training loop of pretrain, SFT and RM (`fit`), and what every stage shares:
+seeding, devices, precision, the schedule, the NaN guard, progress, checkpoints, outputs."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
 import sys
 import time
-import warnings
-
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import save_config, to_dict
+from rlhflab.config import PRECISIONS, flat_dict, save_config
 from rlhflab.errors import InputError, TrainingError
 from rlhflab.io import MetricsLog, atomic_dir, write_json
 
@@ -26,9 +29,6 @@ def set_seed(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def autocast(device: torch.device, precision: str):
@@ -52,6 +52,17 @@ def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -
     fuse_gelu(model)
     fast_attention(model, device, precision)
     return model
+
+
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    return tuple(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist())
+
+
+def shuffled_batch(n: int, batch_size: int, seed: int, epoch: int, b: int) -> list[int]:
+    """Indices of batch b of an epoch over n examples: one seeded permutation per epoch, a
+    pure function of (seed, epoch), so a resumed run reads the same order."""
+    return list(_epoch_order(n, seed, epoch)[b * batch_size: (b + 1) * batch_size])
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
@@ -130,12 +141,13 @@ def resolve_device(name: str = "auto") -> torch.device:
         return torch.device(name)
     except RuntimeError:
         raise InputError(f"not a torch device: {name!r} (try auto, cpu, cuda)",
-                         field="device") from None
+                         field="run.device") from None
 
 
 def check_resumable(saved: dict, current: dict, where: str,
-                    ignore=("save_every", "device")) -> None:
-    """Refuse to resume a checkpoint made under another config (other data, lr, ...)."""
+                    ignore=("train.save_every", "run.device")) -> None:
+    """Refuse to resume a checkpoint made under another config (other data, lr, ...).
+    `saved` and `current` are flat ({dotted key: value}, config.flat_dict)."""
     for key in sorted(set(saved) | set(current)):
         if key not in ignore and saved.get(key) != current.get(key):
             raise InputError(f"the checkpoint there was made with {key}={saved.get(key)!r}, "
@@ -143,18 +155,91 @@ def check_resumable(saved: dict, current: dict, where: str,
                              "directory or choose another out_dir", file=where, field=key)
 
 
-def start_or_resume(model, config, total_steps: int, extra_state: dict | None = None):
-    """AdamW + cosine schedule for an SFT/RM-style stage; restored from <out_dir>/checkpoint
-    when one exists (refused if it was made under another config).
+@dataclass
+class Loop:
+    """What a stage hands the one training loop (`fit`)."""
+    name: str
+    """Metric prefix and progress label: 'pretrain', 'sft', 'rm'."""
+    epochs: int
+    """Passes over the data (pretraining: 1 pass of `steps_per_epoch` random windows)."""
+    steps_per_epoch: int
+    """Optimizer steps in one epoch."""
+    batch: Callable[[int, int], object]
+    """(epoch, index in epoch) -> the step's batch; a pure function of them, so a resumed
+    run reads exactly what it would have."""
+    loss: Callable[[object], tuple[torch.Tensor, dict]]
+    """batch -> (loss, extra metrics): runs the forward AND the backward (a stage may
+    accumulate micro-batches); the loss is detached and only logged and checked."""
+    end_of_epoch: Callable[[int, dict], dict] | None = None
+    """(epoch, state) -> metrics row of that epoch's evaluation (may update `state`)."""
+    extra: Callable[[int], dict] | None = None
+    """step -> extra metrics for that step's row (pretraining's held-out loss)."""
+    log_epoch: bool = True
+    """Log <name>/epoch (fractional) on every row."""
 
-    Returns (optimizer, scheduler, state, metrics log). `config` needs out_dir, lr,
-    weight_decay, warmup_steps, final_lr_ratio.
+
+def fit(model, config, loop: Loop, extra_state: dict | None = None,
+        callback: Callable[[int, dict], None] | None = None) -> tuple[dict, MetricsLog]:
+    """Train `model` in place: AdamW + cosine schedule, resumable from <out_dir>/checkpoint.
+
+    Every step: zero_grad, loop.loss (forward + backward), the NaN guard, the gradient
+    clip, the optimizer step, one metrics row, a checkpoint every train.save_every steps
+    and at each epoch's end. `config` needs out_dir, train (TrainFields), warmup_steps,
+    weight_decay and final_lr_ratio. `callback(step, row)` runs after each step (tests
+    raise from it to simulate a kill). Returns the loop state (step, epochs, extras) and
+    the metrics log, for a stage's closing rows.
     """
     out_dir = Path(config.out_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, 0.95),
+    opt, sched, state, log = start_or_resume(model, config, loop.epochs * loop.steps_per_epoch,
+                                              extra_state)
+    guard, params = NonFiniteGuard(where=loop.name), list(model.parameters())
+    bar = progress(total=loop.epochs * loop.steps_per_epoch, desc=loop.name,
+                   initial=state["step"])
+    max_norm = config.train.max_grad_norm
+
+    def save() -> None:
+        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
+                        dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows))
+
+    for epoch in range(state["epoch"], loop.epochs):
+        for b in range(state["batch"], loop.steps_per_epoch):
+            opt.zero_grad(set_to_none=True)
+            loss, stats = loop.loss(loop.batch(epoch, b))
+            if guard.ok(loss, params):
+                if max_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, max_norm)
+                opt.step()
+            sched.step()
+            state.update(step=state["step"] + 1, batch=b + 1)
+            row = {"step": state["step"], f"{loop.name}/loss": float(loss),
+                   f"{loop.name}/lr": sched.get_last_lr()[0], **stats}
+            if loop.log_epoch:
+                row[f"{loop.name}/epoch"] = epoch + (b + 1) / loop.steps_per_epoch
+            if loop.extra is not None:
+                row.update(loop.extra(state["step"]))
+            log.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row[f'{loop.name}/loss']:.3f}")
+            if state["step"] % config.train.save_every == 0:
+                save()
+            if callback is not None:
+                callback(state["step"], row)
+        if loop.end_of_epoch is not None:
+            log.log({"step": state["step"], **loop.end_of_epoch(epoch, state)})
+        state.update(epoch=epoch + 1, batch=0)
+        save()
+    bar.close()
+    return state, log
+
+
+def start_or_resume(model, config, total_steps: int, extra_state: dict | None = None):
+    """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists (refused
+    if it was made under another config). Returns (optimizer, scheduler, state, metrics log)."""
+    out_dir = Path(config.out_dir)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.95),
                             weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
     sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
-    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": to_dict(config),
+    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": flat_dict(config),
              **(extra_state or {})}
     resumed = has_checkpoint(out_dir)
     if resumed:
@@ -169,14 +254,6 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
     log = MetricsLog(out_dir / "metrics.jsonl", keep_rows=state.get("metrics_rows"),
                      truncate_after_step=state["step"] if resumed else None)
     return opt, sched, state, log
-
-
-def save_stage_checkpoint(out_dir: Path, model, opt, sched, state: dict, log: MetricsLog) -> None:
-    """The SFT/RM checkpoint: weights, optimizer, schedule, data position, and how many
-    metrics rows it has seen (an epoch-end or final row shares its step with the last
-    training row, so only a row count tells a resume exactly what to drop)."""
-    save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
-                    dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows))
 
 
 def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:

@@ -13,7 +13,7 @@ import pytest
 
 from rlhflab.cli import main
 from rlhflab.models import load_reward_model
-from tiny import (WORDS, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer,
+from tiny import (WORDS, dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer,
                   write_jsonl)
 
 os.environ["RLHFLAB_QUIET"] = "1"
@@ -49,7 +49,7 @@ def manifest(*roots: Path) -> dict[str, str]:
 
 
 def args(**kw) -> list[str]:
-    return [f"--{k}={v}" for k, v in kw.items()]
+    return [f"--{dotted(k)}={v}" for k, v in kw.items()]
 
 
 def sft(env, t, **kw):
@@ -294,7 +294,7 @@ def c_corpus_txt_non_utf8(env, t):
 
 
 def c_cfg_negative_lr(env, t):
-    return sft(env, t, lr=-1e-3), "field 'lr'"
+    return sft(env, t, lr=-1e-3), "field 'train.lr'"
 
 
 def c_cfg_unknown_key(env, t):
@@ -354,7 +354,7 @@ def c_cfg_k_min(env, t):
 
 
 def c_cfg_bad_device(env, t):
-    return sft(env, t, device="warpdrive"), "field 'device'"
+    return sft(env, t, device="warpdrive"), "field 'run.device'"
 
 
 def c_model_no_config_json(env, t):

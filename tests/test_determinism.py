@@ -19,7 +19,7 @@ from rlhflab.stages import rm
 from rlhflab.stages import sft
 from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
-from tiny import demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
+from tiny import dotted, make, demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -44,21 +44,21 @@ def lab(tmp_path_factory):
 
 
 def run_sft(lab, out: Path, seed: int) -> list[Path]:
-    sft.train(sft.SFTConfig(base=str(lab["base"]), data=str(lab["demos"]),
+    sft.train(make(sft.SFTConfig, base=str(lab["base"]), data=str(lab["demos"]),
                             val_data=str(lab["val"]), out_dir=str(out), epochs=2, batch_size=4,
                             seed=seed, device="cpu"))
     return [out / "model"]
 
 
 def run_rm(lab, out: Path, seed: int) -> list[Path]:
-    rm.train(rm.RMConfig(base=str(lab["base"]), rankings=str(lab["ranks"]),
+    rm.train(make(rm.RMConfig, base=str(lab["base"]), rankings=str(lab["ranks"]),
                          demos=str(lab["demos"]), out_dir=str(out), batch_size=4, seed=seed,
                          device="cpu"))
     return [out / "model"]
 
 
 def run_ppo(lab, out: Path, seed: int) -> list[Path]:
-    ppo_loop.train(ppo.PPOConfig(policy=str(lab["base"]), reward_model=str(lab["rm"]),
+    ppo_loop.train(make(ppo.PPOConfig, policy=str(lab["base"]), reward_model=str(lab["rm"]),
                             prompts=str(lab["prompts"]), batch_size=8, minibatch_size=4,
                             ppo_epochs=2, max_new_tokens=6, total_episodes=16, lr=1e-3,
                             warmup_steps=0, seed=seed, device="cpu", out_dir=str(out)))

@@ -83,20 +83,20 @@ def inputs(tmp_path_factory):
 
 def argv(stage: str, inp: dict, out: Path) -> list[str]:
     """Small runs: SFT 2 epochs × 3 steps, RM 6 steps, PPO 4 steps (with ptx and eval)."""
-    common = ["--device=cpu", f"--out_dir={out}"]
+    common = ["--run.device=cpu", f"--out_dir={out}"]
     if stage == "sft":
         return ["sft", f"--base={inp['base']}", f"--data={inp['demos']}",
-                f"--val_data={inp['val']}", "--epochs=2", "--batch_size=4", "--save_every=3",
+                f"--val_data={inp['val']}", "--epochs=2", "--batch_size=4", "--train.save_every=3",
                 *common]
     if stage == "rm":
         return ["rm", f"--base={inp['base']}", f"--rankings={inp['ranks']}",
-                f"--demos={inp['demos']}", "--batch_size=4", "--save_every=2", *common]
+                f"--demos={inp['demos']}", "--batch_size=4", "--train.save_every=2", *common]
     return ["ppo", f"--policy={inp['base']}", f"--reward_model={inp['rm']}",
             f"--prompts={inp['prompts']}", f"--val_prompts={inp['val_prompts']}",
             f"--ptx_data={inp['ptx']}", "--ptx_per_episode=0.5", "--adaptive_kl=true",
             "--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=6",
-            "--total_episodes=32", "--save_every=2", "--eval_every=2", "--lr=1e-3",
-            "--warmup_steps=0", "--seed=1", *common]
+            "--total_episodes=32", "--train.save_every=2", "--eval_every=2", "--train.lr=1e-3",
+            "--warmup_steps=0", "--run.seed=1", *common]
 
 
 MODEL_FILES = {"sft": ["model/model.safetensors"], "rm": ["model/model.safetensors"],

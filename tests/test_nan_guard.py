@@ -20,7 +20,7 @@ from rlhflab.stages import sft
 from rlhflab.errors import TrainingError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
-from tiny import demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
+from tiny import dotted, make, demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
@@ -89,12 +89,12 @@ def training_steps() -> dict:
 
 def sft_config(lab, out, **kw):
     kw = {"epochs": 2, "batch_size": 4, "device": "cpu", "save_every": 2, **kw}
-    return sft.SFTConfig(base=str(lab["base"]), data=str(lab["demos"]), out_dir=str(out), **kw)
+    return make(sft.SFTConfig, base=str(lab["base"]), data=str(lab["demos"]), out_dir=str(out), **kw)
 
 
 def rm_config(lab, out, **kw):
     kw = {"batch_size": 4, "device": "cpu", "save_every": 2, **kw}
-    return rm.RMConfig(base=str(lab["base"]), rankings=str(lab["ranks"]), out_dir=str(out), **kw)
+    return make(rm.RMConfig, base=str(lab["base"]), rankings=str(lab["ranks"]), out_dir=str(out), **kw)
 
 
 def _nan_in_sft_logits(monkeypatch, bad):
@@ -189,7 +189,7 @@ def test_rm_cli_stops_with_one_line_and_exit_3(lab, tmp_path, monkeypatch, capsy
     out = tmp_path / "out"
     with pytest.warns(RuntimeWarning):
         rc = cli.main(["rm", f"--base={lab['base']}", f"--rankings={lab['ranks']}",
-                       "--batch_size=2", "--save_every=1", "--device=cpu", f"--out_dir={out}"])
+                       "--batch_size=2", "--train.save_every=1", "--run.device=cpu", f"--out_dir={out}"])
     err = capsys.readouterr().err.strip()
     assert rc == 3
     assert err == ("error: rm: 5 non-finite steps in a row; stopped, the last good checkpoint "
@@ -206,7 +206,7 @@ def ppo_config(lab, out: Path, **kw) -> ppo.PPOConfig:
     base = dict(policy=str(lab["base"]), reward_model=str(lab["rm"]), prompts=str(lab["prompts"]),
                 batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, total_episodes=32,
                 lr=1e-3, warmup_steps=0, seed=1, save_every=1, device="cpu", out_dir=str(out))
-    return ppo.PPOConfig(**{**base, **kw})
+    return make(ppo.PPOConfig, **{**base, **kw})
 
 
 def _ppo_step_spy(monkeypatch) -> tuple[dict, dict]:

@@ -16,7 +16,7 @@ from rlhflab.errors import InputError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_causal_lm, load_reward_model
 from rlhflab.stages.ppo.step import PPOConfig, Rollout, minibatch_loss, policy_logprobs
-from tiny import gpt2_dir, tiny_tokenizer, write_jsonl
+from tiny import dotted, make, gpt2_dir, tiny_tokenizer, write_jsonl
 
 
 @torch.no_grad()
@@ -69,7 +69,7 @@ def make_config(lab, out: str, **kw) -> PPOConfig:
                 batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, total_episodes=16,
                 lr=1e-3, warmup_steps=0, seed=1, out_dir=str(lab["root"] / out))
     base.update(kw)
-    return PPOConfig(**base)
+    return make(PPOConfig, **base)
 
 
 def capture_run(monkeypatch) -> dict:

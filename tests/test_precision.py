@@ -8,6 +8,7 @@ from rlhflab import pipeline
 from rlhflab.config import ConfigError
 from rlhflab.models import (load_causal_lm, load_reward_model, position_ids, token_logprobs,
                             token_values)
+from rlhflab.config import TrainFields, validate
 from rlhflab.stages.ppo import PPOConfig
 from rlhflab.training import autocast, fast_kernels, native_bf16
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
@@ -61,7 +62,7 @@ def test_bf16_autocast_stays_close_and_keeps_scores_fp32(models):
 
 def test_precision_is_checked_and_auto_follows_the_hardware(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="precision"):
-        PPOConfig(policy="p", reward_model="r", prompts="x", precision="fp16").validate()
+        validate(PPOConfig(policy="p", reward_model="r", prompts="x", train=TrainFields(precision="fp16")))
     assert isinstance(native_bf16(CPU), bool)
     cfg = pipeline.RunConfig(out_dir=str(tmp_path))
     for native, expected in ((False, "fp32"), (True, "bf16")):

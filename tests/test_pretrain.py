@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import rlhflab.stages.pretrain as pretrain_mod
 from rlhflab.cli import main
 from rlhflab.config import load_config
+from rlhflab.errors import InputError
 from rlhflab.stages.pretrain import PretrainConfig, train
 from rlhflab.world.build import build
+from tiny import dotted
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def _cfg(world, out, **kw):
     base = dict(world=str(world), out_dir=str(out), steps=80, batch_size=16, seq_len=64, eval_every=20, warmup_steps=5,
                 save_every=40, gold_prompts=8)
     base.update(kw)
-    return load_config(PretrainConfig, overrides=[f"{k}={v}" for k, v in base.items()])
+    return load_config(PretrainConfig, overrides=[f"{dotted(k)}={v}" for k, v in base.items()])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -41,29 +42,33 @@ def test_pretrain_beats_unigram_and_round_trips(world, tmp_path, precision):
     assert (tmp_path / "pt" / "config.yaml").is_file()
 
 
-def test_resume_after_interruption_matches_uninterrupted(world, tmp_path, monkeypatch):
+def test_resume_after_interruption_matches_uninterrupted(world, tmp_path):
+    """Pretraining runs the one training loop: killed after its step-40 checkpoint it resumes
+    bitwise, refuses to resume under another config, and leaves no checkpoint behind."""
     ref_dir, _ = train(_cfg(world, tmp_path / "a", gold_prompts=0))
-    real_save = pretrain_mod.save_checkpoint
+    assert not (tmp_path / "a" / "checkpoint").exists()
 
-    def save_then_die(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
+    def die(step, row):
+        if step == 50:
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(pretrain_mod, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(world, tmp_path / "b", gold_prompts=0))
-    monkeypatch.setattr(pretrain_mod, "save_checkpoint", real_save)
+        train(_cfg(world, tmp_path / "b", gold_prompts=0), callback=die)
+    assert (tmp_path / "b" / "checkpoint").is_dir()
+    with pytest.raises(InputError, match="train.lr"):
+        train(_cfg(world, tmp_path / "b", gold_prompts=0, lr=1e-3))
     resumed_dir, _ = train(_cfg(world, tmp_path / "b", gold_prompts=0))
     a = AutoModelForCausalLM.from_pretrained(ref_dir).state_dict()
     b = AutoModelForCausalLM.from_pretrained(resumed_dir).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 81))
+    assert not (tmp_path / "b" / "checkpoint").exists()
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("steps=abc", "steps"), ("stepz=3", "stepz"), ("size=huge", "size"), ("lr=-1", "lr"),
-    ("precision=fp16", "precision"),
+    ("steps=abc", "steps"), ("stepz=3", "stepz"), ("size=huge", "size"), ("train.lr=-1", "train.lr"),
+    ("train.precision=fp16", "train.precision"),
 ])
 def test_bad_config_values_are_refused_in_one_line(world, tmp_path, capsys, override, needle):
     out = tmp_path / "o"

@@ -15,7 +15,7 @@ from rlhflab.cli import main
 from rlhflab.data import parse_ranking, read_demos, read_rankings
 from rlhflab.models import load_reward_model, load_tokenizer, reward_scores
 from rlhflab.text import encode_query, encode_response, pad_left, pad_right
-from tiny import demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
+from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 
@@ -33,7 +33,7 @@ def world(tmp_path_factory):
 
 def config(world, out, base="gpt2", **kw):
     kw = {"batch_size": 4, "lr": 1e-3, "demos": str(world["demos"]), "device": "cpu", **kw}
-    return rm.RMConfig(base=str(world[base]), rankings=str(world["ranks"]), out_dir=str(out), **kw)
+    return make(rm.RMConfig, base=str(world[base]), rankings=str(world["ranks"]), out_dir=str(out), **kw)
 
 
 # --------------------------------------------------------------------------- the loss

@@ -14,7 +14,7 @@ from rlhflab.cli import main
 from rlhflab.errors import InputError
 from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.text import encode_query, encode_response
-from tiny import demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
+from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 
@@ -33,7 +33,7 @@ def world(tmp_path_factory):
 
 def config(world, out, base="gpt2", **kw):
     kw = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "device": "cpu", **kw}
-    return sft.SFTConfig(base=str(world[base]), data=str(world["demos"]), out_dir=str(out), **kw)
+    return make(sft.SFTConfig, base=str(world[base]), data=str(world["demos"]), out_dir=str(out), **kw)
 
 
 def weights(path) -> dict[str, torch.Tensor]:
@@ -174,7 +174,7 @@ def test_reward_model_chooses_the_epoch(world, tmp_path):
     from rlhflab.stages import rm
 
     ranks = write_jsonl(tmp_path / "ranks.jsonl", ranking_rows(4))
-    rm_dir, _ = rm.train(rm.RMConfig(base=str(world["gpt2"]), rankings=str(ranks),
+    rm_dir, _ = rm.train(make(rm.RMConfig, base=str(world["gpt2"]), rankings=str(ranks),
                                      out_dir=str(tmp_path / "rm"), device="cpu"))
     cfg = config(world, tmp_path / "out", base="llama", epochs=3, reward_model=str(rm_dir),
                  val_prompts=str(world["prompts"]), val_max_new_tokens=8)

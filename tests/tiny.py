@@ -12,6 +12,9 @@ from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import dataclasses
+
+from rlhflab.config import RunFields, TrainFields
 from rlhflab.models import lab_model
 from rlhflab.text import train_tokenizer
 
@@ -72,3 +75,25 @@ def ranking_rows(n: int = 8, k: int = 4) -> list[dict]:
         rows.append({"prompt": f"name a color {i}", "responses": responses,
                      "ranking": list(range(k - 1, -1, -1))})
     return rows
+
+
+RUN_KEYS = {f.name for f in dataclasses.fields(RunFields)}
+TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainFields)}
+
+
+def make(cls, **kw):
+    """A stage config from flat keyword arguments, as tests write them: seed and device go
+    to its `run` block, lr, max_grad_norm, save_every and precision to its `train` block."""
+    default = cls()
+    run = {k: kw.pop(k) for k in list(kw) if k in RUN_KEYS}
+    train = {k: kw.pop(k) for k in list(kw) if k in TRAIN_KEYS}
+    if run:
+        kw["run"] = dataclasses.replace(default.run, **run)
+    if train:
+        kw["train"] = dataclasses.replace(default.train, **train)
+    return cls(**kw)
+
+
+def dotted(key: str) -> str:
+    """The command-line key of a flat test key: 'lr' -> 'train.lr', 'seed' -> 'run.seed'."""
+    return f"run.{key}" if key in RUN_KEYS else f"train.{key}" if key in TRAIN_KEYS else key

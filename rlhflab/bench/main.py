@@ -40,14 +40,17 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
     """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload."""
     import torch
 
+    from rlhflab.config import RunFields, TrainFields
     from rlhflab.stages.ppo import PPOConfig, open_run, ppo_step
     from rlhflab.training import set_seed
 
+    settings = dict(PPO_SETTINGS)
+    train = TrainFields(lr=settings.pop("lr"), precision=precision)
     config = PPOConfig(**inputs, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
                        ppo_epochs=w.ppo_epochs, max_new_tokens=w.response_len, force_length=True,
                        no_eos_penalty=0.0, warmup_steps=0, total_episodes=steps * w.batch_size,
-                       device=w.device, seed=SEED, out_dir=out_dir, precision=precision,
-                       **PPO_SETTINGS)
+                       run=RunFields(seed=SEED, device=w.device), train=train, out_dir=out_dir,
+                       **settings)
     set_seed(SEED)
     run = open_run(config)
     wall, phases, kl, rm_score = [], [], [], []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -26,9 +25,6 @@ from rlhflab.text import decode_response, encode_query, pad_right
 from rlhflab.report import charts
 from rlhflab.report.html import figure, missing, table, text_cell
 from rlhflab.world import load_world
-
-if TYPE_CHECKING:
-    from rlhflab.report.sections import RunFiles
 
 
 @torch.no_grad()
@@ -75,7 +71,8 @@ def write_walkthrough(root: Path, world_dir: Path, rm_dir: Path, ppo_dir: Path, 
 
 # --------------------------------------------------------------------------- the report section
 
-def s_walkthrough(run: RunFiles) -> str:
+def s_walkthrough(run) -> str:
+    """The section, from a `sections.RunFiles` (its .walkthrough and .metrics)."""
     w = run.walkthrough
     if not w:
         return missing("walkthrough.json is missing (written by `rlhflab run`).")
@@ -87,7 +84,7 @@ def _extras(d: dict, skip: set) -> str:
     return table(["", "value"], rows, "kv") if rows else ""
 
 
-def _walk_sft(run: RunFiles, d) -> str:
+def _walk_sft(run, d) -> str:
     head = "<h3>Step 1 — supervised fine-tuning on a demonstration</h3>"
     if not isinstance(d, dict):
         return head + missing("walkthrough.json has no 'sft' example.")

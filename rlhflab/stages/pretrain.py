@@ -11,23 +11,18 @@ import argparse
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import add_config_arguments, check, config_from_args, save_config
+from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields
 from rlhflab.data import read_texts
 from rlhflab.errors import InputError
-from rlhflab.io import MetricsLog, atomic_dir, write_json
 from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
 from rlhflab.text import train_tokenizer
-from rlhflab.training import PRECISIONS, NonFiniteGuard, autocast, cosine_schedule, fast_kernels, progress, set_seed
-
-CPU = torch.device("cpu")  # the base models are small: pretraining runs on the CPU
-
+from rlhflab.training import Loop, autocast, fast_kernels, fit, resolve_device, set_seed, write_outputs
 
 @dataclass
 class PretrainConfig:
@@ -46,38 +41,36 @@ class PretrainConfig:
     out_dir: str = "runs/pretrain"
     """Output directory (model, tokenizer, metrics.jsonl, config.yaml, summary.json)."""
     steps: int = 1500
-    """Optimizer steps."""
+    """Optimizer steps (one pass of random windows: pretraining has no epochs)."""
     batch_size: int = 32
     """Windows per step."""
     seq_len: int = 128
     """Tokens per window (also the model's context length)."""
-    lr: float = 3e-3
-    """Peak learning rate (tiny models take a large one); cosine decay to 10%."""
+    train: TrainFields = train_fields(lr=3e-3, save_every=500)
+    """Optimisation: lr 3e-3 (tiny models take a large one), gradient clip 1.0."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
+    final_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     eval_every: int = 250
     """Steps between held-out loss evaluations."""
-    save_every: int = 500
-    """Steps between resumable checkpoints."""
     gold_prompts: int = 100
     """Held-out lab instructions answered greedily at the end to measure gold quality (0: skip)."""
-    seed: int = 0
-    """Seed for initialisation and data order."""
-    precision: str = "fp32"
-    """'fp32', or 'bf16': the training forward under bfloat16 autocast (weights, AdamW state
-    and the loss stay fp32); pays on a CPU with AMX (BENCHMARKS.md). Held-out loss and the
-    gold check run in fp32."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (initialisation, data order) and device. Held-out loss and the gold check run in
+    fp32 whatever train.precision says."""
 
     def validate(self):
         check(self.steps > 0, "steps", self.steps, "must be positive")
         check(self.batch_size > 0, "batch_size", self.batch_size, "must be positive")
         check(16 <= self.seq_len <= 4096, "seq_len", self.seq_len, "must be in 16..4096")
-        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "must be positive")
+        check(self.train.lr > 0, "train.lr", self.train.lr, "must be positive")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
         check(self.vocab_size >= 300, "vocab_size", self.vocab_size, "must be at least 300")
         check(self.size in LAB_SIZES, "size", self.size, f"must be one of {list(LAB_SIZES)}")
-        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
 
 
 def _paths(cfg: PretrainConfig) -> tuple[Path, Path | None, Path | None]:
@@ -108,11 +101,13 @@ def windows(stream: torch.Tensor, batch: int, seq_len: int, seed: int, step: int
 
 @torch.no_grad()
 def eval_loss(model, stream: torch.Tensor, seq_len: int, max_windows: int = 64) -> float:
+    device = next(model.parameters()).device
     model.eval()
     n = min(max_windows, max(1, (len(stream) - 1) // seq_len))
     total, count = 0.0, 0
     for i in range(0, n, 16):
         x = torch.stack([stream[j * seq_len: (j + 1) * seq_len] for j in range(i, min(n, i + 16))])
+        x = x.to(device)
         total += float(model(input_ids=x, labels=x).loss) * x.numel()
         count += x.numel()
     model.train()
@@ -126,7 +121,9 @@ def unigram_loss(train: torch.Tensor, val: torch.Tensor, vocab: int) -> float:
     return -sum(math.log((counts.get(t, 0) + 1) / total) for t in val.tolist()) / len(val)
 
 
-def train(cfg: PretrainConfig) -> tuple[Path, dict]:
+def train(cfg: PretrainConfig, callback=None) -> tuple[Path, dict]:
+    """Pretrain a fresh lab model on the corpus; returns (<out_dir>/model, summary).
+    `callback(step, row)` runs after every optimizer step (tests simulate a kill with it)."""
     check(bool(cfg.world or cfg.corpus), "corpus", cfg.corpus, "give a corpus or a lab world")
     corpus_path, val_path, tok_path = _paths(cfg)
     texts = read_texts(corpus_path)  # validated before anything is written
@@ -137,48 +134,35 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
     if len(stream) <= cfg.seq_len or len(val_stream) <= cfg.seq_len:
         raise InputError(f"corpus too short for seq_len {cfg.seq_len}", file=str(corpus_path))
 
-    set_seed(cfg.seed)
-    model = fast_kernels(lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.seed), CPU, cfg.precision)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = cosine_schedule(opt, cfg.steps, cfg.warmup_steps)
-    out.mkdir(parents=True, exist_ok=True)
-    start = 0
-    if has_checkpoint(out):
-        state = load_checkpoint(out, {"model": model}, {"opt": opt})
-        sched.load_state_dict(state["scheduler"])
-        start = state["step"]
-    save_config(cfg, out / "config.yaml")
-    log = MetricsLog(out / "metrics.jsonl", truncate_after_step=start if start else None)
-    guard = NonFiniteGuard(where="pretrain")
-    model.train()
-    t0, tokens = time.time(), 0
-    bar = progress(total=cfg.steps, initial=start, desc=f"pretrain {cfg.size}")
-    for step in range(start + 1, cfg.steps + 1):
-        x = windows(stream, cfg.batch_size, cfg.seq_len, cfg.seed, step)
-        with autocast(CPU, cfg.precision):
-            loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if guard.ok(loss, model.parameters()):
-            opt.step()
-        sched.step()
-        tokens += x.numel()
-        row = {"step": step, "pretrain/loss": round(loss.item(), 5), "pretrain/lr": sched.get_last_lr()[0]}
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            row["pretrain/val_loss"] = round(eval_loss(model, val_stream, cfg.seq_len), 5)
-            bar.set_postfix(loss=f"{loss.item():.3f}", val=row["pretrain/val_loss"])
-        log.log(row)
-        bar.update(1)
-        if step % cfg.save_every == 0 and step < cfg.steps:
-            save_checkpoint(out, {"model": model}, {"opt": opt}, {"step": step, "scheduler": sched.state_dict()})
-    bar.close()
-    elapsed = time.time() - t0
+    device = resolve_device(cfg.run.device)
+    set_seed(cfg.run.seed)
+    model = lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.run.seed)
+    fast_kernels(model.to(device).train(), device, cfg.train.precision)
 
+    tokens = [0]  # trained in this process (a resumed run counts from its checkpoint)
+
+    def loss(step_windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        x = step_windows.to(device)
+        tokens[0] += x.numel()
+        with autocast(device, cfg.train.precision):
+            value = model(input_ids=x, labels=x).loss
+        value.backward()
+        return value.detach(), {}
+
+    def held_out(step: int) -> dict:
+        if step % cfg.eval_every and step != cfg.steps:
+            return {}
+        return {"pretrain/val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 5)}
+
+    t0 = time.time()
+    fit(model, cfg, Loop("pretrain", epochs=1, steps_per_epoch=cfg.steps, log_epoch=False,
+                                 batch=lambda _, b: windows(stream, cfg.batch_size, cfg.seq_len, cfg.run.seed, b + 1),
+                                 loss=loss, extra=held_out), callback=callback)
+    elapsed = time.time() - t0
     summary = {"params": n_params(model), "size": cfg.size, "steps": cfg.steps,
                "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),
                "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
-               "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)}
+               "tokens_per_s": round(tokens[0] / max(elapsed, 1e-9), 1)}
     if cfg.world and cfg.gold_prompts:
         from rlhflab.eval.lab import gold_of_policy
         from rlhflab.world import load_world
@@ -186,11 +170,7 @@ def train(cfg: PretrainConfig) -> tuple[Path, dict]:
         world = load_world(cfg.world)
         prompts = [t.prompt for t in world.splits["test"][: cfg.gold_prompts]]
         summary.update({f"base_{k}": v for k, v in gold_of_policy(model.eval(), tokenizer, world, prompts).items()})
-    with atomic_dir(out / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json(out / "summary.json", summary)
-    return out / "model", summary
+    return write_outputs(out, model, tokenizer, summary), summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

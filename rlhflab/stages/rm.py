@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhflab.config import add_config_arguments, check, config_from_args
+from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields, validate
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
 from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
                             reward_bias, reward_scores)
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (PRECISIONS, NonFiniteGuard, autocast, fast_kernels, progress, resolve_device,
-                              save_stage_checkpoint, set_seed, start_or_resume, write_outputs)
+from rlhflab.training import (Loop, autocast, fast_kernels, fit, resolve_device, set_seed, shuffled_batch,
+                              write_outputs)
 
 
 @dataclass
@@ -49,29 +49,20 @@ class RMConfig:
     """Prompts per optimizer step; each holds all C(K,2) comparisons of its K responses."""
     micro_batch_size: int = 0
     """Prompts per forward pass, gradients accumulated over the batch (0: the whole batch)."""
-    lr: float = 3e-4
-    """Peak learning rate. App. C.2 used 9e-6 for the 6B RM; the lab's ~0.2M-parameter model
+    train: TrainFields = train_fields(lr=3e-4, save_every=200)
+    """Optimisation. lr: App. C.2 used 9e-6 for the 6B RM; the lab's ~0.2M-parameter model
     sees ~200 updates in its one epoch and needs far larger steps (lab world, val accuracy:
-    3e-5 0.67, 1e-4 0.72, 3e-4 0.73, 1e-3 0.74). Lower it for larger models."""
+    3e-5 0.67, 1e-4 0.72, 3e-4 0.73, 1e-3 0.74). Lower it for larger models. Clip 1.0."""
     final_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of the peak (App. C.2: cosine schedule)."""
     warmup_steps: int = 0
     """Linear warm-up steps."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip (0: off)."""
-    save_every: int = 200
-    """Write a resumable checkpoint every this many steps (and at each epoch end)."""
-    seed: int = 0
-    """Seed for the head's initialisation and the data order."""
     eval_batch_size: int = 32
     """Sequences per forward when scoring (evaluation, demo centring)."""
-    device: str = "auto"
-    """'auto' (CUDA if present), 'cpu', 'cuda', ..."""
-    precision: str = "fp32"
-    """'fp32', or 'bf16': training forwards under bfloat16 autocast (weights, Adam state and the
-    loss stay fp32). bf16 pays on a GPU or a CPU with AMX (BENCHMARKS.md)."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (the head's initialisation, data order) and device."""
 
     def validate(self) -> None:
         check(bool(self.base), "base", self.base, "the SFT model directory is required")
@@ -80,14 +71,11 @@ class RMConfig:
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "must be >= 0")
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
         check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
               "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
-        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
-        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
 
 
@@ -203,8 +191,19 @@ def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
 # --------------------------------------------------------------------------- scoring
 
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) -> list[float]:
-    """r_θ of token sequences, batched by length (dropout off); order preserved."""
+def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32,
+                    field: str = "sequences") -> list[float]:
+    """r_θ of token sequences (query + response), bias included; order preserved.
+
+    The one way anything scores with a reward model: batched by length (little padding),
+    dropout off (the model's mode restored after), and a sequence longer than the model's
+    context refused (InputError naming `field`), never cut.
+    """
+    max_len = context_length(model.config)
+    for i, s in enumerate(seqs):
+        if max_len is not None and len(s) > max_len:
+            raise InputError(f"{field}[{i}] is {len(s)} tokens, the reward model's context is "
+                             f"{max_len}", field=field)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -221,14 +220,9 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int) 
 
 def score_pairs(model, tokenizer, prompts: list[str], responses: list[str],
                 batch_size: int = 32) -> list[float]:
-    """r_θ(x, y) for each (prompt, response), bias included: the RM's public scoring function."""
-    max_len = context_length(model.config)
+    """r_θ(x, y) for each (prompt, response) in THE layout (text.py): `score_sequences`."""
     seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    for i, s in enumerate(seqs):
-        if max_len is not None and len(s) > max_len:
-            raise InputError(f"prompt + response {i} is {len(s)} tokens, the reward model's "
-                             f"context is {max_len}", field="responses")
-    return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size)
+    return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, field="responses")
 
 
 def evaluate(model, comparisons: list[Comparison], pad_id: int, batch_size: int) -> dict:
@@ -266,7 +260,7 @@ def center_on_demos(model, tokenizer, demos, batch_size: int) -> dict:
 def read_inputs(config: RMConfig):
     """(tokenizer, model, train comparisons, val comparisons, demos), all checked."""
     tokenizer = load_tokenizer(config.base)
-    set_seed(config.seed)  # the fresh head's initialisation
+    set_seed(config.run.seed)  # the fresh head's initialisation
     model = load_reward_model(config.base)
     model.config.pad_token_id = tokenizer.pad_token_id  # for HF's own forward, too
     max_len = context_length(model.config)
@@ -289,51 +283,28 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     `callback(step, row)` runs after every optimizer step (tests raise from it to simulate
     an interruption).
     """
-    config.validate()
+    validate(config)
     out_dir, t0 = Path(config.out_dir), time.time()
     # 1. Read and check every input before anything is written.
     tokenizer, model, train_set, val_set, demos = read_inputs(config)
-    device, pad_id = resolve_device(config.device), tokenizer.pad_token_id
-    fast_kernels(model.to(device).train(), device, config.precision)
+    device, pad_id = resolve_device(config.run.device), tokenizer.pad_token_id
+    fast_kernels(model.to(device).train(), device, config.train.precision)
 
-    # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    opt, sched, state, log = start_or_resume(model, config, config.epochs * steps_per_epoch)
-    guard = NonFiniteGuard(where="rm")
-    bar = progress(total=config.epochs * steps_per_epoch, desc="rm", initial=state["step"])
-
-    def save() -> None:
-        save_stage_checkpoint(out_dir, model, opt, sched, state, log)
-
-    # 3. One step = a batch of prompts, each one batch element with all its comparisons.
-    for epoch in range(state["epoch"], config.epochs):
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)  # resumable order
-        order = torch.randperm(len(train_set), generator=gen)
-        for b in range(state["batch"], steps_per_epoch):
-            idx = order[b * config.batch_size: (b + 1) * config.batch_size].tolist()
-            loss, accuracy = _step(model, opt, [train_set[i] for i in idx], pad_id, config,
-                                   guard, device)
-            sched.step()
-            state.update(step=state["step"] + 1, batch=b + 1)
-            row = {"step": state["step"], "rm/loss": loss, "rm/accuracy": accuracy,
-                   "rm/lr": sched.get_last_lr()[0], "rm/epoch": epoch + (b + 1) / steps_per_epoch}
-            log.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.2f}")
-            if state["step"] % config.save_every == 0:
-                save()
-            if callback is not None:
-                callback(state["step"], row)
-        # 4. End of epoch: held-out loss and accuracy, checkpoint.
+    def end_of_epoch(epoch: int, state: dict) -> dict:  # held-out loss and accuracy
         record = {"epoch": epoch + 1}
         if val_set is not None:
             val = evaluate(model, val_set, pad_id, config.eval_batch_size)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         state["epochs"].append(record)
-        log.log({"step": state["step"], **{f"rm/{k}": v for k, v in record.items()}})
-        state.update(epoch=epoch + 1, batch=0)
-        save()
-    bar.close()
+        return {f"rm/{k}": v for k, v in record.items()}
+
+    # 2-4. One step = a batch of prompts, each one batch element with all its comparisons.
+    n, bs = len(train_set), config.batch_size
+    state, log = fit(model, config, Loop(
+        "rm", epochs=config.epochs, steps_per_epoch=math.ceil(n / bs),
+        batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
+        loss=lambda chunk: _loss(model, chunk, pad_id, config, device),
+        end_of_epoch=end_of_epoch), callback=callback)
 
     # 5. Train accuracy over the whole set, the demo-centring bias (§3.5), atomic output.
     final = {"rm/train_accuracy": evaluate(model, train_set, pad_id,
@@ -348,26 +319,22 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     return write_outputs(out_dir, model, tokenizer, summary), summary
 
 
-def _step(model, opt, chunk: list[Comparison], pad_id: int, config: RMConfig,
-          guard: NonFiniteGuard, device) -> tuple[float, float]:
-    """One optimizer step over a batch of prompts; micro-batches accumulate gradients."""
-    opt.zero_grad(set_to_none=True)
+def _loss(model, chunk: list[Comparison], pad_id: int, config: RMConfig,
+          device) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one batch of prompts, micro-batches accumulating gradients.
+    Returns (the batch's loss, {rm/accuracy: fraction of its pairs ordered right})."""
     micro = config.micro_batch_size or len(chunk)
     total_loss, correct = torch.zeros((), device=device), 0.0
     for i in range(0, len(chunk), micro):
         part = collate(chunk[i: i + micro], pad_id).to(device)
-        with autocast(device, config.precision):
+        with autocast(device, config.train.precision):
             scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,), fp32
         loss, accuracy = batch_loss(scores, part)
         weight = len(part.offsets) / len(chunk)  # the step's loss is the mean over its prompts
         (loss * weight).backward()
         total_loss += loss.detach() * weight
         correct += accuracy * sum(len(p) for p in part.pairs)
-    if guard.ok(total_loss, model.parameters()):
-        if config.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        opt.step()
-    return float(total_loss), correct / sum(len(c.pairs) for c in chunk)
+    return total_loss, {"rm/accuracy": correct / sum(len(c.pairs) for c in chunk)}
 
 
 # --------------------------------------------------------------------------- CLI

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
-from rlhflab.config import add_config_arguments, check, config_from_args
+from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields, validate
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
 from rlhflab.io import atomic_dir
@@ -29,8 +29,8 @@ from rlhflab.models import (context_length, load_causal_lm, load_reward_model, l
 from rlhflab.stages.rm import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths, generate_texts
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (PRECISIONS, NonFiniteGuard, autocast, fast_kernels, progress, resolve_device,
-                              save_stage_checkpoint, set_seed, start_or_resume, write_outputs)
+from rlhflab.training import (Loop, autocast, fast_kernels, fit, resolve_device, set_seed, shuffled_batch,
+                              write_outputs)
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""
@@ -60,10 +60,10 @@ class SFTConfig:
     epochs: int = 16
     """Passes over the demonstrations (§3.5: 16; val loss overfits after one epoch, yet
     RM score and human preference keep improving)."""
-    lr: float = 1e-3
-    """Peak learning rate. App. C.1 used 9.65e-6 for 1.3B/6B; the lab's ~0.2M-parameter model
+    train: TrainFields = train_fields(lr=1e-3, save_every=200)
+    """Optimisation. lr: App. C.1 used 9.65e-6 for 1.3B/6B; the lab's ~0.2M-parameter model
     needs far larger steps (on the lab world 1e-3 beat 3e-4: val loss 0.45 vs 0.58, gold
-    0.57 vs 0.42). Lower it for larger models."""
+    0.57 vs 0.42). Lower it for larger models. Gradient clip 1.0."""
     final_lr_ratio: float = 0.1
     """Cosine decay ends at this fraction of the peak (App. C.1: 10%)."""
     warmup_steps: int = 0
@@ -76,41 +76,29 @@ class SFTConfig:
     model keeps the base's values so later stages sample without dropout."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip (0: off)."""
-    save_every: int = 200
-    """Write a resumable checkpoint every this many steps (and at each epoch end)."""
-    seed: int = 0
-    """Seed for initialisation, dropout and data order."""
     val_max_new_tokens: int = 64
     """Length of the samples scored by the reward model after each epoch."""
     val_temperature: float = 1.0
     """Sampling temperature for those samples (the same seed every epoch, for a fair comparison)."""
     eval_batch_size: int = 32
     """Sequences per forward when sampling, scoring and computing val loss."""
-    device: str = "auto"
-    """'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
-    precision: str = "fp32"
-    """'fp32', or 'bf16': training forwards under bfloat16 autocast (weights, Adam state and the
-    loss stay fp32). bf16 pays on a GPU or a CPU with AMX (BENCHMARKS.md)."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (initialisation, dropout, data order, the RM-choice samples) and device."""
 
     def validate(self) -> None:
         check(bool(self.base), "base", self.base, "a base model directory is required")
         check(bool(self.data), "data", self.data, "a demonstrations JSONL file is required")
         check(bool(self.out_dir), "out_dir", self.out_dir, "required")
-        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
         check((self.reward_model is None) == (self.val_prompts is None), "val_prompts",
               self.val_prompts, "reward_model and val_prompts go together")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        check(self.lr > 0, "lr", self.lr, "must be > 0")
+        check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
         check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
               "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
-        check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         check(self.val_max_new_tokens >= 1, "val_max_new_tokens", self.val_max_new_tokens,
               "must be >= 1")
         check(self.val_temperature > 0, "val_temperature", self.val_temperature, "must be > 0")
@@ -195,7 +183,7 @@ def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
 
 def rm_score(model, tokenizer, prompts, rm, rm_tokenizer, config: SFTConfig, device) -> float:
     """Mean reward of the policy's samples on the val prompts (App. C.1 model selection)."""
-    gen = torch.Generator(device=device).manual_seed(config.seed)  # same draws every epoch
+    gen = torch.Generator(device=device).manual_seed(config.run.seed)  # same draws every epoch
     texts, _ = generate_texts(model, tokenizer, prompts, temperature=config.val_temperature,
                               max_new_tokens=config.val_max_new_tokens,
                               batch_size=config.eval_batch_size, generator=gen)
@@ -245,57 +233,31 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     `callback(step, row)` runs after every optimizer step (tests raise from it to
     simulate an interruption).
     """
-    config.validate()
+    validate(config)
     out_dir, t0 = Path(config.out_dir), time.time()
     # 1. Read and check every input before anything is written.
     inp = read_inputs(config)
     model, tokenizer, train_set = inp.model, inp.tokenizer, inp.train_set
-    device = resolve_device(config.device)
-    set_seed(config.seed)
-    fast_kernels(model.to(device).train(), device, config.precision)
+    device = resolve_device(config.run.device)
+    set_seed(config.run.seed)
+    fast_kernels(model.to(device).train(), device, config.train.precision)
     if inp.rm is not None:
         inp.rm.to(device)
 
-    # 2. Optimizer, schedule, and resume from <out_dir>/checkpoint if there is one.
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    opt, sched, state, log = start_or_resume(model, config, config.epochs * steps_per_epoch,
-                                              {"best": None})
-    guard = NonFiniteGuard(where="sft")
-    bar = progress(total=config.epochs * steps_per_epoch, desc="sft", initial=state["step"])
+    def loss(examples) -> tuple[torch.Tensor, dict]:
+        with autocast(device, config.train.precision):
+            value = forward_loss(model, examples, tokenizer.pad_token_id, device)
+        value.backward()
+        return value.detach(), {}
 
-    def save() -> None:
-        save_stage_checkpoint(out_dir, model, opt, sched, state, log)
-
-    # 3. Epochs of response-only next-token loss.
-    for epoch in range(state["epoch"], config.epochs):
-        order = torch.randperm(len(train_set), generator=epoch_generator(config.seed, epoch))
-        for b in range(state["batch"], steps_per_epoch):
-            idx = order[b * config.batch_size: (b + 1) * config.batch_size].tolist()
-            with autocast(device, config.precision):
-                loss = forward_loss(model, [train_set[i] for i in idx], tokenizer.pad_token_id, device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if guard.ok(loss, model.parameters()):
-                if config.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                opt.step()
-            sched.step()
-            state.update(step=state["step"] + 1, batch=b + 1)
-            row = {"step": state["step"], "sft/loss": float(loss.detach()),
-                   "sft/lr": sched.get_last_lr()[0],
-                   "sft/epoch": epoch + (b + 1) / steps_per_epoch}
-            log.log(row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['sft/loss']:.3f}")
-            if state["step"] % config.save_every == 0:
-                save()
-            if callback is not None:
-                callback(state["step"], row)
-        # 4. End of epoch: evaluate, remember the best epoch's weights, checkpoint.
-        log.log(_end_of_epoch(inp, config, state, epoch, device, out_dir))
-        state.update(epoch=epoch + 1, batch=0)
-        save()
-    bar.close()
+    # 2-4. Epochs of response-only next-token loss (resumable); after each, evaluate and
+    # remember the best epoch's weights.
+    n, bs = len(train_set), config.batch_size
+    state, _ = fit(model, config, Loop(
+        "sft", epochs=config.epochs, steps_per_epoch=math.ceil(n / bs), loss=loss,
+        batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
+        end_of_epoch=lambda e, st: _end_of_epoch(inp, config, st, e, device, out_dir)),
+        extra_state={"best": None}, callback=callback)
 
     # 5. Load the chosen epoch; write <out_dir>/model atomically, then summary.json.
     if (out_dir / "best" / "model.safetensors").is_file():
@@ -304,11 +266,6 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
         setattr(model.config, key, value)  # sample/RM/PPO see the base's dropout, not SFT's
     summary = _summary(config, state, inp, time.time() - t0)
     return write_outputs(out_dir, model, tokenizer, summary), summary
-
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """Data order of one epoch, a pure function of (seed, epoch): resumes see the same order."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
 
 
 def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device,
@@ -333,7 +290,7 @@ def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, devi
         with atomic_dir(out_dir / "best") as tmp:
             save_model(inp.model, str(tmp / "model.safetensors"))
     state["epochs"].append(record)
-    return {"step": state["step"], **{f"sft/{k}": v for k, v in record.items()}}
+    return {f"sft/{k}": v for k, v in record.items()}
 
 
 def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> dict:

@@ -1,10 +1,9 @@
 """The configuration of `rlhflab ppo` (§3.5, App. C.4): one field per knob, documented."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from rlhflab.config import check
-from rlhflab.training import PRECISIONS
+from rlhflab.config import RunFields, TrainFields, check, train_fields
 
 
 @dataclass
@@ -28,7 +27,8 @@ class PPOConfig:
     """Pretraining texts per RL episode in every minibatch: each optimizer step sees this
     many times as many texts as episodes (App. C.4: 8). Costly on a CPU; 0.5-2 is cheaper."""
     kl_coef: float = 0.02
-    """β: per-token KL penalty to the SFT model (§3.5: 0.02); the start value if adaptive."""
+    """β: per-token KL penalty to the SFT model (§3.5 eq. 2; the value 0.02 is App. C.4's);
+    the start value if adaptive."""
     adaptive_kl: bool = False
     """Adapt β toward kl_target (Ziegler et al. 2019); the paper keeps β fixed."""
     kl_target: float = 6.0
@@ -42,13 +42,14 @@ class PPOConfig:
     ppo_epochs: int = 4
     """Passes over each batch. App. C.4 uses 1 on 512 episodes; 4 (Schulman et al. 2017)
     gets more from the lab's smaller batches."""
-    lr: float = 1e-4
-    """Peak Adam learning rate, constant after warm-up (App. C.4: constant LR). Billion-
-    parameter policies use ~1e-5; the lab's small models need larger steps to move."""
+    train: TrainFields = train_fields(lr=1e-4, max_grad_norm=1.0, save_every=8)
+    """Optimisation. lr: the peak Adam learning rate, constant after warm-up (App. C.4:
+    constant LR); billion-parameter policies use ~1e-5, the lab's small models need larger
+    steps to move. The gradient clip applies to the policy and the value model each. A
+    checkpoint every 8 PPO steps. precision bf16: every forward (sampling, scoring,
+    training) under autocast; rewards, GAE and losses stay fp32."""
     warmup_steps: int = 10
     """PPO steps of linear warm-up from lr/10 to lr (App. C.4: 10 iterations from 1/10)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the policy's and the value model's gradient norms (each); None: no clipping."""
     clip_range: float = 0.2
     """PPO ratio clip ε (App. C.4: 0.2)."""
     value_clip_range: float = 0.2
@@ -59,7 +60,8 @@ class PPOConfig:
     gamma: float = 1.0
     """Discount in GAE (App. C.4: no discount)."""
     lam: float = 0.95
-    """GAE λ (App. C.4: 0.95)."""
+    """GAE λ. The paper does not state it; 0.95 is the default of lm-human-preferences and
+    TRL (Schulman et al. 2016 used 0.92-0.99)."""
     temperature: float = 1.0
     """Sampling temperature; also the one used in every training log-prob (App. C.4: 1)."""
     max_new_tokens: int = 48
@@ -76,19 +78,11 @@ class PPOConfig:
     """Episodes in the whole run (App. C.4: 256k); PPO steps = total_episodes // batch_size."""
     eval_every: int = 8
     """Run the validation measurements every this many PPO steps (and at the start and end)."""
-    save_every: int = 8
-    """Write the resumable checkpoint every this many PPO steps (and at the end)."""
-    seed: int = 0
-    """Seed for prompt order, sampling and minibatch order."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (prompt order, sampling, minibatch order) and device."""
     world: str | None = None
     """Lab world directory: gold quality, style and capability measured on val_prompts
     (default <world>/ppo_val.jsonl); measurement only, never a training signal."""
-    device: str = "auto"
-    """Where to train: auto (cuda if available), cpu, or cuda[:N]."""
-    precision: str = "fp32"
-    """'fp32', or 'bf16': every forward (sampling, scoring, training) under bfloat16 autocast;
-    weights, Adam state, log-softmax, rewards, GAE and losses stay fp32. bf16 needs a GPU or a
-    CPU with bf16 matrix units (AMX), where it is several times faster (BENCHMARKS.md)."""
     resume: bool = True
     """Continue from <out_dir>/checkpoint when there is one; False starts over."""
     out_dir: str = "runs/ppo"
@@ -98,13 +92,13 @@ class PPOConfig:
         for key in ("policy", "reward_model", "prompts", "out_dir"):
             check(bool(getattr(self, key)), key, getattr(self, key), "is required")
         for key in ("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                    "eval_every", "save_every", "kl_horizon"):
+                    "eval_every", "kl_horizon"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         check(self.batch_size % self.minibatch_size == 0, "minibatch_size", self.minibatch_size,
               f"must divide batch_size ({self.batch_size})")
         check(self.total_episodes >= self.batch_size, "total_episodes", self.total_episodes,
               f"must be at least batch_size ({self.batch_size})")
-        for key in ("lr", "ptx_coef", "kl_coef", "vf_coef", "warmup_steps"):
+        for key in ("ptx_coef", "kl_coef", "vf_coef", "warmup_steps"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
         for key in ("clip_range", "value_clip_range", "temperature", "kl_target",
                     "ptx_per_episode"):
@@ -113,9 +107,6 @@ class PPOConfig:
         check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
         check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
               "must be in (0, 1) or null")
-        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {PRECISIONS}")
-        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-              self.max_grad_norm, "must be > 0 or null")
 
     @property
     def n_steps(self) -> int:

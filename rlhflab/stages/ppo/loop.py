@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhflab.config import add_config_arguments, config_from_args, save_config
+from rlhflab.config import add_config_arguments, config_from_args, save_config, validate
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
@@ -29,11 +29,11 @@ from rlhflab.training import autocast, progress, set_seed
 def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
     """RM score, KL to SFT and response length of `policy` on the validation prompts."""
     cfg = run.config
-    gen = torch.Generator(device=run.device).manual_seed(cfg.seed + 12345)  # same noise each time
+    gen = torch.Generator(device=run.device).manual_seed(cfg.run.seed + 12345)  # same noise each time
     scores, kls, lengths, ended = [], [], [], []
     for i in range(0, len(run.val_queries), cfg.batch_size):
         queries = run.val_queries[i:i + cfg.batch_size]
-        with autocast(run.device, cfg.precision):
+        with autocast(run.device, cfg.train.precision):
             g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
                        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
             (qr, am), R = _join(run, queries, g), g.mask.shape[1]
@@ -62,9 +62,10 @@ def measure(run: Run, step: int, evaluator) -> dict[str, float]:
 
 def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
     """PPO (or PPO-ptx when ptx_data is set) from the SFT policy; returns (out_dir, summary)."""
+    validate(config)
     if evaluator is None and config.world:
         evaluator = make_evaluator(config)  # imported only here: the lab world is optional
-    set_seed(config.seed)
+    set_seed(config.run.seed)
     run = open_run(config)  # validates every input and loads models; writes nothing
     out = Path(config.out_dir)
     start = run.restore_or_start()
@@ -80,7 +81,7 @@ def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
             if run.val_queries or evaluator is not None:
                 last.update(measure(run, step, evaluator))
         log.log(last)
-        if step % config.save_every == 0 or step == config.n_steps:
+        if step % config.train.save_every == 0 or step == config.n_steps:
             run.save_checkpoint(step)
     if not last:  # resumed at the end: nothing left to train
         last = (read_metrics(out / "metrics.jsonl") or [{}])[-1]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rlhflab import checkpoint, data
-from rlhflab.config import to_dict
+from rlhflab.config import flat_dict
 from rlhflab.errors import InputError
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from rlhflab.stages.ppo.config import PPOConfig
 
 # Config keys a resumed run may change; any other change would alter the trajectory.
-RESUME_FREE = {"total_episodes", "eval_every", "save_every", "world", "val_prompts",
-               "device", "resume", "out_dir"}
+RESUME_FREE = {"total_episodes", "eval_every", "train.save_every", "world", "val_prompts",
+               "run.device", "resume", "out_dir"}
 
 
 class Stream:
@@ -133,7 +133,7 @@ class Run:
 
 
 def _trajectory_config(config) -> dict:
-    return {k: v for k, v in to_dict(config).items() if k not in RESUME_FREE}
+    return {k: v for k, v in flat_dict(config).items() if k not in RESUME_FREE}
 
 
 def _check_resumable(config, out: Path) -> None:
@@ -179,7 +179,7 @@ def open_run(config) -> Run:
 
 
 def _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx) -> Run:
-    device = resolve_device(config.device)
+    device = resolve_device(config.run.device)
     ref_policy = copy.deepcopy(policy)
     ema = copy.deepcopy(policy) if config.ema_decay is not None else None
     for frozen in (ref_policy, reward_model, ema):  # π_SFT and r_θ never change (§3.5)
@@ -188,12 +188,12 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
     for model in (policy, ref_policy, reward_model, value_model, ema):
         if model is not None:
             model.to(device).eval()  # dropout off everywhere, trained models included
-            fast_kernels(model, device, config.precision)
+            fast_kernels(model, device, config.train.precision)
     run = Run(config, device, tok, policy, ref_policy, reward_model, value_model, ema,
-              queries, val_queries, ptx, Stream(len(queries), config.seed),
-              Stream(len(ptx), config.seed + 1) if ptx is not None else None)
+              queries, val_queries, ptx, Stream(len(queries), config.run.seed),
+              Stream(len(ptx), config.run.seed + 1) if ptx is not None else None)
     # Adam with β2 = 0.95 as in App. C (eps as lm-human-preferences).
-    run.optimizer = torch.optim.Adam(run.trainable, lr=config.lr, betas=(0.9, 0.95), eps=1e-5)
+    run.optimizer = torch.optim.Adam(run.trainable, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-5)
     run.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
                   if config.adaptive_kl else FixedKLController(config.kl_coef))
     return run

@@ -133,17 +133,17 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
     optimizer step would feed the next minibatch the weights from before it.
     """
     cfg, timer = run.config, PhaseTimer(run.device)
-    gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.seed, step))
+    gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.run.seed, step))
 
     # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5)
     queries = [run.queries[i] for i in run.prompt_stream.take(cfg.batch_size)]
     # 2. respond, batched with the KV cache
-    with timer("generate"), autocast(run.device, cfg.precision):
+    with timer("generate"), autocast(run.device, cfg.train.precision):
         g = sample(run.policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                    generator=gen, force_length=cfg.force_length)
     orders = _minibatch_orders(cfg, step, g.mask.device)
-    with timer("score"), autocast(run.device, cfg.precision):
+    with timer("score"), autocast(run.device, cfg.train.precision):
         qr, am = _join(run, queries, g)
         # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
         # update's first minibatch runs its training forward now and keeps it: its output
@@ -201,7 +201,7 @@ def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout) -> dic
 
 def _minibatch_orders(cfg: PPOConfig, step: int, device: torch.device) -> list[torch.Tensor]:
     """One shuffled order of the batch's rows per PPO epoch, drawn from the step's seed."""
-    gen = torch.Generator().manual_seed(_step_seed(cfg.seed, step) + 1)
+    gen = torch.Generator().manual_seed(_step_seed(cfg.run.seed, step) + 1)
     return [torch.randperm(cfg.batch_size, generator=gen).to(device) for _ in range(cfg.ppo_epochs)]
 
 
@@ -226,11 +226,11 @@ def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor]
 def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None) -> dict:
     """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
     cfg, opt = run.config, run.optimizer
-    with autocast(run.device, cfg.precision):  # its own: bf16 weights as the last step left them
+    with autocast(run.device, cfg.train.precision):  # its own: bf16 weights as the last step left them
         loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norms = [_grad_norm(params, cfg.max_grad_norm)
+    norms = [_grad_norm(params, cfg.train.max_grad_norm)
              for params in (run.policy_params, run.value_params)]
     stats.update({"ppo/policy/grad_norm": norms[0], "ppo/val/grad_norm": norms[1]})
     if not run.guard.ok(torch.stack([loss.detach(), *norms]), []):  # one sync, not one per tensor
@@ -291,8 +291,8 @@ def ptx_nll(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> to
 def _lr(cfg: PPOConfig, step: int) -> float:
     """Constant LR after a linear warm-up from lr/10 over warmup_steps (App. C.4)."""
     if cfg.warmup_steps == 0:
-        return cfg.lr
-    return cfg.lr * (0.1 + 0.9 * min(1.0, (step - 1) / cfg.warmup_steps))
+        return cfg.train.lr
+    return cfg.train.lr * (0.1 + 0.9 * min(1.0, (step - 1) / cfg.warmup_steps))
 
 
 def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
