@@ -1,4 +1,4 @@
-"""The data formats of DESIGN §3, read and validated before any work starts.
+"""The data formats of docs/design.md §3, read and validated before any work starts.
 
 JSON Lines, UTF-8, one object per line:
   prompts         {"prompt": str}

@@ -7,6 +7,7 @@ import random
 import re
 from pathlib import Path
 
+from rlhflab.report.html import figure
 from rlhflab.report.sections import write_report
 from rlhflab.world.gold import STYLES
 
@@ -132,3 +133,26 @@ def test_report_survives_missing_and_broken_inputs(tmp_path):
     (run / "walkthrough.json").write_text(json.dumps({"ranking": {"responses": ["a", "b"], "ranking": [5]}}))
     html = write_report(run, tmp_path / "r.html").read_text()
     assert "<h2>" in html and html.rstrip().endswith("</html>")
+
+
+def test_figure_without_a_chart_says_what_is_missing():
+    assert figure(None, "alt", "caption", "no <data> yet.") == '<p class="missing">Not shown: no &lt;data&gt; yet.</p>'
+    shown = figure("data:image/png;base64,AA==", "a <chart>", "The caption.", "unused")
+    assert shown.startswith("<figure>") and 'alt="a &lt;chart&gt;"' in shown and "unused" not in shown
+
+
+def test_report_names_the_absent_chart_data(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    dropped = ("truthful/", "premise_accepted/", "toxicity/")
+    _json(run / "eval" / "summary.json", {k: v for k, v in summary.items() if not k.startswith(dropped)})
+    (run / "eval" / "best_of_n.jsonl").unlink()
+    for stage in ("ppo-small", "ppoptx-small", "sweep/beta-0.005", "sweep/beta-0.05"):
+        (run / stage / "metrics.jsonl").unlink()
+    (run / "sft-small" / "metrics.jsonl").unlink()
+    html = write_report(run).read_text()
+    assert "could not be drawn" not in html
+    for text in ("no truthfulness or toxicity keys in eval/summary.json.",
+                 "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.",
+                 "sft-small/metrics.jsonl has no sft/loss."):
+        assert f'<p class="missing">Not shown: {text}</p>' in html, text

@@ -20,7 +20,7 @@ def preset(name: str, **changes) -> Params:
 def test_default_readout_matches_the_issue_up_to_normalisation():
     assert core.SFT_SHARE.sum() == pytest.approx(1.0)
     r = core.readout(core.sft_logits(), Params())
-    # Issue 6 quotes 0.68 / 0.63 / 0.00 / 0.05 from the unnormalised shares (sum 1.01);
+    # From the unnormalised shares (sum 1.01) the readout would be 0.68 / 0.63 / 0.00 / 0.05;
     # normalised, true quality is 0.6303 / 1.01 = 0.624.
     assert (round(r.proxy, 2), round(r.true, 2), round(r.kl, 2), round(r.gap, 2)) == \
         (0.68, 0.62, 0.0, 0.05)

@@ -1,4 +1,4 @@
-"""The labeling app (DESIGN §6): labelers rank K samples or write demonstrations.
+"""The labeling app (docs/design.md §6): labelers rank K samples or write demonstrations.
 
   db.py      the SQLite store: labelers (hashed tokens), items, assignments, labels,
              inter-labeler agreement and the JSONL export

@@ -319,7 +319,7 @@ class LabelDB:
         }
 
     def export(self, out_dir: str | Path) -> tuple[int, int]:
-        """Write rankings.jsonl and demonstrations.jsonl (DESIGN §3) from one snapshot."""
+        """Write rankings.jsonl and demonstrations.jsonl (docs/design.md §3) from one snapshot."""
         with self.read() as c:
             rows = c.execute(
                 "SELECT i.id, i.kind, i.prompt, i.responses, b.name, l.payload FROM labels l "

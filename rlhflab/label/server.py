@@ -16,7 +16,6 @@ another labeler's labels. Every error is JSON `{"error": "..."}` with a 4xx/5xx 
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import re
 import secrets
@@ -29,6 +28,7 @@ from urllib.parse import urlsplit
 
 from rlhflab.errors import InputError
 from rlhflab.label.db import FLAGS, MAX_COMPLETION, LabelConflict, LabelDB
+from rlhflab.web import is_loopback
 
 MAX_BODY = 256 * 1024  # bytes; a 20,000-character answer fits even fully \u-escaped
 STATIC = Path(__file__).parent / "static"
@@ -244,15 +244,6 @@ class Handler(BaseHTTPRequestHandler):
         if not isinstance(body, dict):
             raise HTTPError(400, "body must be a JSON object")
         return body
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_server(db: LabelDB, host: str = "127.0.0.1", port: int = 8770,

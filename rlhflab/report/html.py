@@ -11,9 +11,10 @@ def missing(text: str) -> str:
     return f'<p class="missing">Not shown: {escape(text)}</p>'
 
 
-def figure(uri: str | None, alt: str, caption: str, missing: str) -> str:
+def figure(uri: str | None, alt: str, caption: str, when_missing: str) -> str:
+    """The chart `uri` with its caption, or `missing(when_missing)` where there is no chart."""
     if uri is None:
-        return missing(missing)
+        return missing(when_missing)
     return f'<figure><img src="{uri}" alt="{escape(alt)}"><figcaption>{caption}</figcaption></figure>'
 
 

@@ -1,4 +1,4 @@
-"""The policy simulator (DESIGN §5): `core` holds the maths, `server` serves the page.
+"""The policy simulator (docs/design.md §5): `core` holds the maths, `server` serves the page.
 
 Importing this package imports neither; `core` needs only numpy.
 """

@@ -1,6 +1,6 @@
 """The policy simulator's maths: RLHF on a policy over five response styles.
 
-The policy π is a softmax over five response styles (DESIGN §1, §5). Each style has a
+The policy π is a softmax over five response styles (docs/design.md §1, §5). Each style has a
 reward-model score, a hidden true quality, a share under the SFT policy (the KL
 reference) and a share of the pretraining text. One update is one closed-form
 gradient-ascent step on the logits of the paper's objective (eq. 2),
@@ -21,12 +21,12 @@ from rlhflab.errors import InputError
 
 STYLES = ("Helpful", "Sycophantic", "Hedging", "Toxic", "Terse")
 
-# Issue 6's defaults. The SFT shares as given sum to 1.01, so they are normalised.
+# The simulator's defaults. The SFT shares as given sum to 1.01, so they are normalised.
 SFT_SHARE = np.array([0.34, 0.19, 0.21, 0.10, 0.17]) / 1.01   # (S,) π_SFT(s)
 RM_SCORE = np.array([0.90, 0.62, 0.55, 0.12, 0.78])           # (S,) reward model r(s)
 TRUE_QUALITY = np.array([0.92, 0.45, 0.50, 0.08, 0.70])       # (S,) gold quality (hidden)
 # Share of each style in the pretraining corpus, i.e. in the pretrained model. The web
-# text of DESIGN §1 is misaligned: less helpful, more hedging and flattery than SFT.
+# text of docs/design.md §1 is misaligned: less helpful, more hedging and flattery than SFT.
 PRETRAIN_SHARE = np.array([0.30, 0.20, 0.24, 0.08, 0.18])    # (S,) q(s)
 
 GAP_ALARM = 0.20

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import hmac
 import http.cookies
-import ipaddress
 import json
 import secrets
 import socket
@@ -31,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from rlhflab.errors import InputError
 from rlhflab.sim import core
+from rlhflab.web import is_loopback
 
 STATIC = Path(__file__).resolve().parent / "static"
 FILES = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -51,20 +51,6 @@ class ClientError(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-
-
-def is_loopback(host: str) -> bool:
-    """True for 'localhost' and loopback IPs (IPv4-mapped IPv6 included)."""
-    host = host.strip("[]")
-    if host.lower() == "localhost":
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
 
 
 def allowed(client_ip: str, host_header: str, presented: str | None, token: str | None) -> bool:

@@ -1,4 +1,4 @@
-"""The lab world: a seeded instruction world whose true quality is known (DESIGN §1).
+"""The lab world: a seeded instruction world whose true quality is known (docs/design.md §1).
 
 `World(seed, scale)` regenerates everything deterministically; `load_world(dir)` does
 so from a directory written by `rlhflab world`. The one interface every caller uses:

@@ -1,6 +1,6 @@
 """`rlhflab world`: write the lab world's splits, corpus, benchmarks and summary.
 
-Output (JSONL in the DESIGN §3 formats; extra keys such as `family` are ignored by
+Output (JSONL in the docs/design.md §3 formats; extra keys such as `family` are ignored by
 the readers):
   sft_train / sft_val                 {"prompt", "completion"}         demonstrations
   rm_train / rm_val / rm_heldout      {"prompt", "responses", "ranking", "labeler"}
