@@ -1,10 +1,16 @@
 """Batched sampling with the KV cache, for any Hugging Face causal LM.
 
-Prompts are left-padded so every row's next token sits in the last column; each step
-feeds one new token per row and reuses the cache. Rows that have emitted eos are
-padded from then on. Returns only the response tokens and, for free, the log-prob
-of each sampled token under the same temperature (§3.5 / App. C.4: the temperature
-used in rollouts is the one used for training log-probs).
+`sample` is one batch of token queries: they are left-padded so every row's next token
+sits in the last column; each step feeds one new token per row and reuses the cache.
+Rows that have emitted eos are padded from then on. Returns only the response tokens
+and, for free, the log-prob of each sampled token under the same temperature (§3.5 /
+App. C.4: the temperature used in rollouts is the one used for training log-probs).
+PPO calls it directly on its rollout batches.
+
+`generate` is everything else's entry point: any number of queries in batches, decoded
+responses back, optionally fitted to the context. `generator_for` makes its seeded
+generator on the model's device (a generator on another device than the model's raises
+at the first draw).
 """
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhflab.models import keep_last, position_ids
-from rlhflab.text import pad_left
+from rlhflab.models import context_length, keep_last, position_ids
+from rlhflab.text import decode_response, pad_left
+from rlhflab.training import progress
 
 
 @dataclass
@@ -64,8 +71,8 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
     step_ids, pos = ids, position_ids(mask)
     for t in range(max_new_tokens):
         o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                  past_key_values=past, use_cache=True, **keep_last(model, 1))
-        past = o.past_key_values
+                  cache=past, use_cache=True, **keep_last(model, 1))
+        past = o.cache
         logits = o.logits[:, -1, :].float()  # (B, V)
         # A non-finite row (a diverged policy) must not crash sampling: it samples uniformly
         # and its log-prob is NaN, so PPO's guard sees the bad rollout and skips the step.
@@ -94,3 +101,57 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
     return Generation(out, lps, resp_mask, ended)
+
+
+CONTEXT_MARGIN = 8
+"""fit_context: an over-long query keeps its last (context − CONTEXT_MARGIN) tokens."""
+
+
+@dataclass
+class Responses:
+    queries: list[list[int]]
+    """The queries as answered (under fit_context, an over-long one cut to its end)."""
+    texts: list[str]
+    """Decoded responses (`text.decode_response`: up to the first eos, stripped)."""
+    tokens: list[list[int]]
+    """The sampled token ids of each response, its eos included where it emitted one."""
+    ended: list[bool]
+    """True where the response emitted eos (False: cut at max_new_tokens)."""
+
+
+def generator_for(model, seed: int) -> torch.Generator:
+    """A generator seeded with `seed` on the model's device (on a CPU: the stream
+    torch.Generator().manual_seed(seed) gives)."""
+    return torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, queries: list[list[int]], *, max_new_tokens: int,
+             temperature: float = 1.0, batch_size: int = 64, generator: torch.Generator | None = None,
+             fit_context: bool = False, desc: str | None = None) -> Responses:
+    """One response per token query, `batch_size` queries per `sample` call, in order.
+
+    temperature 0: greedy. The model samples in eval mode (dropout off); its mode is
+    restored afterwards. fit_context (evaluation only; training refuses an over-long
+    prompt): an over-long query keeps its end, and each batch's max_new_tokens shrinks to
+    the room its longest query leaves in the context (at least 1). desc: a progress bar.
+    """
+    n_pos = context_length(model.config) if fit_context else None
+    if n_pos is not None:
+        queries = [q[-(n_pos - CONTEXT_MARGIN):] for q in queries]
+    was_training = model.training
+    model.eval()
+    out = Responses(list(queries), [], [], [])
+    starts = range(0, len(queries), batch_size)
+    for i in progress(starts, total=len(starts), desc=desc) if desc else starts:
+        batch = queries[i: i + batch_size]
+        room = max_new_tokens if n_pos is None else max(1, min(max_new_tokens, n_pos - max(map(len, batch))))
+        gen = sample(model, batch, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                     max_new_tokens=room, greedy=temperature == 0, temperature=temperature or 1.0,
+                     generator=generator)
+        for row, keep in zip(gen.responses.tolist(), gen.mask.bool().tolist()):
+            out.tokens.append([t for t, k in zip(row, keep) if k])
+            out.texts.append(decode_response(tokenizer, row))
+        out.ended += gen.ended.tolist()
+    model.train(was_training)
+    return out

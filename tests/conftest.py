@@ -1,4 +1,7 @@
-"""Shared test fixtures: a headless Chromium (Debian's, driven by Playwright), one torch thread."""
+"""Shared test fixtures: a headless Chromium (Debian's, driven by Playwright), one torch thread.
+
+Markers: `slow` (end-to-end runs of a minute or more; `pytest -m "not slow"` is the fast
+suite) and `gpu` (needs a CUDA device; skipped without one)."""
 from __future__ import annotations
 
 import os
@@ -8,7 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ.setdefault("RLHFLAB_QUIET", "1")  # no progress bars in test output
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -16,7 +16,6 @@ from rlhflab.models import load_reward_model
 from tiny import (WORDS, dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer,
                   write_jsonl)
 
-os.environ["RLHFLAB_QUIET"] = "1"
 
 LONG = " ".join(["summarize this : birds fly south in winter ."] * 40)  # > 128 tokens
 

@@ -55,7 +55,7 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert "episodes/s" in text and "update (s/step, share)" in text and "TRL" not in text
 
 
-def test_workload_shapes_match_the_issue():
+def test_workload_shapes_are_the_documented_ones():
     cpu, gpu = bench.WORKLOADS["cpu"], bench.WORKLOADS["gpu"]
     assert round(bench.n_params(cpu) / 1e6, 2) == 1.19  # GPT-2 shape, 4 layers, d 128, vocab 2048
     assert (cpu.prompt_len, cpu.response_len, cpu.batch_size, cpu.minibatch_size,
@@ -89,6 +89,7 @@ def test_vs_trl_without_trl_is_one_clear_line(capsys, monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the bench extra) "
                     "is not installed")
+@pytest.mark.slow
 def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     w = bench.WORKLOADS["tiny"]
     report = run_json(capsys, "--steps", "3", "--vs", "trl")

@@ -71,3 +71,14 @@ def test_a_nested_default_factory_survives_overrides_of_its_other_keys():
     assert (cfg.tuned.lr, cfg.tuned.mode) == (0.5, "a")
     assert load_config(WithTunedSection, None, []).tuned.lr == 0.5
     assert any("tuned.lr = 0.5" in line for line in describe(WithTunedSection))
+
+
+def test_ppo_defaults_cite_where_the_paper_states_them():
+    """β = 0.02 is stated in App. C.4 (§3.5 gives the objective, not the value); the paper
+    gives no GAE λ, so 0.95 is cited to the implementations it comes from."""
+    from rlhflab.config import field_docs
+    from rlhflab.stages.ppo import PPOConfig
+
+    docs = field_docs(PPOConfig)
+    assert "App. C.4" in docs["kl_coef"] and "0.02" in docs["kl_coef"]
+    assert "App. C.4" not in docs["lam"] and "lm-human-preferences" in docs["lam"]

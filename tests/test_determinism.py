@@ -21,7 +21,6 @@ from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
 from tiny import dotted, make, demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
-os.environ["RLHFLAB_QUIET"] = "1"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 
 TIMING = ("time/", "seconds", "time_s")
@@ -75,6 +74,7 @@ def fingerprint(out: Path, model_dirs: list[Path]) -> dict:
             "summary": untimed({k: v for k, v in summary.items() if k != "final"})}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [run_sft, run_rm, run_ppo], ids=["sft", "rm", "ppo"])
 def test_same_seed_same_bytes_other_seed_other_weights(lab, tmp_path, stage):
     a = fingerprint(tmp_path / "a", stage(lab, tmp_path / "a", seed=3))

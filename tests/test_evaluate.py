@@ -108,7 +108,7 @@ def lab(tmp_path_factory):
     rm = models.pop("rm")
     cfg = {"world": str(root / "world"), "models": models, "prompted": ["GPT-small"], "baseline": "SFT-small",
            "reward_model": rm, "n_prompts": 6, "max_new_tokens": 12, "capability_items": 4,
-           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "device": "cpu", "out_dir": str(root / "out1"),
+           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "run": {"device": "cpu"}, "out_dir": str(root / "out1"),
            "head_to_head": ["PPO-ptx-small:GPT-prompted-small", "SFT-small:SFT-small"]}
     (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
     return root, tok
@@ -169,6 +169,20 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     for m in names:
         golds = [r["gold"] for r in rows if r["model"] == m and r["split"] == "test" and r["prompt"] not in seen]
         assert len(golds) == s1["n/test_unseen"] and s1[f"gold_unseen/{m}"] == pytest.approx(sum(golds) / max(1, len(golds)), abs=1e-4)
+
+    # rm/<m>: the RM stage's own scores of those answers (one scoring function).
+    from rlhflab.models import load_reward_model
+    from rlhflab.stages.rm import score_pairs
+    from rlhflab.training import set_seed
+
+    cfg = load_config(EvalConfig, root / "eval.yaml")
+    set_seed(cfg.run.seed)  # the lab's "rm" is an LM directory: its head is drawn at load, as in evaluate
+    rm, rm_tok = load_reward_model(cfg.reward_model).eval(), load_tokenizer(cfg.reward_model)
+    for m in names:
+        test = [r for r in rows if r["model"] == m and r["split"] == "test"]
+        scores = score_pairs(rm, rm_tok, [r["prompt"] for r in test], [r["response"] for r in test],
+                             batch_size=1)
+        assert s1[f"rm/{m}"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
 
     # The same config again through the CLI: byte-identical results.
     assert main(["eval", "--config", str(root / "eval.yaml"), f"--out_dir={root / 'out2'}"]) == 0

@@ -163,6 +163,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage, point", CASES, ids=[f"{s}-{p}" for s, p in CASES])
 def test_killed_run_resumes_to_the_uninterrupted_result(driver, inputs, reference, stage, point):
     ref = reference(stage)

@@ -22,7 +22,6 @@ from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
 from tiny import dotted, make, demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
-os.environ["RLHFLAB_QUIET"] = "1"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 NAN = float("nan")
 

@@ -11,6 +11,7 @@ STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large",
           "rm-eval", "ppo-small", "ppoptx-small", "sweep/beta-0", "eval"]
 
 
+@pytest.mark.slow
 def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0

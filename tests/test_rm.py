@@ -17,7 +17,6 @@ from rlhflab.models import load_reward_model, load_tokenizer, reward_scores
 from rlhflab.text import encode_query, encode_response, pad_left, pad_right
 from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
-os.environ["RLHFLAB_QUIET"] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from rlhflab.stages import sample
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking
 from rlhflab.errors import TrainingError
-from tiny import gpt2_dir, llama_dir, tiny_tokenizer, write_jsonl
+from rlhflab.generation import Responses
+from tiny import make, gpt2_dir, llama_dir, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 
@@ -29,7 +30,7 @@ def world(tmp_path_factory):
 
 def config(world, out, policy="gpt2", **kw):
     kw = {"max_new_tokens": 12, "batch_size": 7, "device": "cpu", **kw}
-    return sample.SampleConfig(policy=str(world[policy]), prompts=str(world["prompts"]),
+    return make(sample.SampleConfig, policy=str(world[policy]), prompts=str(world["prompts"]),
                                out=str(out), **kw)
 
 
@@ -75,26 +76,27 @@ def test_cli_and_refusals(world, tmp_path, capsys):
 
 
 def test_empty_responses_are_resampled_or_dropped(world, tmp_path, monkeypatch):
-    real = sample.generate_texts
+    real = sample.generate
     calls = []
 
-    def flaky(model, tokenizer, prompts, **kw):  # the first pass answers every other one with ""
-        texts, ended = real(model, tokenizer, prompts, **kw)
-        calls.append(len(prompts))
+    def flaky(model, tokenizer, queries, **kw):  # the first pass answers every other one with ""
+        out = real(model, tokenizer, queries, **kw)
+        calls.append(len(queries))
         if len(calls) == 1:
-            texts = [t if i % 2 else "" for i, t in enumerate(texts)]
-        return texts, ended
+            out.texts = [t if i % 2 else "" for i, t in enumerate(out.texts)]
+        return out
 
-    monkeypatch.setattr(sample, "generate_texts", flaky)
+    monkeypatch.setattr(sample, "generate", flaky)
     path, metrics = sample.run(config(world, tmp_path / "s.jsonl", k_min=2, k_max=2))
     rows = [json.loads(x) for x in path.read_text().splitlines()]
     assert calls == [10, 5] and metrics["sample/dropped_empty"] == 0
     assert all(len(r["responses"]) == 2 and all(t.strip() for t in r["responses"]) for r in rows)
 
-    def silent(model, tokenizer, prompts, **kw):
-        return [""] * len(prompts), [True] * len(prompts)
+    def silent(model, tokenizer, queries, **kw):
+        n = len(queries)
+        return Responses(list(queries), [""] * n, [[] for _ in range(n)], [True] * n)
 
-    monkeypatch.setattr(sample, "generate_texts", silent)
+    monkeypatch.setattr(sample, "generate", silent)
     out = tmp_path / "never.jsonl"
     with pytest.raises(TrainingError, match="two non-empty"):
         sample.run(config(world, out, k_min=2, k_max=2, retries=2))

@@ -16,7 +16,6 @@ from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.text import encode_query, encode_response
 from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
-os.environ["RLHFLAB_QUIET"] = "1"
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ def preset(name: str, **changes) -> Params:
     return replace(PRESETS[name][1], **changes)
 
 
-def test_default_readout_matches_the_issue_up_to_normalisation():
+def test_default_readout_matches_the_spec_up_to_normalisation():
     assert core.SFT_SHARE.sum() == pytest.approx(1.0)
     r = core.readout(core.sft_logits(), Params())
     # From the unnormalised shares (sum 1.01) the readout would be 0.68 / 0.63 / 0.00 / 0.05;

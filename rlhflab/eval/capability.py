@@ -17,8 +17,8 @@ import torch
 
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import InputError
-from rlhflab.generation import sample
-from rlhflab.models import token_logprobs
+from rlhflab.generation import generate
+from rlhflab.models import context_length, token_logprobs
 from rlhflab.text import pad_right
 
 BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher", "webtext")
@@ -41,12 +41,14 @@ def _context_ids(tokenizer, text: str) -> list[int]:
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@torch.no_grad()
 def _greedy(model, tokenizer, contexts: list[str], n_tokens: int = 6) -> list[str]:
-    gen = sample(model, [_context_ids(tokenizer, c) for c in contexts], pad_id=tokenizer.pad_token_id,
-                 eos_id=tokenizer.eos_token_id, max_new_tokens=n_tokens, greedy=True)
-    texts = [tokenizer.decode([t for t in r.tolist() if t != tokenizer.pad_token_id], skip_special_tokens=True)
-             for r in gen.responses]
+    """The first line or sentence of a greedy continuation, lower-cased (one batch)."""
+    out = generate(model, tokenizer, [_context_ids(tokenizer, c) for c in contexts],
+                   max_new_tokens=n_tokens, temperature=0, batch_size=max(1, len(contexts)))
+    # Not out.texts: those are stripped first, and a continuation opening with a newline
+    # must read as empty here.
+    texts = [tokenizer.decode([t for t in r if t != tokenizer.pad_token_id], skip_special_tokens=True)
+             for r in out.tokens]
     return [re.split(r"[.\n]", t)[0].strip().lower() for t in texts]
 
 
@@ -75,7 +77,7 @@ def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
 def _token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
     """Fraction of the tokens of [bos] text [eos] (bos excepted) that are the argmax of the
     model's next-token distribution: the documents are laid out as in pretraining."""
-    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 2048)
+    n_pos = context_length(model.config)  # None: no limit, nothing cut
     seqs = [(_context_ids(tokenizer, t) + [tokenizer.eos_token_id])[:n_pos] for t in texts]
     hits = total = 0
     for i in range(0, len(seqs), batch_size):

@@ -46,15 +46,16 @@ from pathlib import Path
 import torch
 
 from rlhflab.eval.capability import capability_scores, load_benchmarks
-from rlhflab.config import add_config_arguments, check, config_from_args, save_config
+from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import InputError
-from rlhflab.generation import sample
+from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
-from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, n_params, reward_scores
+from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
 from rlhflab.eval.overopt import (best_of_n_kl, bon_summary, fit_best_of_n, fit_rl,  # noqa: F401
                              rl_curve, rl_summary)
-from rlhflab.text import decode_response, encode_query, encode_response, pad_right
+from rlhflab.stages.rm import score_pairs, score_sequences
+from rlhflab.text import encode_query, encode_response
 from rlhflab.training import progress, resolve_device, set_seed
 from rlhflab.world.gold import STYLES
 
@@ -99,10 +100,8 @@ class EvalConfig:
     """Test prompts for best-of-n (each gets max(best_of_n) samples at T = 1)."""
     batch_size: int = 64
     """Prompts per generation batch."""
-    device: str = "auto"
-    """'auto' (CUDA when present), 'cpu', 'cuda', ..."""
-    seed: int = 0
-    """Seed for sampling and for which held-out labeler judges what."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (sampling, and which held-out labeler judges what) and device."""
     out_dir: str = "runs/eval"
     """Output directory: summary.json, samples.jsonl, best_of_n.jsonl, config.yaml."""
 
@@ -166,55 +165,24 @@ def few_shot_prefix(tokenizer, demos: list[dict], k: int = N_SHOTS) -> list[list
     return pieces
 
 
-def build_queries(tokenizer, prompts: list[str], n_pos: int, max_new_tokens: int,
+def build_queries(tokenizer, prompts: list[str], n_pos: int | None, max_new_tokens: int,
                   prefix: list[list[int]] = ()) -> list[list[int]]:
-    """Query ids per prompt; a prefix loses whole demonstrations (oldest first) to fit the context."""
+    """Query ids per prompt; a prefix loses whole demonstrations (oldest first) to fit the
+    context n_pos (None: no limit). A prompt still too long is cut by `generate(fit_context=True)`."""
     out = []
     for p in prompts:
         q, pieces = encode_query(tokenizer, p), list(prefix)
-        while pieces and sum(map(len, pieces)) + len(q) + max_new_tokens > n_pos:
+        while pieces and n_pos is not None and sum(map(len, pieces)) + len(q) + max_new_tokens > n_pos:
             pieces.pop(0)
-        q = [t for piece in pieces for t in piece] + q
-        out.append(q[-(n_pos - 8):])  # an over-long prompt keeps its end (as labeval.respond)
+        out.append([t for piece in pieces for t in piece] + q)
     return out
 
 
-def _n_positions(model) -> int:
-    cfg = model.config
-    return getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 10**9
-
-
-@torch.no_grad()
-def generate(model, tokenizer, queries: list[list[int]], max_new_tokens: int, temperature: float,
-             batch_size: int, seed: int) -> list[str]:
-    """Batched answers (greedy when temperature == 0)."""
-    device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    n_pos, out = _n_positions(model), []
-    for i in range(0, len(queries), batch_size):
-        batch = queries[i: i + batch_size]
-        room = max(1, min(max_new_tokens, n_pos - max(map(len, batch))))
-        gen = sample(model, batch, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                     max_new_tokens=room, greedy=temperature == 0, temperature=temperature or 1.0,
-                     generator=g)
-        out.extend(decode_response(tokenizer, r) for r in gen.responses)
-    return out
-
-
-@torch.no_grad()
-def score_sequences(rm, seqs: list[list[int]], pad_id: int, batch_size: int = 64) -> list[float]:
-    """r_θ of token sequences (query + response), read at the last real token (§3.5)."""
-    device, out = next(rm.parameters()).device, []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i: i + batch_size], pad_id)
-        out.extend(reward_scores(rm, ids.to(device), mask.to(device)).float().tolist())
-    return out
-
-
-def rm_score_texts(rm, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> list[float]:
-    n_pos = _n_positions(rm)
-    seqs = [(encode_query(tokenizer, p) + encode_response(tokenizer, r))[-n_pos:] for p, r in zip(prompts, responses)]
-    return score_sequences(rm, seqs, tokenizer.pad_token_id, batch_size)
+def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
+    """Every answer of the eval: batched, greedy at temperature 0, fitted to the context."""
+    return generate(model, tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature, batch_size=cfg.batch_size,
+                    generator=generator_for(model, cfg.run.seed), fit_context=True).texts
 
 
 # --------------------------------------------------------------------------- judging (§4.1)
@@ -310,20 +278,15 @@ def best_of_n_curve(policy, rm, world, prompts: list[str], ns: list[int], *, tok
 
     Rows {n, kl, d, gold, rm}: mean gold quality and RM score of the picks.
     """
-    N, device = max(ns), next(policy.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    queries = build_queries(tokenizer, prompts, _n_positions(policy), max_new_tokens)
-    texts, scores = [], []
-    for i in range(0, len(queries) * N, batch_size):
-        batch = [queries[j // N] for j in range(i, min(i + batch_size, len(queries) * N))]
-        gen = sample(policy, batch, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                     max_new_tokens=max(1, min(max_new_tokens, _n_positions(policy) - max(map(len, batch)))),
-                     temperature=1.0, generator=g)
-        # Score the sampled tokens themselves, as PPO does (eos included when emitted).
-        seqs = [q + r[m.bool()].tolist() for q, r, m in zip(batch, gen.responses.cpu(), gen.mask.cpu())]
-        scores.extend(score_sequences(rm, seqs, tokenizer.pad_token_id, batch_size))
-        texts.extend(decode_response(tokenizer, r) for r in gen.responses)
-    gold = [world.judge(prompts[j // N], t).quality for j, t in enumerate(texts)]
+    N = max(ns)
+    queries = build_queries(tokenizer, prompts, context_length(policy.config), max_new_tokens)
+    out = generate(policy, tokenizer, [q for q in queries for _ in range(N)], max_new_tokens=max_new_tokens,
+                   temperature=1.0, batch_size=batch_size, generator=generator_for(policy, seed),
+                   fit_context=True)
+    # Score the sampled tokens themselves, as PPO does (eos included when emitted).
+    seqs = [q + r for q, r in zip(out.queries, out.tokens)]
+    scores = score_sequences(rm, seqs, tokenizer.pad_token_id, batch_size)
+    gold = [world.judge(prompts[j // N], t).quality for j, t in enumerate(out.texts)]
     rows = []
     for n in sorted(set(ns)):
         picks = [p * N + max(range(n), key=lambda k: scores[p * N + k]) for p in range(len(prompts))]
@@ -345,9 +308,9 @@ def _answer_all(cfg: EvalConfig, prompts: dict, demos: list[dict], bench: dict, 
         if name in cfg.prompted:
             variants.append((prompted_name(name), few_shot_prefix(tok, demos)))
         for variant, prefix in variants:
+            n_pos = context_length(model.config)
             answers[variant] = {
-                s: generate(model, tok, build_queries(tok, prompts[s], _n_positions(model), cfg.max_new_tokens, prefix),
-                            cfg.max_new_tokens, cfg.temperature, cfg.batch_size, cfg.seed)
+                s: answer(model, tok, build_queries(tok, prompts[s], n_pos, cfg.max_new_tokens, prefix), cfg)
                 for s in SPLITS}
             summary[f"params/{variant}"] = n_params(model)
         # A prompt prefix does not change the weights, so capability is measured once per model.
@@ -360,7 +323,7 @@ def _best_of_n(cfg: EvalConfig, rm, world, prompts: list[str], device) -> list[d
     path = cfg.models[cfg.bon_policy()]
     policy = load_causal_lm(path).to(device).eval()
     return best_of_n_curve(policy, rm, world, prompts, cfg.best_of_n, tokenizer=load_tokenizer(path),
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size)
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed, batch_size=cfg.batch_size)
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -371,8 +334,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for name, path in {**cfg.models, "reward_model": cfg.reward_model or None}.items():
         if path is not None and not (Path(path) / "config.json").is_file():
             raise InputError(f"not a model directory (no config.json) for {name!r}", file=str(path))
-    set_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    set_seed(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
     out = Path(cfg.out_dir)
     limit = cfg.n_prompts or None
     tasks = {s: world.splits[s][:limit] for s in SPLITS}
@@ -388,9 +351,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     judged = {v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS}
               for v, a in answers.items()}
     for variant in answers:
-        summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.seed))
+        summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.run.seed))
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
-        h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.seed}-{a}-{b}")
+        h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.run.seed}-{a}-{b}")
         summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
     summary.update({f"n/{s}": len(prompts[s]) for s in SPLITS})
     seen = world.seen_prompts()
@@ -400,7 +363,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if rm is not None:
         rm_tok = load_tokenizer(cfg.reward_model)
         for variant, a in answers.items():
-            summary[f"rm/{variant}"] = _mean(rm_score_texts(rm, rm_tok, prompts["test"], a["test"], cfg.batch_size))
+            summary[f"rm/{variant}"] = _mean(score_pairs(rm, rm_tok, prompts["test"], a["test"], cfg.batch_size))
         if cfg.best_of_n:
             bon_rows = _best_of_n(cfg, rm, world, prompts["test"][: cfg.best_of_n_prompts], device)
             summary.update(bon_summary(bon_rows))

@@ -1,37 +1,16 @@
 """Measuring a policy against the lab world's truth (never a training signal).
 
-`respond` answers prompts in batches with the KV cache; `gold_of_policy` scores the
-answers with the gold scorer; `make_lab_evaluator` bundles gold quality, the style
-distribution and the capability benchmarks into the callable PPO logs every few steps.
+`gold_of_policy` answers prompts (`generation.generate`) and scores the answers with the
+gold scorer; `make_lab_evaluator` bundles gold quality, the style distribution and the
+capability benchmarks into the callable PPO logs every few steps.
 """
 from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
-from rlhflab.generation import sample
-from rlhflab.text import decode_response, encode_query
+from rlhflab.generation import generate, generator_for
+from rlhflab.text import encode_query
 from rlhflab.world.gold import STYLES
-
-
-@torch.no_grad()
-def respond(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, greedy: bool = True,
-            temperature: float = 1.0, batch_size: int = 64, seed: int = 0) -> list[str]:
-    was_training = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    out: list[str] = []
-    n_pos = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 10**9)
-    for i in range(0, len(prompts), batch_size):
-        # A prompt longer than the context keeps its end (evaluation only; training refuses it).
-        queries = [encode_query(tokenizer, p)[-(n_pos - 8):] for p in prompts[i: i + batch_size]]
-        room = max(1, min(max_new_tokens, n_pos - max(len(q) for q in queries)))
-        gen = sample(model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                     max_new_tokens=room, greedy=greedy, temperature=temperature, generator=g)
-        out.extend(decode_response(tokenizer, r) for r in gen.responses)
-    model.train(was_training)
-    return out
 
 
 def summarize_judgements(judgements) -> dict[str, float]:
@@ -48,8 +27,10 @@ def summarize_judgements(judgements) -> dict[str, float]:
 
 def gold_of_policy(model, tokenizer, world, prompts: list[str], max_new_tokens: int = 48,
                    greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> dict[str, float]:
-    responses = respond(model, tokenizer, prompts, max_new_tokens, greedy=greedy,
-                        temperature=temperature, seed=seed)
+    # A prompt longer than the context keeps its end (evaluation only; training refuses it).
+    responses = generate(model, tokenizer, [encode_query(tokenizer, p) for p in prompts],
+                         max_new_tokens=max_new_tokens, temperature=0 if greedy else temperature,
+                         batch_size=64, generator=generator_for(model, seed), fit_context=True).texts
     return summarize_judgements([world.judge(p, r) for p, r in zip(prompts, responses)])
 
 

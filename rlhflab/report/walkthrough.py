@@ -17,11 +17,11 @@ import torch
 import yaml
 
 from rlhflab.data import read_demos, read_prompts, read_rankings
-from rlhflab.generation import sample
+from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json
-from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, reward_scores, token_logprobs
-from rlhflab.stages.rm import score_pairs
-from rlhflab.text import decode_response, encode_query, pad_right
+from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
+from rlhflab.stages.rm import score_pairs, score_sequences
+from rlhflab.text import encode_query, pad_right
 from rlhflab.report import charts
 from rlhflab.report.html import figure, missing, table, text_cell
 from rlhflab.world import load_world
@@ -33,17 +33,16 @@ def ppo_episode(policy_dir: Path, ref_dir: Path, rm_dir: Path, prompt: str, kl_c
     policy, ref = load_causal_lm(policy_dir).eval(), load_causal_lm(ref_dir).eval()
     rm, tok = load_reward_model(rm_dir).eval(), load_tokenizer(policy_dir)
     query = encode_query(tok, prompt)
-    gen = sample(policy, [query], pad_id=tok.pad_token_id, eos_id=tok.eos_token_id,
-                 max_new_tokens=max_new_tokens, generator=torch.Generator().manual_seed(seed))
-    n = int(gen.mask[0].sum())
-    response = gen.responses[0, :n].tolist()
+    out = generate(policy, tok, [query], max_new_tokens=max_new_tokens, temperature=1.0,
+                   generator=generator_for(policy, seed))
+    response = out.tokens[0]
     ids, mask = pad_right([query + response], tok.pad_token_id)
     labels = ids[:, len(query):]  # the response tokens, each predicted from the position before
     logp = token_logprobs(policy(input_ids=ids, attention_mask=mask).logits[:, len(query) - 1:-1], labels)
     ref_logp = token_logprobs(ref(input_ids=ids, attention_mask=mask).logits[:, len(query) - 1:-1], labels)
     kl = float((logp - ref_logp).sum())
-    score = float(reward_scores(rm, ids, mask)[0])
-    return {"prompt": prompt, "response": decode_response(tok, response), "rm_score": round(score, 4),
+    score = score_sequences(rm, [query + response], tok.pad_token_id)[0]
+    return {"prompt": prompt, "response": out.texts[0], "rm_score": round(score, 4),
             "kl": round(kl, 4), "kl_coef": kl_coef, "reward": round(score - kl_coef * kl, 4)}
 
 

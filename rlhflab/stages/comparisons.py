@@ -51,7 +51,8 @@ def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config
     for split, seed_offset in (("train", 0), ("val", 1)):
         prompts = _prompts(world_dir / f"rm_{split}.jsonl", out / f"{split}_prompts.jsonl")
         cfg = dataclasses.replace(config, policy=str(policy), prompts=str(prompts),
-                                  out=str(out / f"{split}_samples.jsonl"), seed=seed + seed_offset)
+                                  out=str(out / f"{split}_samples.jsonl"),
+                                  run=dataclasses.replace(config.run, seed=seed + seed_offset))
         _, metrics = sample(cfg)
         rows = [obj for _, obj in iter_jsonl(cfg.out)]
         pools = [("train", split)] + ([("heldout", "heldout")] if split == "val" else [])

@@ -1,25 +1,25 @@
 """K samples per prompt from a policy, written as JSONL ready to be ranked (§3.5).
 
 The paper's labelers ranked K = 4 to 9 outputs per prompt; K is drawn per prompt from a
-seeded generator. All prompts x K samples go through `generation.sample` in batches with
-the KV cache. Output rows: {"prompt": str, "responses": [str, ...]}.
+seeded generator. All prompts x K samples go through `generation.generate` in batches
+with the KV cache. Output rows: {"prompt": str, "responses": [str, ...]}.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhflab.config import add_config_arguments, check, config_from_args
+from rlhflab.config import RunFields, add_config_arguments, check, config_from_args
 from rlhflab.data import MAX_K, iter_jsonl, read_prompts
 from rlhflab.errors import InputError, TrainingError
-from rlhflab.generation import sample
+from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_tokenizer
-from rlhflab.text import decode_response, encode_query
-from rlhflab.training import progress, resolve_device
+from rlhflab.text import encode_query
+from rlhflab.training import resolve_device
 
 
 @dataclass
@@ -40,12 +40,10 @@ class SampleConfig:
     """Longest response; one cut there has no eos (it is still written)."""
     batch_size: int = 64
     """Sequences per generation batch (prompts x K are flattened, then batched)."""
-    seed: int = 0
-    """Seed for K and for the samples."""
     retries: int = 4
     """Resample an empty response up to this many times; still empty, it is dropped."""
-    device: str = "auto"
-    """'auto' (CUDA if present), 'cpu', 'cuda', ..."""
+    run: RunFields = field(default_factory=RunFields)
+    """Seed (K per prompt and the samples) and device."""
 
     def validate(self) -> None:
         check(bool(self.policy), "policy", self.policy, "a policy directory is required")
@@ -73,25 +71,6 @@ def check_prompt_lengths(tokenizer, prompts: list[str], path: str, max_len: int 
                              field="prompt")
 
 
-@torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list[str], *, max_new_tokens: int,
-                   temperature: float, batch_size: int, generator: torch.Generator | None = None,
-                   desc: str = "") -> tuple[list[str], list[bool]]:
-    """One sampled response per prompt: (decoded texts, whether each emitted eos)."""
-    was_training = model.training
-    model.eval()
-    texts, ended = [], []
-    starts = range(0, len(prompts), batch_size)
-    for i in progress(starts, total=len(starts), desc=desc) if desc else starts:
-        queries = [encode_query(tokenizer, p) for p in prompts[i: i + batch_size]]
-        gen = sample(model, queries, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                     max_new_tokens=max_new_tokens, temperature=temperature, generator=generator)
-        texts += [decode_response(tokenizer, row) for row in gen.responses.tolist()]
-        ended += gen.ended.tolist()
-    model.train(was_training)
-    return texts, ended
-
-
 def run(config: SampleConfig) -> tuple[Path, dict]:
     """Sample K responses per prompt; returns (output path, metrics)."""
     config.validate()
@@ -101,24 +80,23 @@ def run(config: SampleConfig) -> tuple[Path, dict]:
     model = load_causal_lm(config.policy)
     check_prompt_lengths(tokenizer, prompts, config.prompts, context_length(model.config),
                  config.max_new_tokens)
-    device = resolve_device(config.device)
+    device = resolve_device(config.run.device)
     model.to(device)
 
-    k_gen = torch.Generator().manual_seed(config.seed)
+    k_gen = torch.Generator().manual_seed(config.run.seed)
     ks = torch.randint(config.k_min, config.k_max + 1, (len(prompts),), generator=k_gen).tolist()
     owners = [i for i, k in enumerate(ks) for _ in range(k)]  # prompts x K, flattened
-    gen = torch.Generator(device=device).manual_seed(config.seed + 1)
+    queries = [encode_query(tokenizer, p) for p in prompts]
     kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-              batch_size=config.batch_size, generator=gen)
-    texts, ended = generate_texts(model, tokenizer, [prompts[i] for i in owners], desc="sample",
-                                  **kw)
+              batch_size=config.batch_size, generator=generator_for(model, config.run.seed + 1))
+    first = generate(model, tokenizer, [queries[i] for i in owners], desc="sample", **kw)
+    texts, ended = first.texts, first.ended
     for _ in range(config.retries):  # labelers cannot rank an empty answer (data.py refuses it)
         empty = [j for j, t in enumerate(texts) if not t.strip()]
         if not empty:
             break
-        redo, redo_ended = generate_texts(model, tokenizer, [prompts[owners[j]] for j in empty],
-                                          **kw)
-        for j, t, e in zip(empty, redo, redo_ended):
+        redo = generate(model, tokenizer, [queries[owners[j]] for j in empty], **kw)
+        for j, t, e in zip(empty, redo.texts, redo.ended):
             texts[j], ended[j] = t, e
 
     rows = [{"prompt": p, "responses": []} for p in prompts]

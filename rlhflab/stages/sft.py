@@ -23,11 +23,12 @@ from transformers import AutoConfig
 from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields, validate
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
+from rlhflab.generation import generate
 from rlhflab.io import atomic_dir
 from rlhflab.models import (context_length, load_causal_lm, load_reward_model, load_tokenizer,
                             token_logprobs)
 from rlhflab.stages.rm import score_pairs
-from rlhflab.stages.sample import check_prompt_lengths, generate_texts
+from rlhflab.stages.sample import check_prompt_lengths
 from rlhflab.text import encode_query, encode_response, pad_right
 from rlhflab.training import (Loop, autocast, fast_kernels, fit, resolve_device, set_seed, shuffled_batch,
                               write_outputs)
@@ -184,9 +185,9 @@ def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
 def rm_score(model, tokenizer, prompts, rm, rm_tokenizer, config: SFTConfig, device) -> float:
     """Mean reward of the policy's samples on the val prompts (App. C.1 model selection)."""
     gen = torch.Generator(device=device).manual_seed(config.run.seed)  # same draws every epoch
-    texts, _ = generate_texts(model, tokenizer, prompts, temperature=config.val_temperature,
-                              max_new_tokens=config.val_max_new_tokens,
-                              batch_size=config.eval_batch_size, generator=gen)
+    texts = generate(model, tokenizer, [encode_query(tokenizer, p) for p in prompts],
+                     temperature=config.val_temperature, max_new_tokens=config.val_max_new_tokens,
+                     batch_size=config.eval_batch_size, generator=gen).texts
     scores = score_pairs(rm, rm_tokenizer, prompts, texts, config.eval_batch_size)
     return sum(scores) / len(scores)
 

@@ -170,11 +170,13 @@ def open_run(config) -> Run:
     if config.value_model:
         _check_vocab(tok, value_model, config.value_model, "value_model")
 
-    context = min(_context(m) for m in (policy, reward_model, value_model))
+    # The shortest context of the three (None: none has a fixed limit).
+    context = min((c for m in (policy, reward_model, value_model)
+                   if (c := context_length(m.config)) is not None), default=None)
     queries = _encode_prompts(tok, prompts, config.prompts, context, config.max_new_tokens)
     val_queries = (_encode_prompts(tok, val_prompts, config.val_prompts, context,
                                    config.max_new_tokens) if val_prompts else [])
-    ptx = _encode_texts(tok, texts, _context(policy)) if texts is not None else None
+    ptx = _encode_texts(tok, texts, context_length(policy.config)) if texts is not None else None
     return _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx)
 
 
@@ -226,25 +228,21 @@ def _check_vocab(tok, model, path: str, key: str) -> None:
                              "so they must share one vocabulary)", file=str(path), field=key)
 
 
-def _context(model) -> int:
-    return context_length(model.config) or 1 << 30
-
-
-def _encode_prompts(tok, prompts: list[str], path: str, context: int,
+def _encode_prompts(tok, prompts: list[str], path: str, context: int | None,
                     max_new: int) -> list[list[int]]:
     lines = [n for n, _ in data.iter_jsonl(path)]
     out = []
     for line, prompt in zip(lines, prompts):
         q = encode_query(tok, prompt)
-        if len(q) + max_new > context:
+        if context is not None and len(q) + max_new > context:
             raise InputError(f"{len(q)} tokens + max_new_tokens {max_new} exceed the model "
                              f"context of {context}", file=str(path), line=line, field="prompt")
         out.append(q)
     return out
 
 
-def _encode_texts(tok, texts: list[str], context: int) -> list[list[int]]:
-    """Pretraining layout: [bos] + tokens(text) + [eos], cut to the context length."""
+def _encode_texts(tok, texts: list[str], context: int | None) -> list[list[int]]:
+    """Pretraining layout: [bos] + tokens(text) + [eos], cut to the context length (None: not cut)."""
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     ids = tok(texts, add_special_tokens=False)["input_ids"]
     return [(bos + list(t) + [tok.eos_token_id])[:context] for t in ids]
