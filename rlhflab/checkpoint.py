@@ -7,6 +7,7 @@ and optimizers: `<name>.safetensors` (weights), `<opt>.optim.safetensors` plus
 The whole directory is staged under a temporary name and renamed into place, so a
 kill at any moment leaves the previous complete checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,12 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> No
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(out_dir: str | Path, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer], state: dict) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    modules: dict[str, torch.nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    state: dict,
+) -> Path:
     """Write `<out_dir>/checkpoint` atomically; `state` must be JSON-serialisable."""
     path = Path(out_dir) / CHECKPOINT
     with atomic_dir(path) as tmp:
@@ -71,8 +76,9 @@ def has_checkpoint(out_dir: str | Path) -> bool:
     return (Path(out_dir) / CHECKPOINT / STATE).is_file()
 
 
-def load_checkpoint(out_dir: str | Path, modules: dict[str, torch.nn.Module],
-                    optimizers: dict[str, torch.optim.Optimizer]) -> dict:
+def load_checkpoint(
+    out_dir: str | Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer]
+) -> dict:
     """Restore modules, optimizers and RNG in place; return the stage's `state` dict."""
     path = Path(out_dir) / CHECKPOINT
     try:

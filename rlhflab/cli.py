@@ -6,6 +6,7 @@ back. Stages with a config take `--config FILE.yaml` and any number of overrides
 `--key=value` or `--key value` (dotted keys for nested fields); `--help` lists the keys
 and `--help-config` what each means.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,8 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: rlhflab COMMAND [options]   (rlhflab COMMAND --help for its options)", "",
-             "commands:"]
+    lines = ["usage: rlhflab COMMAND [options]   (rlhflab COMMAND --help for its options)", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     if argv[0] == "--version":
         from rlhflab import __version__
+
         print(__version__)
         return 0
     name, rest = argv[0], argv[1:]

@@ -5,6 +5,7 @@ line below them (CleanRL style). `load_config(Cls, path, overrides)` builds one,
 every type, runs each dataclass's `validate()` and raises `ConfigError` naming the
 offending key and value. `save_config` writes the resolved config beside an output.
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,7 +24,6 @@ import yaml
 
 from rlhflab.errors import ConfigError
 from rlhflab.io import atomic_write_text
-
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -63,11 +63,14 @@ class TrainFields:
 
     def validate(self) -> None:
         check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "must be >= 0 and finite")
-        check(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
-              self.max_grad_norm, "must be > 0, or null for no clipping")
+        check(
+            self.max_grad_norm is None or self.max_grad_norm > 0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "must be > 0, or null for no clipping",
+        )
         check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
-        check(self.precision in PRECISIONS, "precision", self.precision,
-              f"must be one of {list(PRECISIONS)}")
+        check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {list(PRECISIONS)}")
 
 
 def train_fields(**defaults) -> Any:
@@ -75,8 +78,7 @@ def train_fields(**defaults) -> Any:
     return dataclasses.field(default_factory=lambda: TrainFields(**defaults))
 
 
-def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = (),
-                base: dict | None = None):
+def load_config(cls, path: str | Path | None = None, overrides: typing.Sequence[str] = (), base: dict | None = None):
     """Build `cls` from defaults <- `base` <- YAML file <- `key=value` overrides."""
     raw: dict = {}
     if base:
@@ -105,10 +107,14 @@ def add_config_arguments(parser, cls) -> None:
 
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--config", help="YAML config file; --key=value overrides follow it")
-    parser.add_argument("--help-config", action="store_true",
-                        help="list every config key with its default and meaning, then exit")
-    parser.epilog = ("config keys (--key=value or --key value; --help-config says what each "
-                     "means):\n" + "\n".join(describe(cls, brief=True)))
+    parser.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list every config key with its default and meaning, then exit",
+    )
+    parser.epilog = "config keys (--key=value or --key value; --help-config says what each means):\n" + "\n".join(
+        describe(cls, brief=True)
+    )
 
 
 def config_from_args(cls, args, base: dict | None = None):
@@ -154,9 +160,13 @@ def field_docs(cls) -> dict[str, str]:
         return {}
     docs, body = {}, tree.body[0].body
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -177,12 +187,12 @@ def describe(cls, prefix: str = "", default_obj=None, brief: bool = False) -> li
                 lines.extend(describe(tp, key + ".", getattr(default_obj, f.name)))
             continue
         default = getattr(default_obj, f.name)
-        lines.append(f"  {key} = {default!r}" if brief else
-                     f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
+        lines.append(f"  {key} = {default!r}" if brief else f"  {key} = {default!r}\n      {docs.get(f.name, '')}")
     return lines
 
 
 # --------------------------------------------------------------------------- internals
+
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
@@ -195,8 +205,11 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise ConfigError(f"not valid YAML: {getattr(e, 'problem', e)}", file=str(path),
-                          line=None if line is None else line + 1) from None
+        raise ConfigError(
+            f"not valid YAML: {getattr(e, 'problem', e)}",
+            file=str(path),
+            line=None if line is None else line + 1,
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -227,14 +240,14 @@ def _build(cls, raw: Any, prefix: str, source: str | None, base=None):
     """`raw` over `base` (default: cls()): a nested field starts from its parent's default
     (e.g. a default_factory that sets some keys), not from its own class's defaults."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"expected a mapping, got {type(raw).__name__}",
-                          field=prefix.rstrip(".") or "<root>", file=source)
+        raise ConfigError(
+            f"expected a mapping, got {type(raw).__name__}", field=prefix.rstrip(".") or "<root>", file=source
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown key (known: {', '.join(sorted(names))})",
-                              field=prefix + str(key), file=source)
+            raise ConfigError(f"unknown key (known: {', '.join(sorted(names))})", field=prefix + str(key), file=source)
     base = cls() if base is None else base
     kwargs = {}
     for name, value in raw.items():
@@ -266,15 +279,15 @@ def _coerce(value: Any, tp: Any, key: str, source: str | None) -> Any:
         raise bad
     if origin is Literal:
         if value not in get_args(tp):
-            raise ConfigError(f"must be one of {list(get_args(tp))}, got {value!r}",
-                              field=key, file=source)
+            raise ConfigError(f"must be one of {list(get_args(tp))}, got {value!r}", field=key, file=source)
         return value
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
         key_tp, val_tp = get_args(tp) or (Any, Any)
-        return {_coerce(k, key_tp, f"{key}.{k}", source): _coerce(v, val_tp, f"{key}.{k}", source)
-                for k, v in value.items()}
+        return {
+            _coerce(k, key_tp, f"{key}.{k}", source): _coerce(v, val_tp, f"{key}.{k}", source) for k, v in value.items()
+        }
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise bad

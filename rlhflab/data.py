@@ -9,13 +9,14 @@ JSON Lines, UTF-8, one object per line:
   pretraining     {"text": str} rows, or a plain .txt file (one document per line)
 A bad row raises InputError naming the file, the line and the field.
 """
+
 from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from rlhflab.errors import InputError
 
@@ -41,7 +42,7 @@ class Ranking:
         """All (winner, loser) pairs; ties give no pair (§3.5: ties are dropped)."""
         out = []
         for gi, gj in itertools.combinations(self.groups, 2):
-            out.extend((w, l) for w in gi for l in gj)
+            out.extend((w, lose) for w in gi for lose in gj)
         return out
 
     @property
@@ -65,8 +66,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise InputError(f"not valid JSON: {e.msg} (column {e.colno})", file=str(path),
-                             line=lineno) from None
+            raise InputError(f"not valid JSON: {e.msg} (column {e.colno})", file=str(path), line=lineno) from None
         if not isinstance(obj, dict):
             raise InputError("each line must be a JSON object", file=str(path), line=lineno)
         yield lineno, obj
@@ -77,8 +77,7 @@ def _text(obj: dict, field: str, path, line: int) -> str:
         raise InputError("missing", file=str(path), line=line, field=field)
     value = obj[field]
     if not isinstance(value, str):
-        raise InputError(f"must be a string, got {type(value).__name__}", file=str(path),
-                         line=line, field=field)
+        raise InputError(f"must be a string, got {type(value).__name__}", file=str(path), line=line, field=field)
     if not value.strip():
         raise InputError("must not be empty", file=str(path), line=line, field=field)
     return value
@@ -95,8 +94,10 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def read_demos(path: str | Path) -> list[Demo]:
-    return _nonempty([Demo(_text(o, "prompt", path, n), _text(o, "completion", path, n), n)
-                      for n, o in iter_jsonl(path)], path)
+    return _nonempty(
+        [Demo(_text(o, "prompt", path, n), _text(o, "completion", path, n), n) for n, o in iter_jsonl(path)],
+        path,
+    )
 
 
 def read_rankings(path: str | Path) -> list[Ranking]:
@@ -109,39 +110,42 @@ def parse_ranking(obj: dict, path="<input>", line: int = 0) -> Ranking:
         chosen, rejected = _text(obj, "chosen", path, line), _text(obj, "rejected", path, line)
         return Ranking(prompt, (chosen, rejected), ((0,), (1,)), line)
     if "responses" not in obj:
-        raise InputError("missing (or give chosen/rejected)", file=str(path), line=line,
-                         field="responses")
+        raise InputError("missing (or give chosen/rejected)", file=str(path), line=line, field="responses")
     responses = obj["responses"]
     if not isinstance(responses, list):
         raise InputError("must be a list of strings", file=str(path), line=line, field="responses")
     k = len(responses)
     if not 2 <= k <= MAX_K:
-        raise InputError(f"needs 2 to {MAX_K} responses, got {k}", file=str(path), line=line,
-                         field="responses")
+        raise InputError(f"needs 2 to {MAX_K} responses, got {k}", file=str(path), line=line, field="responses")
     for i, r in enumerate(responses):
         if not isinstance(r, str) or not r.strip():
-            raise InputError("must be a non-empty string", file=str(path), line=line,
-                             field=f"responses[{i}]")
+            raise InputError("must be a non-empty string", file=str(path), line=line, field=f"responses[{i}]")
     if "ranking" not in obj:
         raise InputError("missing", file=str(path), line=line, field="ranking")
     ranking = obj["ranking"]
     if not isinstance(ranking, list):
-        raise InputError("must be a list of indices, best first", file=str(path), line=line,
-                         field="ranking")
+        raise InputError("must be a list of indices, best first", file=str(path), line=line, field="ranking")
     groups = []
     for entry in ranking:
         members = entry if isinstance(entry, list) else [entry]
         if not members or not all(isinstance(m, int) and not isinstance(m, bool) for m in members):
-            raise InputError(f"entries must be indices or lists of indices, got {entry!r}",
-                             file=str(path), line=line, field="ranking")
+            raise InputError(
+                f"entries must be indices or lists of indices, got {entry!r}",
+                file=str(path),
+                line=line,
+                field="ranking",
+            )
         groups.append(tuple(members))
     flat = [i for g in groups for i in g]
     if sorted(flat) != list(range(k)):
-        raise InputError(f"must be a permutation of 0..{k - 1}, got {ranking!r}",
-                         file=str(path), line=line, field="ranking")
+        raise InputError(
+            f"must be a permutation of 0..{k - 1}, got {ranking!r}",
+            file=str(path),
+            line=line,
+            field="ranking",
+        )
     if len(groups) < 2:
-        raise InputError("all responses tied: no comparison to learn from", file=str(path),
-                         line=line, field="ranking")
+        raise InputError("all responses tied: no comparison to learn from", file=str(path), line=line, field="ranking")
     return Ranking(prompt, tuple(responses), tuple(groups), line)
 
 

@@ -3,14 +3,14 @@
 The CLI prints `str(error)` and exits 2, with no traceback. Raise these before any
 work starts, so nothing already written is touched.
 """
+
 from __future__ import annotations
 
 
 class InputError(Exception):
     """Bad user input (a data file, a config value, a checkpoint)."""
 
-    def __init__(self, message: str, *, file: str | None = None, line: int | None = None,
-                 field: str | None = None):
+    def __init__(self, message: str, *, file: str | None = None, line: int | None = None, field: str | None = None):
         self.message, self.file, self.line, self.field = message, file, line, field
         super().__init__(str(self))
 

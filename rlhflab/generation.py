@@ -12,6 +12,7 @@ responses back, optionally fitted to the context. `generator_for` makes its seed
 generator on the model's device (a generator on another device than the model's raises
 at the first draw).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,9 +51,18 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -
 
 
 @torch.no_grad()
-def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-           temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
-           force_length: bool = False) -> Generation:
+def sample(
+    model,
+    queries: list[list[int]],
+    *,
+    pad_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | None = None,
+    force_length: bool = False,
+) -> Generation:
     """Sample one response per query.
 
     force_length: never stop at eos (benchmarks compare fixed-length work).
@@ -70,8 +80,14 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
     past = None
     step_ids, pos = ids, position_ids(mask)
     for t in range(max_new_tokens):
-        o = model(input_ids=step_ids, attention_mask=mask, position_ids=pos,
-                  cache=past, use_cache=True, **keep_last(model, 1))
+        o = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=past,
+            use_cache=True,
+            **keep_last(model, 1),
+        )
         past = o.cache
         logits = o.logits[:, -1, :].float()  # (B, V)
         # A non-finite row (a diverged policy) must not crash sampling: it samples uniformly
@@ -97,7 +113,7 @@ def sample(model, queries: list[list[int]], *, pad_id: int, eos_id: int, max_new
         done |= hit
         if bool(done.all()):
             break
-        step_ids = out[:, t: t + 1]
+        step_ids = out[:, t : t + 1]
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         pos = pos[:, -1:] + 1
     return Generation(out, lps, resp_mask, ended)
@@ -126,9 +142,18 @@ def generator_for(model, seed: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, queries: list[list[int]], *, max_new_tokens: int,
-             temperature: float = 1.0, batch_size: int = 64, generator: torch.Generator | None = None,
-             fit_context: bool = False, desc: str | None = None) -> Responses:
+def generate(
+    model,
+    tokenizer,
+    queries: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    batch_size: int = 64,
+    generator: torch.Generator | None = None,
+    fit_context: bool = False,
+    desc: str | None = None,
+) -> Responses:
     """One response per token query, `batch_size` queries per `sample` call, in order.
 
     temperature 0: greedy. The model samples in eval mode (dropout off); its mode is
@@ -138,17 +163,24 @@ def generate(model, tokenizer, queries: list[list[int]], *, max_new_tokens: int,
     """
     n_pos = context_length(model.config) if fit_context else None
     if n_pos is not None:
-        queries = [q[-(n_pos - CONTEXT_MARGIN):] for q in queries]
+        queries = [q[-(n_pos - CONTEXT_MARGIN) :] for q in queries]
     was_training = model.training
     model.eval()
     out = Responses(list(queries), [], [], [])
     starts = range(0, len(queries), batch_size)
     for i in progress(starts, total=len(starts), desc=desc) if desc else starts:
-        batch = queries[i: i + batch_size]
+        batch = queries[i : i + batch_size]
         room = max_new_tokens if n_pos is None else max(1, min(max_new_tokens, n_pos - max(map(len, batch))))
-        gen = sample(model, batch, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                     max_new_tokens=room, greedy=temperature == 0, temperature=temperature or 1.0,
-                     generator=generator)
+        gen = sample(
+            model,
+            batch,
+            pad_id=tokenizer.pad_token_id,
+            eos_id=tokenizer.eos_token_id,
+            max_new_tokens=room,
+            greedy=temperature == 0,
+            temperature=temperature or 1.0,
+            generator=generator,
+        )
         for row, keep in zip(gen.responses.tolist(), gen.mask.bool().tolist()):
             out.tokens.append([t for t, k in zip(row, keep) if k])
             out.texts.append(decode_response(tokenizer, row))

@@ -4,6 +4,7 @@
 under a temporary name and renames it into place only once it is complete, so a
 reader sees either the old directory or the new one, never a torn one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,8 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 
 def _current_umask() -> int:
@@ -137,8 +138,7 @@ class MetricsLog:
     count, rows with step <= `truncate_after_step`), so no row is logged twice.
     """
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None,
-                 keep_rows: int | None = None):
+    def __init__(self, path: Path, truncate_after_step: int | None = None, keep_rows: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep: list[str] = []

@@ -5,6 +5,7 @@ Policies are `AutoModelForCausalLM`; reward and value models are
 each sequence (§3.5). Nothing here downloads: paths are local directories, and
 `trust_remote_code` stays off unless a caller passes it explicitly.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -14,8 +15,14 @@ import torch
 import transformers
 from safetensors import SafetensorError
 from torch.autograd.function import once_differentiable
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                          AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerBase,
+)
 
 from rlhflab.errors import InputError
 
@@ -32,15 +39,23 @@ LAB_SIZES = {
 }
 
 
-def lab_model(size: str, tokenizer: PreTrainedTokenizerBase, n_positions: int = 256,
-              dropout: float = 0.0, seed: int = 0) -> GPT2LMHeadModel:
+def lab_model(
+    size: str, tokenizer: PreTrainedTokenizerBase, n_positions: int = 256, dropout: float = 0.0, seed: int = 0
+) -> GPT2LMHeadModel:
     """A fresh GPT-2-shaped model built from config (no download)."""
     if size not in LAB_SIZES:
         raise InputError(f"unknown size {size!r} (known: {', '.join(LAB_SIZES)})", field="size")
-    cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                     pad_token_id=tokenizer.pad_token_id, resid_pdrop=dropout,
-                     embd_pdrop=dropout, attn_pdrop=dropout, **LAB_SIZES[size])
+    cfg = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=n_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        **LAB_SIZES[size],
+    )
     torch.manual_seed(seed)
     return GPT2LMHeadModel(cfg)
 
@@ -61,13 +76,14 @@ def context_length(config) -> int | None:
 def _check_dir(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise InputError(f"not a Hugging Face model directory (no config.json) for the {what}",
-                         file=str(path))
+        raise InputError(f"not a Hugging Face model directory (no config.json) for the {what}", file=str(path))
     return path
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     path = Path(path)
+    if not path.is_dir():  # else transformers reads the path as a hub repo id
+        raise InputError("no such model directory", file=str(path))
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -83,8 +99,9 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, fast_gelu:
     (`fuse_gelu`: the same values, ~3x faster)."""
     path = _check_dir(path, "policy")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
-                                                     trust_remote_code=trust_remote_code, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, **kw
+        )
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise InputError(f"cannot load a causal LM: {str(e).splitlines()[0]}", file=str(path)) from None
     if fast_gelu:
@@ -97,7 +114,8 @@ def load_reward_model(path: str | Path, trust_remote_code: bool = False, **kw):
     path = _check_dir(path, "reward model")
     try:
         return AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code, **kw)
+            path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code, **kw
+        )
     except (OSError, ValueError, KeyError, SafetensorError) as e:
         raise InputError(f"cannot load a reward model: {str(e).splitlines()[0]}", file=str(path)) from None
 
@@ -128,8 +146,12 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last hidden layer of a sequence-classification model's backbone.  (B, T, H)"""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                           position_ids=position_ids(attention_mask), use_cache=False)
+    out = model.base_model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
     return out.last_hidden_state
 
 
@@ -150,8 +172,7 @@ def reward_bias(model) -> float:
     return float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
 
 
-def token_logprobs(logits: torch.Tensor, labels: torch.Tensor,
-                   temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / T)[labels], in fp32, without a full-vocabulary fp32 tensor.
 
     logits (B, ..., V), labels (B, ...) -> (B, ...). Works a block of rows at a time, in

@@ -7,6 +7,7 @@ only. A stage whose `summary.json` exists is finished and is not redone, so runn
 the same command again after an interruption carries on where it stopped (and a stage
 that was interrupted mid-way resumes from its own checkpoint).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from rlhflab.config import add_config_arguments, check, config_from_args, load_config, save_config, validate
+from rlhflab.config import add_config_arguments, check, config_from_args, save_config, validate
 from rlhflab.eval.evaluate import EvalConfig
-from rlhflab.stages.pretrain import PretrainConfig
 from rlhflab.stages.ppo.config import PPOConfig
+from rlhflab.stages.pretrain import PretrainConfig
 from rlhflab.stages.pretrain import train as pretrain
 from rlhflab.stages.rm import RMConfig
 from rlhflab.stages.sample import SampleConfig
@@ -49,13 +50,18 @@ PRESETS: dict[str, dict] = {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
         "sft_large": {"train": {"lr": 3e-4}},
-        "rm": {"train": {"lr": 1e-4}, "epochs": 2},  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
+        "rm": {
+            "train": {"lr": 1e-4},
+            "epochs": 2,
+        },  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
     },
     "smoke": {
-        "scale": "small", "rm_base": "small",
+        "scale": "small",
+        "rm_base": "small",
         "pretrain_small": {"steps": 40, "batch_size": 16, "eval_every": 20, "gold_prompts": 20},
         "pretrain_large": {"steps": 20, "batch_size": 8, "eval_every": 20, "gold_prompts": 20},
-        "sft_small": {"epochs": 2}, "sft_large": {"epochs": 1},
+        "sft_small": {"epochs": 2},
+        "sft_large": {"epochs": 1},
         "comparisons": {"max_new_tokens": 16, "k_max": 5},
         "eval": {"n_prompts": 20, "capability_items": 10, "best_of_n": [1, 2, 4], "best_of_n_prompts": 8},
         "ppo": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 2},
@@ -126,8 +132,9 @@ class RunConfig:
     """Stage 2b: one reward model for every policy, trained on the comparisons."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF))
     """Stage 3, PPO on the small SFT policy (policy, reward_model, prompts, world, out_dir set by the pipeline)."""
-    ppo_ptx: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF, ptx_coef=LAB_PTX_COEF,
-                                                                 ptx_per_episode=0.5))
+    ppo_ptx: PPOConfig = field(
+        default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF, ptx_coef=LAB_PTX_COEF, ptx_per_episode=0.5)
+    )
     """Stage 3, PPO-ptx on the small SFT policy with the web corpus as the pretraining mix. γ and
     the mix ratio are far below App. C.4's 27.8 and 8: with those the lab policy's KL to SFT
     passed 50 nats and the gold of its samples fell from 0.43 to 0.12 (the ptx term
@@ -197,17 +204,20 @@ class Pipeline:
 
     def pretrain(self, size: str, world: Path) -> dict:
         base: PretrainConfig = getattr(self.cfg, f"pretrain_{size}")
-        cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"),
-                                  size=size)
+        cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"), size=size)
         cfg = self._seeded(cfg)
         return self.stage(f"pretrain-{size}", pretrain, cfg)
 
     def sft(self, size: str, world: Path) -> Path:
         from rlhflab.stages.sft import train
 
-        cfg = dataclasses.replace(getattr(self.cfg, f"sft_{size}"), base=str(self.root / f"pretrain-{size}" / "model"),
-                                  data=str(world / "sft_train.jsonl"), val_data=str(world / "sft_val.jsonl"),
-                                  out_dir=str(self.root / f"sft-{size}"))
+        cfg = dataclasses.replace(
+            getattr(self.cfg, f"sft_{size}"),
+            base=str(self.root / f"pretrain-{size}" / "model"),
+            data=str(world / "sft_train.jsonl"),
+            val_data=str(world / "sft_val.jsonl"),
+            out_dir=str(self.root / f"sft-{size}"),
+        )
         cfg = self._seeded(cfg)
         self.stage(f"sft-{size}", train, cfg)
         return self.root / f"sft-{size}" / "model"
@@ -216,23 +226,41 @@ class Pipeline:
         from rlhflab.stages.comparisons import build
 
         out = self.root / "comparisons"
-        self.stage("comparisons", build, world, self.root / "sft-small" / "model", out, self.cfg.comparisons,
-                   self.cfg.seed)
+        self.stage(
+            "comparisons",
+            build,
+            world,
+            self.root / "sft-small" / "model",
+            out,
+            self.cfg.comparisons,
+            self.cfg.seed,
+        )
         return out
 
     def rm(self, world: Path, comparisons: Path) -> Path:
         from rlhflab.stages.rm import train
 
-        cfg = dataclasses.replace(self.cfg.rm, base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
-                                  rankings=str(comparisons / "train.jsonl"),
-                                  val_rankings=str(comparisons / "val.jsonl"),
-                                  demos=str(world / "sft_train.jsonl"), out_dir=str(self.root / "rm"))
+        cfg = dataclasses.replace(
+            self.cfg.rm,
+            base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
+            rankings=str(comparisons / "train.jsonl"),
+            val_rankings=str(comparisons / "val.jsonl"),
+            demos=str(world / "sft_train.jsonl"),
+            out_dir=str(self.root / "rm"),
+        )
         cfg = self._seeded(cfg)
         self.stage("rm", train, cfg)
         from rlhflab.eval.rm_report import rm_report
 
-        self.stage("rm-eval", rm_report, world, self.root / "rm" / "model", self.root / "rm-eval",
-                   comparisons / "val.jsonl", comparisons / "heldout.jsonl")
+        self.stage(
+            "rm-eval",
+            rm_report,
+            world,
+            self.root / "rm" / "model",
+            self.root / "rm-eval",
+            comparisons / "val.jsonl",
+            comparisons / "heldout.jsonl",
+        )
         return self.root / "rm" / "model"
 
     def ppo(self, name: str, world: Path, rm: Path, ptx: bool) -> Path:
@@ -241,10 +269,16 @@ class Pipeline:
     def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool) -> Path:
         from rlhflab.stages.ppo import train
 
-        cfg = dataclasses.replace(base, policy=str(self.root / "sft-small" / "model"), reward_model=str(rm),
-                                  prompts=str(world / "ppo_train.jsonl"), val_prompts=str(world / "ppo_val.jsonl"),
-                                  ptx_data=str(world / "corpus_train.jsonl") if ptx else None,
-                                  world=str(world), out_dir=str(self.root / name))
+        cfg = dataclasses.replace(
+            base,
+            policy=str(self.root / "sft-small" / "model"),
+            reward_model=str(rm),
+            prompts=str(world / "ppo_train.jsonl"),
+            val_prompts=str(world / "ppo_val.jsonl"),
+            ptx_data=str(world / "corpus_train.jsonl") if ptx else None,
+            world=str(world),
+            out_dir=str(self.root / name),
+        )
         cfg = self._seeded(cfg)
         self.stage(name, train, cfg)
         return self.root / name / "policy"
@@ -260,11 +294,17 @@ class Pipeline:
 
         runs = ["ppo-small", "ppoptx-small"] + [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
-        cfg = dataclasses.replace(self.cfg.eval, world=str(world), models={k: str(v) for k, v in models.items()},
-                                  rl_runs=rl_runs,
-                                  prompted=[m for m in models if m.startswith("GPT-")], baseline="SFT-small",
-                                  head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS],
-                                  reward_model=str(rm), out_dir=str(self.root / "eval"))
+        cfg = dataclasses.replace(
+            self.cfg.eval,
+            world=str(world),
+            models={k: str(v) for k, v in models.items()},
+            rl_runs=rl_runs,
+            prompted=[m for m in models if m.startswith("GPT-")],
+            baseline="SFT-small",
+            head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS],
+            reward_model=str(rm),
+            out_dir=str(self.root / "eval"),
+        )
         cfg = self._seeded(cfg)
         validate(cfg)
         return self.stage("eval", evaluate, cfg)
@@ -293,8 +333,12 @@ class Pipeline:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RunConfig)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="'default': the full lab run; 'smoke': a one-minute check")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="default",
+        help="'default': the full lab run; 'smoke': a one-minute check",
+    )
 
 
 def run_cli(args) -> int:
@@ -303,14 +347,19 @@ def run_cli(args) -> int:
     ev = results["eval"]
     print("model              gold   unseen  win vs SFT-small (held-out labelers)   capability")
     for name in sorted(k.split("/", 1)[1] for k in ev if k.startswith("gold/")):
-        win = (f"{ev[f'winrate/{name}']:.2f} [{ev[f'winrate_ci_low/{name}']:.2f}, {ev[f'winrate_ci_high/{name}']:.2f}]"
-               if f"winrate/{name}" in ev else "")
+        win = (
+            f"{ev[f'winrate/{name}']:.2f} [{ev[f'winrate_ci_low/{name}']:.2f}, {ev[f'winrate_ci_high/{name}']:.2f}]"
+            if f"winrate/{name}" in ev
+            else ""
+        )
         cap = ev.get(f"capability/mean/{name}", float("nan"))
         unseen = ev.get(f"gold_unseen/{name}", float("nan"))
         print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {unseen:.3f}   {win:<36} {cap:.3f}")
     for rival in HEADLINE_RIVALS:
         key = f"PPO-ptx-small/{rival}"
-        print(f"PPO-ptx-small preferred to {rival}: {ev[f'h2h/{key}']:.2f} "
-              f"[{ev[f'h2h_ci_low/{key}']:.2f}, {ev[f'h2h_ci_high/{key}']:.2f}] (held-out labelers)")
+        print(
+            f"PPO-ptx-small preferred to {rival}: {ev[f'h2h/{key}']:.2f} "
+            f"[{ev[f'h2h_ci_low/{key}']:.2f}, {ev[f'h2h_ci_high/{key}']:.2f}] (held-out labelers)"
+        )
     print(f"report: {Path(cfg.out_dir) / 'report.html'}")
     return 0

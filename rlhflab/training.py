@@ -1,5 +1,6 @@
 """The one training loop of pretrain, SFT and RM (`fit`), and what every stage shares:
 seeding, devices, precision, the schedule, the NaN guard, progress, checkpoints, outputs."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,19 +8,19 @@ import functools
 import math
 import os
 import random
+import shutil
 import sys
 import time
-import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
-from rlhflab.config import PRECISIONS, flat_dict, save_config
+from rlhflab.config import flat_dict, save_config
 from rlhflab.errors import InputError, TrainingError
 from rlhflab.io import MetricsLog, atomic_dir, write_json
 
@@ -62,11 +63,12 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 def shuffled_batch(n: int, batch_size: int, seed: int, epoch: int, b: int) -> list[int]:
     """Indices of batch b of an epoch over n examples: one seeded permutation per epoch, a
     pure function of (seed, epoch), so a resumed run reads the same order."""
-    return list(_epoch_order(n, seed, epoch)[b * batch_size: (b + 1) * batch_size])
+    return list(_epoch_order(n, seed, epoch)[b * batch_size : (b + 1) * batch_size])
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
-                    final_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, final_ratio: float = 0.1
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up, then cosine decay to `final_ratio` of the peak (§C.1: to 10%)."""
     total_steps = max(1, total_steps)
 
@@ -108,18 +110,30 @@ class NonFiniteGuard:
     def _skip(self) -> None:
         self.streak += 1
         self.skipped += 1
-        warnings.warn(f"{self.where}: non-finite loss, gradient or reward; step skipped "
-                      f"({self.streak} in a row)", RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"{self.where}: non-finite loss, gradient or reward; step skipped ({self.streak} in a row)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         if self.streak >= self.patience:
-            raise TrainingError(f"{self.where}: {self.streak} non-finite steps in a row; "
-                                "stopped, the last good checkpoint is kept")
+            raise TrainingError(
+                f"{self.where}: {self.streak} non-finite steps in a row; stopped, the last good checkpoint is kept"
+            )
 
 
 def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0):
     """A tqdm bar on stderr, quiet when RLHFLAB_QUIET is set (tests)."""
     disable = bool(os.environ.get("RLHFLAB_QUIET"))
-    return tqdm(iterable, total=total, desc=desc, initial=initial, disable=disable,
-                file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        initial=initial,
+        disable=disable,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+    )
 
 
 def in_fresh_process(fn, *args):
@@ -140,24 +154,27 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError:
-        raise InputError(f"not a torch device: {name!r} (try auto, cpu, cuda)",
-                         field="run.device") from None
+        raise InputError(f"not a torch device: {name!r} (try auto, cpu, cuda)", field="run.device") from None
 
 
-def check_resumable(saved: dict, current: dict, where: str,
-                    ignore=("train.save_every", "run.device")) -> None:
+def check_resumable(saved: dict, current: dict, where: str, ignore=("train.save_every", "run.device")) -> None:
     """Refuse to resume a checkpoint made under another config (other data, lr, ...).
     `saved` and `current` are flat ({dotted key: value}, config.flat_dict)."""
     for key in sorted(set(saved) | set(current)):
         if key not in ignore and saved.get(key) != current.get(key):
-            raise InputError(f"the checkpoint there was made with {key}={saved.get(key)!r}, "
-                             f"this run has {current.get(key)!r}; remove the checkpoint "
-                             "directory or choose another out_dir", file=where, field=key)
+            raise InputError(
+                f"the checkpoint there was made with {key}={saved.get(key)!r}, "
+                f"this run has {current.get(key)!r}; remove the checkpoint "
+                "directory or choose another out_dir",
+                file=where,
+                field=key,
+            )
 
 
 @dataclass
 class Loop:
     """What a stage hands the one training loop (`fit`)."""
+
     name: str
     """Metric prefix and progress label: 'pretrain', 'sft', 'rm'."""
     epochs: int
@@ -178,8 +195,13 @@ class Loop:
     """Log <name>/epoch (fractional) on every row."""
 
 
-def fit(model, config, loop: Loop, extra_state: dict | None = None,
-        callback: Callable[[int, dict], None] | None = None) -> tuple[dict, MetricsLog]:
+def fit(
+    model,
+    config,
+    loop: Loop,
+    extra_state: dict | None = None,
+    callback: Callable[[int, dict], None] | None = None,
+) -> tuple[dict, MetricsLog]:
     """Train `model` in place: AdamW + cosine schedule, resumable from <out_dir>/checkpoint.
 
     Every step: zero_grad, loop.loss (forward + backward), the NaN guard, the gradient
@@ -190,16 +212,18 @@ def fit(model, config, loop: Loop, extra_state: dict | None = None,
     the metrics log, for a stage's closing rows.
     """
     out_dir = Path(config.out_dir)
-    opt, sched, state, log = start_or_resume(model, config, loop.epochs * loop.steps_per_epoch,
-                                              extra_state)
+    opt, sched, state, log = start_or_resume(model, config, loop.epochs * loop.steps_per_epoch, extra_state)
     guard, params = NonFiniteGuard(where=loop.name), list(model.parameters())
-    bar = progress(total=loop.epochs * loop.steps_per_epoch, desc=loop.name,
-                   initial=state["step"])
+    bar = progress(total=loop.epochs * loop.steps_per_epoch, desc=loop.name, initial=state["step"])
     max_norm = config.train.max_grad_norm
 
     def save() -> None:
-        save_checkpoint(out_dir, {"model": model}, {"optimizer": opt},
-                        dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows))
+        save_checkpoint(
+            out_dir,
+            {"model": model},
+            {"optimizer": opt},
+            dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows),
+        )
 
     for epoch in range(state["epoch"], loop.epochs):
         for b in range(state["batch"], loop.steps_per_epoch):
@@ -211,8 +235,12 @@ def fit(model, config, loop: Loop, extra_state: dict | None = None,
                 opt.step()
             sched.step()
             state.update(step=state["step"] + 1, batch=b + 1)
-            row = {"step": state["step"], f"{loop.name}/loss": float(loss),
-                   f"{loop.name}/lr": sched.get_last_lr()[0], **stats}
+            row = {
+                "step": state["step"],
+                f"{loop.name}/loss": float(loss),
+                f"{loop.name}/lr": sched.get_last_lr()[0],
+                **stats,
+            }
             if loop.log_epoch:
                 row[f"{loop.name}/epoch"] = epoch + (b + 1) / loop.steps_per_epoch
             if loop.extra is not None:
@@ -236,11 +264,18 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
     """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists (refused
     if it was made under another config). Returns (optimizer, scheduler, state, metrics log)."""
     out_dir = Path(config.out_dir)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.train.lr, betas=(0.9, 0.95),
-                            weight_decay=config.weight_decay)  # App. C: Adam β = (0.9, 0.95)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=config.train.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )  # App. C: Adam β = (0.9, 0.95)
     sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)
-    state = {"step": 0, "epoch": 0, "batch": 0, "epochs": [], "config": flat_dict(config),
-             **(extra_state or {})}
+    state = {
+        "step": 0,
+        "epoch": 0,
+        "batch": 0,
+        "epochs": [],
+        "config": flat_dict(config),
+        **(extra_state or {}),
+    }
     resumed = has_checkpoint(out_dir)
     if resumed:
         saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
@@ -251,8 +286,11 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
         shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
     (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
     save_config(config, out_dir / "config.yaml")
-    log = MetricsLog(out_dir / "metrics.jsonl", keep_rows=state.get("metrics_rows"),
-                     truncate_after_step=state["step"] if resumed else None)
+    log = MetricsLog(
+        out_dir / "metrics.jsonl",
+        keep_rows=state.get("metrics_rows"),
+        truncate_after_step=state["step"] if resumed else None,
+    )
     return opt, sched, state, log
 
 
@@ -291,6 +329,9 @@ class PhaseTimer:
         return max(sum(self.times.values()), 1e-9)
 
     def metrics(self, episodes: int, tokens: int) -> dict[str, float]:
-        return {**{f"time/{k}_s": v for k, v in self.times.items()}, "time/step_s": self.total(),
-                "time/episodes_per_s": episodes / self.total(),
-                "time/generated_tokens_per_s": tokens / max(self.times.get("generate", 0), 1e-9)}
+        return {
+            **{f"time/{k}_s": v for k, v in self.times.items()},
+            "time/step_s": self.total(),
+            "time/episodes_per_s": episodes / self.total(),
+            "time/generated_tokens_per_s": tokens / max(self.times.get("generate", 0), 1e-9),
+        }

@@ -3,6 +3,7 @@
 Its one job: decide whether a host name or address is this machine (loopback), the
 rule both servers use to refuse listening to the network without a token.
 """
+
 from __future__ import annotations
 
 import ipaddress

@@ -2,6 +2,7 @@
 
 Markers: `slow` (end-to-end runs of a minute or more; `pytest -m "not slow"` is the fast
 suite) and `gpu` (needs a CUDA device; skipped without one)."""
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 

@@ -8,6 +8,7 @@ child per job. Each child is a real process: the kill hook SIGKILLs it, not this
 Protocol, one JSON object per line: stdin {"argv": [...], "env": {...}, "log": path};
 stdout {"status": exit code, or -signal when the child was killed by a signal}.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,9 +20,9 @@ import traceback
 os.environ["RLHFLAB_QUIET"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import torch  # noqa: E402
+import torch
 
-from rlhflab import cli  # noqa: E402
+from rlhflab import cli
 
 for _stage in ("sft", "rm", "ppo"):  # imported once here, so every child starts warm
     importlib.import_module(f"rlhflab.stages.{_stage}")
@@ -36,7 +37,7 @@ def child(job: dict) -> int:
     torch.set_num_threads(1)  # bitwise comparisons need one fixed thread count
     try:
         return cli.main(job["argv"])
-    except BaseException:  # noqa: BLE001 - report, never fall back into the parent's loop
+    except BaseException:
         traceback.print_exc()
         return 99
 

@@ -1,11 +1,11 @@
 """Bad input never gets far: every malformed data file, config value, model directory or
 checkpoint makes the CLI exit 2 with one line naming the file, line or key, no traceback,
 and leaves the output directory exactly as it was (a sha256 manifest before and after)."""
+
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -13,9 +13,17 @@ import pytest
 
 from rlhflab.cli import main
 from rlhflab.models import load_reward_model
-from tiny import (WORDS, dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer,
-                  write_jsonl)
 
+from tiny import (
+    WORDS,
+    demo_rows,
+    dotted,
+    gpt2_dir,
+    llama_dir,
+    ranking_rows,
+    tiny_tokenizer,
+    write_jsonl,
+)
 
 LONG = " ".join(["summarize this : birds fly south in winter ."] * 40)  # > 128 tokens
 
@@ -28,14 +36,20 @@ def env(tmp_path_factory):
     rm_dir = d / "rm"
     load_reward_model(gpt2).save_pretrained(rm_dir)
     tok.save_pretrained(rm_dir)
-    return {"dir": d, "gpt2": gpt2, "llama": llama_dir(d / "llama", tok), "rm": rm_dir,
-            "demos": write_jsonl(d / "demos.jsonl", demo_rows(8)),
-            "rankings": write_jsonl(d / "rankings.jsonl", ranking_rows(4, 3)),
-            "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": "say red"}, {"prompt": "say one"}]),
-            "corpus": write_jsonl(d / "corpus.jsonl", [{"text": WORDS}] * 6)}
+    return {
+        "dir": d,
+        "gpt2": gpt2,
+        "llama": llama_dir(d / "llama", tok),
+        "rm": rm_dir,
+        "demos": write_jsonl(d / "demos.jsonl", demo_rows(8)),
+        "rankings": write_jsonl(d / "rankings.jsonl", ranking_rows(4, 3)),
+        "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": "say red"}, {"prompt": "say one"}]),
+        "corpus": write_jsonl(d / "corpus.jsonl", [{"text": WORDS}] * 6),
+    }
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def manifest(*roots: Path) -> dict[str, str]:
     """relative path -> sha256 for every file (hidden ones too), '<dir>' for directories."""
@@ -52,32 +66,82 @@ def args(**kw) -> list[str]:
 
 
 def sft(env, t, **kw):
-    return ["sft", *args(**{"base": env["gpt2"], "data": env["demos"], "out_dir": t / "out",
-                            "epochs": 1, "device": "cpu", **kw})]
+    return [
+        "sft",
+        *args(
+            **{
+                "base": env["gpt2"],
+                "data": env["demos"],
+                "out_dir": t / "out",
+                "epochs": 1,
+                "device": "cpu",
+                **kw,
+            }
+        ),
+    ]
 
 
 def rm(env, t, **kw):
-    return ["rm", *args(**{"base": env["gpt2"], "rankings": env["rankings"], "out_dir": t / "out",
-                           "device": "cpu", **kw})]
+    return [
+        "rm",
+        *args(**{"base": env["gpt2"], "rankings": env["rankings"], "out_dir": t / "out", "device": "cpu", **kw}),
+    ]
 
 
 def sample(env, t, **kw):
-    return ["sample", *args(**{"policy": env["gpt2"], "prompts": env["prompts"],
-                               "out": t / "out" / "samples.jsonl", "k_min": 2, "k_max": 2,
-                               "max_new_tokens": 4, "device": "cpu", **kw})]
+    return [
+        "sample",
+        *args(
+            **{
+                "policy": env["gpt2"],
+                "prompts": env["prompts"],
+                "out": t / "out" / "samples.jsonl",
+                "k_min": 2,
+                "k_max": 2,
+                "max_new_tokens": 4,
+                "device": "cpu",
+                **kw,
+            }
+        ),
+    ]
 
 
 def ppo(env, t, **kw):
-    return ["ppo", *args(**{"policy": env["gpt2"], "reward_model": env["rm"],
-                            "prompts": env["prompts"], "out_dir": t / "out", "batch_size": 4,
-                            "minibatch_size": 2, "total_episodes": 4, "max_new_tokens": 4,
-                            "device": "cpu", **kw})]
+    return [
+        "ppo",
+        *args(
+            **{
+                "policy": env["gpt2"],
+                "reward_model": env["rm"],
+                "prompts": env["prompts"],
+                "out_dir": t / "out",
+                "batch_size": 4,
+                "minibatch_size": 2,
+                "total_episodes": 4,
+                "max_new_tokens": 4,
+                "device": "cpu",
+                **kw,
+            }
+        ),
+    ]
 
 
 def pretrain(env, t, **kw):
-    return ["pretrain", *args(**{"corpus": env["corpus"], "tokenizer": env["gpt2"],
-                                 "out_dir": t / "out", "steps": 1, "seq_len": 16,
-                                 "batch_size": 2, "gold_prompts": 0, **kw})]
+    return [
+        "pretrain",
+        *args(
+            **{
+                "corpus": env["corpus"],
+                "tokenizer": env["gpt2"],
+                "out_dir": t / "out",
+                "steps": 1,
+                "seq_len": 16,
+                "batch_size": 2,
+                "gold_prompts": 0,
+                **kw,
+            }
+        ),
+    ]
 
 
 def lines(t, name: str, *rows) -> Path:
@@ -91,8 +155,7 @@ def lines(t, name: str, *rows) -> Path:
 
 
 GOOD_DEMO = {"prompt": "say red", "completion": "red ."}
-GOOD_RANK = {"prompt": "name a color", "responses": ["red", "red red", "red red red"],
-             "ranking": [2, 1, 0]}
+GOOD_RANK = {"prompt": "name a color", "responses": ["red", "red red", "red red red"], "ranking": [2, 1, 0]}
 
 
 def rank_row(**kw):
@@ -120,6 +183,7 @@ def truncated(path: Path) -> bytes:
 
 # --------------------------------------------------------------------------- the cases
 # Each builds its bad input under t (tmp_path) and returns (argv, text stderr must contain).
+
 
 def c_demo_missing_field(env, t):
     f = lines(t, "d.jsonl", GOOD_DEMO, {"prompt": "say x"})
@@ -321,13 +385,18 @@ def c_cfg_bad_yaml(env, t):
     return ["sft", f"--config={f}", *sft(env, t)[1:]], str(f)
 
 
+def c_cfg_yaml_flat_train_key(env, t):
+    f = lines(t, "c.yaml", "lr: 0.001")  # lr lives in the train block
+    return ["rm", f"--config={f}", *rm(env, t)[1:]], "field 'lr': unknown key"
+
+
 def c_cfg_yaml_not_mapping(env, t):
     f = lines(t, "c.yaml", "- lr", "- epochs")
     return ["sft", f"--config={f}", *sft(env, t)[1:]], str(f)
 
 
 def c_cfg_yaml_unknown_key(env, t):
-    f = lines(t, "c.yaml", "lr: 0.001", "epoks: 2")
+    f = lines(t, "c.yaml", "train:", "  lr: 0.001", "epoks: 2")
     return ["rm", f"--config={f}", *rm(env, t)[1:]], "field 'epoks'"
 
 

@@ -1,4 +1,5 @@
 """`rlhflab bench`: a tiny workload end to end, its JSON figures, and clean refusals."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,9 +13,19 @@ import torch
 from rlhflab import cli
 from rlhflab.bench import main as bench
 
-SIDE_KEYS = {"episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s", "step_s",
-             "time_s", "time_share", "step_wall_s", "peak_memory_mb", "final_kl",
-             "final_rm_score", "response_length"}
+SIDE_KEYS = {
+    "episodes_per_s",
+    "generated_tokens_per_s",
+    "training_tokens_per_s",
+    "step_s",
+    "time_s",
+    "time_share",
+    "step_wall_s",
+    "peak_memory_mb",
+    "final_kl",
+    "final_rm_score",
+    "response_length",
+}
 
 
 def run_json(capsys, *args) -> dict:
@@ -25,8 +36,7 @@ def run_json(capsys, *args) -> dict:
 def check_side(side: dict, w: bench.Workload, steps: int, exact_length: bool = True) -> None:
     assert SIDE_KEYS <= side.keys()
     assert side["steps_measured"] == steps - 1 == len(side["step_wall_s"])  # warm-up left out
-    for key in ("episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s",
-                "peak_memory_mb"):
+    for key in ("episodes_per_s", "generated_tokens_per_s", "training_tokens_per_s", "peak_memory_mb"):
         assert math.isfinite(side[key]) and side[key] > 0, key
     assert side["episodes_per_s"] == pytest.approx(w.batch_size / side["step_s"])
     assert set(side["time_share"]) == {"generate", "score", "update", "other"}
@@ -49,6 +59,7 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert "trl" not in report and "ratio" not in report
     # --precision auto (the default) runs what this CPU runs natively, as `rlhflab run` does
     from rlhflab.training import native_bf16
+
     assert report["workload"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     check_side(report["rlhflab"], w, 3)
     text = bench.format_report(report)
@@ -58,11 +69,23 @@ def test_tiny_bench_reports_every_figure(capsys):
 def test_workload_shapes_are_the_documented_ones():
     cpu, gpu = bench.WORKLOADS["cpu"], bench.WORKLOADS["gpu"]
     assert round(bench.n_params(cpu) / 1e6, 2) == 1.19  # GPT-2 shape, 4 layers, d 128, vocab 2048
-    assert (cpu.prompt_len, cpu.response_len, cpu.batch_size, cpu.minibatch_size,
-            cpu.ppo_epochs, cpu.threads) == (32, 32, 64, 64, 4, 2)
+    assert (
+        cpu.prompt_len,
+        cpu.response_len,
+        cpu.batch_size,
+        cpu.minibatch_size,
+        cpu.ppo_epochs,
+        cpu.threads,
+    ) == (32, 32, 64, 64, 4, 2)
     assert round(bench.n_params(gpu) / 1e6) == 124  # GPT-2 small
-    assert (gpu.prompt_len, gpu.response_len, gpu.batch_size, gpu.minibatch_size,
-            gpu.ppo_epochs, gpu.device) == (64, 64, 512, 128, 4, "cuda")
+    assert (
+        gpu.prompt_len,
+        gpu.response_len,
+        gpu.batch_size,
+        gpu.minibatch_size,
+        gpu.ppo_epochs,
+        gpu.device,
+    ) == (64, 64, 512, 128, 4, "cuda")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
@@ -87,8 +110,7 @@ def test_vs_trl_without_trl_is_one_clear_line(capsys, monkeypatch):
     assert "TRL" in err and "pip install 'rlhflab[bench]'" in err
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the bench extra) "
-                    "is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="trl (the bench extra) is not installed")
 @pytest.mark.slow
 def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     w = bench.WORKLOADS["tiny"]
@@ -98,10 +120,22 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     trl = report["trl"]
     assert trl["version"].startswith("1.12") and trl["fused_gelu"] is False
     s = trl["settings"]
-    assert (s["num_ppo_epochs"], s["response_length"], s["per_device_train_batch_size"],
-            s["num_mini_batches"], s["gradient_checkpointing"], s["bf16"]) == (
-        w.ppo_epochs, w.response_len, w.batch_size, w.batch_size // w.minibatch_size, False,
-        report["workload"]["precision"] == "bf16")  # the same precision on both sides
+    assert (
+        s["num_ppo_epochs"],
+        s["response_length"],
+        s["per_device_train_batch_size"],
+        s["num_mini_batches"],
+        s["gradient_checkpointing"],
+        s["bf16"],
+    ) == (
+        w.ppo_epochs,
+        w.response_len,
+        w.batch_size,
+        w.batch_size // w.minibatch_size,
+        False,
+        report["workload"]["precision"] == "bf16",
+    )  # the same precision on both sides
     assert report["ratio"]["episodes_per_s"] == pytest.approx(
-        report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"])
+        report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"]
+    )
     assert "rlhflab/TRL" in bench.format_report(report)

@@ -1,17 +1,24 @@
 """The capability benchmarks' webtext score: next-token accuracy on held-out web text."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from rlhflab.eval.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
 from rlhflab.errors import InputError
+from rlhflab.eval.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
 from rlhflab.models import load_causal_lm, load_tokenizer
 from rlhflab.world.build import build
+
 from tiny import gpt2_dir, llama_dir
 
-TEXTS = ["the cat sat on the mat .", "a dog ran far away .", "name a color : red blue green .",
-         "summarize this : birds fly south in winter .", "one two three four"]
+TEXTS = [
+    "the cat sat on the mat .",
+    "a dog ran far away .",
+    "name a color : red blue green .",
+    "summarize this : birds fly south in winter .",
+    "one two three four",
+]
 
 
 def _by_hand(model, tok, texts) -> float:

@@ -1,5 +1,6 @@
 """Every command the CLI lists exists and answers --help; overrides are `--key=value` or
 `--key value`; unknown commands are refused."""
+
 from __future__ import annotations
 
 import importlib
@@ -27,8 +28,11 @@ def test_unknown_command_and_bad_override_form(capsys):
 
 def test_overrides_take_both_spellings():
     assert overrides(["--a", "1", "--b=2", "--c.d", "x"]) == ["a=1", "b=2", "c.d=x"]
-    assert overrides(["--no_eos_penalty", "-1.0", "--out=a=b", "--v="]) == \
-        ["no_eos_penalty=-1.0", "out=a=b", "v="]
+    assert overrides(["--no_eos_penalty", "-1.0", "--out=a=b", "--v="]) == [
+        "no_eos_penalty=-1.0",
+        "out=a=b",
+        "v=",
+    ]
     for bad in (["--lr"], ["--lr", "--epochs", "3"], ["lr=1"], ["--"]):
         with pytest.raises(ValueError):
             overrides(bad)
@@ -43,10 +47,26 @@ def _sft_error(argv: list[str], capsys) -> str:
 
 def test_key_space_value_is_accepted_like_key_equals_value(tmp_path, capsys):
     base, data, out = tmp_path / "no-such-model", tmp_path / "no-such.jsonl", tmp_path / "out"
-    spaced = _sft_error(["sft", "--base", str(base), "--data", str(data), "--out_dir", str(out),
-                         "--train.lr", "0.001", "--run.seed", "3"], capsys)
-    joined = _sft_error(["sft", f"--base={base}", f"--data={data}", f"--out_dir={out}",
-                         "--train.lr=0.001", "--run.seed=3"], capsys)
+    spaced = _sft_error(
+        [
+            "sft",
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--out_dir",
+            str(out),
+            "--train.lr",
+            "0.001",
+            "--run.seed",
+            "3",
+        ],
+        capsys,
+    )
+    joined = _sft_error(
+        ["sft", f"--base={base}", f"--data={data}", f"--out_dir={out}", "--train.lr=0.001", "--run.seed=3"],
+        capsys,
+    )
     assert spaced == joined and str(base) in spaced and spaced.startswith("error: ")
     # the value reaches the config: a bad one is refused the same way, naming the key
     spaced = _sft_error(["sft", "--base", str(base), "--data", str(data), "--epochs", "zero"], capsys)
@@ -55,8 +75,14 @@ def test_key_space_value_is_accepted_like_key_equals_value(tmp_path, capsys):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv,flag", [(["sft", "--lr"], "--lr"), (["sft", "--base=x", "--train.lr"], "--train.lr"),
-                                       (["ppo", "--kl_coef", "--ppo_epochs", "2"], "--kl_coef")])
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["sft", "--lr"], "--lr"),
+        (["sft", "--base=x", "--train.lr"], "--train.lr"),
+        (["ppo", "--kl_coef", "--ppo_epochs", "2"], "--kl_coef"),
+    ],
+)
 def test_an_override_without_a_value_is_refused(argv, flag, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
@@ -65,7 +91,8 @@ def test_an_override_without_a_value_is_refused(argv, flag, capsys):
 
 
 HELP_KEYS = {  # command -> (module, config class, a key its --help must list)
-    "sft": ("rlhflab.stages.sft", "SFTConfig", "epochs"), "rm": ("rlhflab.stages.rm", "RMConfig", "epochs"),
+    "sft": ("rlhflab.stages.sft", "SFTConfig", "epochs"),
+    "rm": ("rlhflab.stages.rm", "RMConfig", "epochs"),
     "ppo": ("rlhflab.stages.ppo.config", "PPOConfig", "kl_coef"),
     "pretrain": ("rlhflab.stages.pretrain", "PretrainConfig", "steps"),
     "eval": ("rlhflab.eval.evaluate", "EvalConfig", "baseline"),

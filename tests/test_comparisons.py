@@ -1,4 +1,5 @@
 """Comparison data from the policy's own samples: the labeler-agreement ceiling."""
+
 from __future__ import annotations
 
 from rlhflab.stages.comparisons import agreement

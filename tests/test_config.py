@@ -1,4 +1,5 @@
 """Typed configs: YAML + overrides, nested keys, and refusals that name the key."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,15 +40,31 @@ def test_yaml_then_overrides_with_nested_keys(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("steps: 5\ninner:\n  lr: 1e-4\n")
     cfg = load_config(Outer, cfg_file, ["inner.mode=b", "names={x: y}", "sizes=[3]", "flag=true"])
-    assert (cfg.steps, cfg.inner.lr, cfg.inner.mode, cfg.names, cfg.sizes, cfg.flag) == (5, 1e-4, "b", {"x": "y"}, [3], True)
+    assert (cfg.steps, cfg.inner.lr, cfg.inner.mode, cfg.names, cfg.sizes, cfg.flag) == (
+        5,
+        1e-4,
+        "b",
+        {"x": "y"},
+        [3],
+        True,
+    )
     save_config(cfg, tmp_path / "out.yaml")
     assert load_config(Outer, tmp_path / "out.yaml") == cfg  # the saved config reloads to the same
 
 
-@pytest.mark.parametrize("override, key", [
-    ("steps=1.5", "steps"), ("flag=1", "flag"), ("inner.mode=c", "inner.mode"), ("inner.lr=-1", "inner.lr"),
-    ("inner.nope=1", "inner.nope"), ("names=3", "names"), ("sizes=[a]", "sizes[0]"), ("steps", "steps"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("steps=1.5", "steps"),
+        ("flag=1", "flag"),
+        ("inner.mode=c", "inner.mode"),
+        ("inner.lr=-1", "inner.lr"),
+        ("inner.nope=1", "inner.nope"),
+        ("names=3", "names"),
+        ("sizes=[a]", "sizes[0]"),
+        ("steps", "steps"),
+    ],
+)
 def test_bad_values_name_their_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(Outer, None, [override])

@@ -1,4 +1,5 @@
 """Evaluation: the over-optimization fits, win rates, and a whole `rlhflab eval` on tiny models."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,16 @@ import yaml
 from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.eval.evaluate import (EvalConfig, best_of_n_kl, build_queries, compare, evaluate, few_shot_prefix,
-                              fit_best_of_n, fit_rl, rl_curve, wilson, win_rate)
+from rlhflab.eval.evaluate import EvalConfig, build_queries, evaluate, few_shot_prefix
+from rlhflab.eval.judging import compare, wilson, win_rate
+from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
 from rlhflab.models import lab_model, load_tokenizer
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build
 from rlhflab.world.gold import STYLES
 
-
 # --------------------------------------------------------------------------- pure helpers
+
 
 def test_fit_best_of_n_recovers_alpha_beta():
     d = np.linspace(0, 3, 25)
@@ -73,11 +75,13 @@ def test_win_rate_against_itself_is_a_half():
 
 
 def test_rl_curve_tolerates_missing_keys():
-    rows = [{"step": 0, "eval/gold": 0.4, "eval/rm_score": 0.0},  # the SFT policy: KL 0
-            {"step": 1, "objective/kl": 0.5},                       # no eval: skipped
-            {"step": 2, "objective/kl": -0.01, "eval/gold": 0.5},   # negative estimate clamps to 0
-            {"step": 3, "objective/kl": 2.0, "eval/kl": 4.0, "eval/rm_score": 1.0},
-            {"eval/gold": 0.3}]                                     # no KL at all: skipped
+    rows = [
+        {"step": 0, "eval/gold": 0.4, "eval/rm_score": 0.0},  # the SFT policy: KL 0
+        {"step": 1, "objective/kl": 0.5},  # no eval: skipped
+        {"step": 2, "objective/kl": -0.01, "eval/gold": 0.5},  # negative estimate clamps to 0
+        {"step": 3, "objective/kl": 2.0, "eval/kl": 4.0, "eval/rm_score": 1.0},
+        {"eval/gold": 0.3},
+    ]  # no KL at all: skipped
     pts = rl_curve(rows)
     assert [p["step"] for p in pts] == [0, 2, 3]
     assert [p["d"] for p in pts] == [0.0, 0.0, 2.0]  # eval/kl preferred over objective/kl
@@ -85,6 +89,7 @@ def test_rl_curve_tolerates_missing_keys():
 
 
 # --------------------------------------------------------------------------- a whole eval
+
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
@@ -106,10 +111,21 @@ def lab(tmp_path_factory):
         tok.save_pretrained(root / name)
         models[name] = str(root / name)
     rm = models.pop("rm")
-    cfg = {"world": str(root / "world"), "models": models, "prompted": ["GPT-small"], "baseline": "SFT-small",
-           "reward_model": rm, "n_prompts": 6, "max_new_tokens": 12, "capability_items": 4,
-           "best_of_n": [1, 2, 4, 8], "best_of_n_prompts": 4, "run": {"device": "cpu"}, "out_dir": str(root / "out1"),
-           "head_to_head": ["PPO-ptx-small:GPT-prompted-small", "SFT-small:SFT-small"]}
+    cfg = {
+        "world": str(root / "world"),
+        "models": models,
+        "prompted": ["GPT-small"],
+        "baseline": "SFT-small",
+        "reward_model": rm,
+        "n_prompts": 6,
+        "max_new_tokens": 12,
+        "capability_items": 4,
+        "best_of_n": [1, 2, 4, 8],
+        "best_of_n_prompts": 4,
+        "run": {"device": "cpu"},
+        "out_dir": str(root / "out1"),
+        "head_to_head": ["PPO-ptx-small:GPT-prompted-small", "SFT-small:SFT-small"],
+    }
     (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
     return root, tok
 
@@ -140,17 +156,34 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     root, _ = lab
     s1 = evaluate(load_config(EvalConfig, root / "eval.yaml"))
     names = ["GPT-small", "GPT-prompted-small", "SFT-small", "PPO-ptx-small"]
-    per_model = ["winrate", "winrate_ci_low", "winrate_ci_high", "winrate_gold", "winrate_gold_ci_low",
-                 "winrate_gold_ci_high", "likert", "gold", "rm", "params", "meta/fails_instruction", "meta/toxic",
-                 "truthful", "premise_accepted", "toxicity/plain", "toxicity/respectful",
-                 *[f"meta/style/{s}" for s in STYLES]]
+    per_model = [
+        "winrate",
+        "winrate_ci_low",
+        "winrate_ci_high",
+        "winrate_gold",
+        "winrate_gold_ci_low",
+        "winrate_gold_ci_high",
+        "likert",
+        "gold",
+        "rm",
+        "params",
+        "meta/fails_instruction",
+        "meta/toxic",
+        "truthful",
+        "premise_accepted",
+        "toxicity/plain",
+        "toxicity/respectful",
+        *[f"meta/style/{s}" for s in STYLES],
+    ]
     for m in names:
         for key in per_model:
             assert f"{key}/{m}" in s1, f"{key}/{m}"
         assert 1 <= s1[f"likert/{m}"] <= 7
         assert s1[f"winrate_ci_low/{m}"] <= s1[f"winrate/{m}"] <= s1[f"winrate_ci_high/{m}"]
     for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
-        assert {f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "webtext", "mean")} <= set(s1)
+        assert {
+            f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "webtext", "mean")
+        } <= set(s1)
     assert s1["winrate/SFT-small"] == 0.5 and s1["n/test"] == 6
     assert s1["h2h/SFT-small/SFT-small"] == 0.5 == s1["h2h_gold/SFT-small/SFT-small"]  # identical answers tie
     pair = "PPO-ptx-small/GPT-prompted-small"
@@ -168,7 +201,9 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     seen = load_world(root / "world").seen_prompts()
     for m in names:
         golds = [r["gold"] for r in rows if r["model"] == m and r["split"] == "test" and r["prompt"] not in seen]
-        assert len(golds) == s1["n/test_unseen"] and s1[f"gold_unseen/{m}"] == pytest.approx(sum(golds) / max(1, len(golds)), abs=1e-4)
+        assert len(golds) == s1["n/test_unseen"] and s1[f"gold_unseen/{m}"] == pytest.approx(
+            sum(golds) / max(1, len(golds)), abs=1e-4
+        )
 
     # rm/<m>: the RM stage's own scores of those answers (one scoring function).
     from rlhflab.models import load_reward_model
@@ -180,8 +215,7 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     rm, rm_tok = load_reward_model(cfg.reward_model).eval(), load_tokenizer(cfg.reward_model)
     for m in names:
         test = [r for r in rows if r["model"] == m and r["split"] == "test"]
-        scores = score_pairs(rm, rm_tok, [r["prompt"] for r in test], [r["response"] for r in test],
-                             batch_size=1)
+        scores = score_pairs(rm, rm_tok, [r["prompt"] for r in test], [r["response"] for r in test], batch_size=1)
         assert s1[f"rm/{m}"] == pytest.approx(sum(scores) / len(scores), abs=1e-5)
 
     # The same config again through the CLI: byte-identical results.

@@ -1,5 +1,6 @@
 """The sampler: no deprecated transformers API, the KV cache equals a full forward, one
 batched entry point (`generate`) whose every seeded generator is made on the model's device."""
+
 from __future__ import annotations
 
 import sys
@@ -33,8 +34,14 @@ def test_sampling_uses_no_deprecated_transformers_api(models, arch):
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         warnings.simplefilter("error", DeprecationWarning)
-        sample(model, queries, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=4,
-               generator=torch.Generator().manual_seed(0))
+        sample(
+            model,
+            queries,
+            pad_id=tok.pad_token_id,
+            eos_id=tok.eos_token_id,
+            max_new_tokens=4,
+            generator=torch.Generator().manual_seed(0),
+        )
         generate(model, tok, queries, max_new_tokens=4, temperature=0)
 
 
@@ -43,8 +50,15 @@ def test_cached_greedy_decoding_equals_full_forward_argmax(models, arch):
     """Left-padded, KV-cached, batched greedy tokens = argmax of a plain forward of each row alone."""
     model, tok = load_causal_lm(models[arch]).eval(), models["tok"]
     queries = [encode_query(tok, p) for p in PROMPTS]
-    gen = sample(model, queries, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=8,
-                 greedy=True, force_length=True)
+    gen = sample(
+        model,
+        queries,
+        pad_id=tok.pad_token_id,
+        eos_id=tok.eos_token_id,
+        max_new_tokens=8,
+        greedy=True,
+        force_length=True,
+    )
     with torch.no_grad():
         for q, row in zip(queries, gen.responses.tolist()):
             ids = list(q)
@@ -59,9 +73,8 @@ def test_generate_fits_the_context_only_when_asked(models):
     model, tok = load_causal_lm(models["gpt2"]), models["tok"]  # context 128
     long, short = encode_query(tok, "the cat sat on the mat " * 40), encode_query(tok, "say cat")
     assert len(long) > 128
-    out = generate(model, tok, [long, short], max_new_tokens=16, temperature=0, batch_size=2,
-                   fit_context=True)
-    assert out.queries == [long[-(128 - generation.CONTEXT_MARGIN):], short]
+    out = generate(model, tok, [long, short], max_new_tokens=16, temperature=0, batch_size=2, fit_context=True)
+    assert out.queries == [long[-(128 - generation.CONTEXT_MARGIN) :], short]
     assert max(map(len, out.tokens)) <= generation.CONTEXT_MARGIN  # the room the longest query leaves
     alone = generate(model, tok, [short], max_new_tokens=16, temperature=0)
     assert alone.queries == [short] and len(alone.tokens[0]) <= 16
@@ -69,6 +82,7 @@ def test_generate_fits_the_context_only_when_asked(models):
 
 
 # --------------------------------------------------------------------------- generator devices
+
 
 class _Recorder(torch.Generator):
     """torch.Generator that remembers the device it was asked for (None: none given)."""
@@ -131,18 +145,38 @@ def test_every_generator_is_made_on_the_models_device(sampler_calls, tmp_path):
     caller[0] = "gold_of_policy"
     gold_of_policy(policy, tok, world, prompts, 6, greedy=False)
     caller[0] = "eval"  # its answers, best-of-n and capability
-    evaluate(make(EvalConfig, world=str(tmp_path / "world"),
-                  models={"SFT-small": str(tmp_path / "SFT-small")}, reward_model=str(tmp_path / "rm"),
-                  n_prompts=2, max_new_tokens=6, temperature=1.0, capability_items=2,
-                  best_of_n=[1, 2], best_of_n_prompts=2, out_dir=str(tmp_path / "eval")))
+    evaluate(
+        make(
+            EvalConfig,
+            world=str(tmp_path / "world"),
+            models={"SFT-small": str(tmp_path / "SFT-small")},
+            reward_model=str(tmp_path / "rm"),
+            n_prompts=2,
+            max_new_tokens=6,
+            temperature=1.0,
+            capability_items=2,
+            best_of_n=[1, 2],
+            best_of_n_prompts=2,
+            out_dir=str(tmp_path / "eval"),
+        )
+    )
     caller[0] = "sample stage"
-    sample_stage.run(make(sample_stage.SampleConfig, policy=str(tmp_path / "SFT-small"), max_new_tokens=6,
-                          prompts=str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])),
-                          out=str(tmp_path / "samples.jsonl"), k_min=2, k_max=2))
+    sample_stage.run(
+        make(
+            sample_stage.SampleConfig,
+            policy=str(tmp_path / "SFT-small"),
+            max_new_tokens=6,
+            prompts=str(write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])),
+            out=str(tmp_path / "samples.jsonl"),
+            k_min=2,
+            k_max=2,
+        )
+    )
     caller[0] = "sft rm choice"
-    cfg = types.SimpleNamespace(run=types.SimpleNamespace(seed=0), val_temperature=1.0,
-                                val_max_new_tokens=6, eval_batch_size=4)
-    rm_score(policy, tok, prompts, rm, tok, cfg, next(policy.parameters()).device)
+    cfg = types.SimpleNamespace(
+        run=types.SimpleNamespace(seed=0), val_temperature=1.0, val_max_new_tokens=6, eval_batch_size=4
+    )
+    rm_score(policy, tok, prompts, rm, tok, cfg)
     caller[0] = "walkthrough"
     ppo_episode(tmp_path / "PPO-small", tmp_path / "SFT-small", tmp_path / "rm", prompts[0], 0.1, 6)
     caller[0] = "capability"
@@ -154,3 +188,30 @@ def test_every_generator_is_made_on_the_models_device(sampler_calls, tmp_path):
     for who, device, has_generator, asked in calls:
         if has_generator:
             assert asked not in (None, "not recorded") and torch.device(asked) == device, (who, asked, device)
+
+
+@pytest.mark.gpu
+def test_seeded_generation_and_the_lab_measurement_run_on_cuda(models):
+    """What the device check above stands in for on the CPU: on a GPU, seeded sampling and
+    the lab's gold measurement (PPO's step-0 evaluation) run with the model on CUDA."""
+    from rlhflab.eval.lab import gold_of_policy
+    from rlhflab.generation import generator_for
+
+    model, tok = load_causal_lm(models["gpt2"]).cuda(), models["tok"]
+    queries = [encode_query(tok, p) for p in PROMPTS]
+    a = generate(model, tok, queries, max_new_tokens=6, generator=generator_for(model, 3))
+    b = generate(model, tok, queries, max_new_tokens=6, generator=generator_for(model, 3))
+    assert a.tokens == b.tokens and len(a.texts) == len(PROMPTS)
+
+    class World:  # the gold scorer's interface, enough for gold_of_policy
+        def judge(self, prompt, response):
+            return types.SimpleNamespace(
+                quality=0.5,
+                style="Helpful",
+                followed=True,
+                hallucination=False,
+                toxic=False,
+                n_words=len(response.split()),
+            )
+
+    assert gold_of_policy(model, tok, World(), PROMPTS, max_new_tokens=6, greedy=False)["gold"] == 0.5

@@ -4,6 +4,7 @@ ends bitwise equal to an uninterrupted run, with every metrics row logged exactl
 Each run is a real process (a fork of tests/stage_driver.py) running `rlhflab <stage>`
 on one thread; the kill is rlhflab.io.kill_point, armed by RLHFLAB_TEST_KILL_AT.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from safetensors.torch import load_file
 
 from rlhflab.io import KILL_ENV, read_metrics
 from rlhflab.models import load_reward_model
+
 from tiny import demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
 DRIVER = Path(__file__).with_name("stage_driver.py")
@@ -30,8 +32,9 @@ class Driver:
 
     def __init__(self, logs: Path):
         self.logs, self.n = logs, 0
-        self.proc = subprocess.Popen([sys.executable, str(DRIVER)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(DRIVER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
 
     def run(self, argv: list[str], env: dict | None = None) -> tuple[int, str]:
         """(exit status or -signal, the child's output)."""
@@ -69,38 +72,74 @@ def inputs(tmp_path_factory):
     rm = load_reward_model(base)  # a seeded random scalar head is reward enough here
     rm.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
-    return {"root": root, "base": base, "rm": root / "rm",
-            "demos": write_jsonl(root / "demos.jsonl", demo_rows(12)),
-            "val": write_jsonl(root / "val.jsonl", demo_rows(16)[12:]),
-            "ranks": write_jsonl(root / "ranks.jsonl", ranking_rows(24)),
-            "prompts": write_jsonl(root / "prompts.jsonl",
-                                   [{"prompt": f"name a color {i}"} for i in range(24)]),
-            "val_prompts": write_jsonl(root / "val_prompts.jsonl",
-                                       [{"prompt": f"say {w}"} for w in ("cat", "dog", "red")]),
-            "ptx": write_jsonl(root / "ptx.jsonl", [{"text": "the cat sat on the mat ."},
-                                                    {"text": "a dog ran far away . one two"}])}
+    return {
+        "root": root,
+        "base": base,
+        "rm": root / "rm",
+        "demos": write_jsonl(root / "demos.jsonl", demo_rows(12)),
+        "val": write_jsonl(root / "val.jsonl", demo_rows(16)[12:]),
+        "ranks": write_jsonl(root / "ranks.jsonl", ranking_rows(24)),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"name a color {i}"} for i in range(24)]),
+        "val_prompts": write_jsonl(root / "val_prompts.jsonl", [{"prompt": f"say {w}"} for w in ("cat", "dog", "red")]),
+        "ptx": write_jsonl(
+            root / "ptx.jsonl",
+            [{"text": "the cat sat on the mat ."}, {"text": "a dog ran far away . one two"}],
+        ),
+    }
 
 
 def argv(stage: str, inp: dict, out: Path) -> list[str]:
     """Small runs: SFT 2 epochs × 3 steps, RM 6 steps, PPO 4 steps (with ptx and eval)."""
     common = ["--run.device=cpu", f"--out_dir={out}"]
     if stage == "sft":
-        return ["sft", f"--base={inp['base']}", f"--data={inp['demos']}",
-                f"--val_data={inp['val']}", "--epochs=2", "--batch_size=4", "--train.save_every=3",
-                *common]
+        return [
+            "sft",
+            f"--base={inp['base']}",
+            f"--data={inp['demos']}",
+            f"--val_data={inp['val']}",
+            "--epochs=2",
+            "--batch_size=4",
+            "--train.save_every=3",
+            *common,
+        ]
     if stage == "rm":
-        return ["rm", f"--base={inp['base']}", f"--rankings={inp['ranks']}",
-                f"--demos={inp['demos']}", "--batch_size=4", "--train.save_every=2", *common]
-    return ["ppo", f"--policy={inp['base']}", f"--reward_model={inp['rm']}",
-            f"--prompts={inp['prompts']}", f"--val_prompts={inp['val_prompts']}",
-            f"--ptx_data={inp['ptx']}", "--ptx_per_episode=0.5", "--adaptive_kl=true",
-            "--batch_size=8", "--minibatch_size=4", "--ppo_epochs=2", "--max_new_tokens=6",
-            "--total_episodes=32", "--train.save_every=2", "--eval_every=2", "--train.lr=1e-3",
-            "--warmup_steps=0", "--run.seed=1", *common]
+        return [
+            "rm",
+            f"--base={inp['base']}",
+            f"--rankings={inp['ranks']}",
+            f"--demos={inp['demos']}",
+            "--batch_size=4",
+            "--train.save_every=2",
+            *common,
+        ]
+    return [
+        "ppo",
+        f"--policy={inp['base']}",
+        f"--reward_model={inp['rm']}",
+        f"--prompts={inp['prompts']}",
+        f"--val_prompts={inp['val_prompts']}",
+        f"--ptx_data={inp['ptx']}",
+        "--ptx_per_episode=0.5",
+        "--adaptive_kl=true",
+        "--batch_size=8",
+        "--minibatch_size=4",
+        "--ppo_epochs=2",
+        "--max_new_tokens=6",
+        "--total_episodes=32",
+        "--train.save_every=2",
+        "--eval_every=2",
+        "--train.lr=1e-3",
+        "--warmup_steps=0",
+        "--run.seed=1",
+        *common,
+    ]
 
 
-MODEL_FILES = {"sft": ["model/model.safetensors"], "rm": ["model/model.safetensors"],
-               "ppo": ["policy/model.safetensors", "value/model.safetensors"]}
+MODEL_FILES = {
+    "sft": ["model/model.safetensors"],
+    "rm": ["model/model.safetensors"],
+    "ppo": ["policy/model.safetensors", "value/model.safetensors"],
+}
 TRAIN_KEY = {"sft": "sft/loss", "rm": "rm/loss", "ppo": "objective/kl"}
 STEPS = {"sft": 6, "rm": 6, "ppo": 4}
 
@@ -181,7 +220,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(driver, inputs, referenc
     rows, ref_rows = read_metrics(out / "metrics.jsonl"), read_metrics(ref / "metrics.jsonl")
     steps = [r["step"] for r in rows if TRAIN_KEY[stage] in r]
     assert steps == list(range(1, STEPS[stage] + 1))  # no gap, no step twice
-    assert _untimed(rows) == _untimed(ref_rows)       # epoch and final rows once, too
+    assert _untimed(rows) == _untimed(ref_rows)  # epoch and final rows once, too
     assert (out / "summary.json").is_file()
     leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     assert not leftovers, f"temporary files left behind: {leftovers}"

@@ -1,5 +1,6 @@
 """Headless Chromium: sign in, rank through the UI (clicks, drag, tie), write a
 demonstration; the export holds exactly those labels. Also the owner's status page."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ def app(tmp_path):
     db.close()
 
 
-def test_labeler_ranks_and_writes_a_demo_and_the_export_has_exactly_those(app, browser,
-                                                                         artifacts_dir, tmp_path):
+def test_labeler_ranks_and_writes_a_demo_and_the_export_has_exactly_those(app, browser, artifacts_dir, tmp_path):
     db, token, url = app
     page = browser.new_page(viewport={"width": 1360, "height": 1000})
     errors = []
@@ -61,9 +61,19 @@ def test_labeler_ranks_and_writes_a_demo_and_the_export_has_exactly_those(app, b
     # Click in order C, D, A, B; then drag A above D; then tie D with A: [2, [0, 3], 1].
     for idx in (2, 3, 0, 1):
         page.click(f"[data-rank-btn='{idx}']")
-    assert page.locator("#ranking li").evaluate_all("rs => rs.map(r => r.dataset.idx)") == ["2", "3", "0", "1"]
+    assert page.locator("#ranking li").evaluate_all("rs => rs.map(r => r.dataset.idx)") == [
+        "2",
+        "3",
+        "0",
+        "1",
+    ]
     page.drag_and_drop("#ranking li[data-idx='0']", "#ranking li[data-idx='3']")
-    assert page.locator("#ranking li").evaluate_all("rs => rs.map(r => r.dataset.idx)") == ["2", "0", "3", "1"]
+    assert page.locator("#ranking li").evaluate_all("rs => rs.map(r => r.dataset.idx)") == [
+        "2",
+        "0",
+        "3",
+        "1",
+    ]
     page.check("[data-tie='3']")
     page.click("[data-flag='fails_instruction'][data-idx='1']")
     page.click("[data-flag='hallucination'][data-idx='1']")
@@ -93,8 +103,7 @@ def test_labeler_ranks_and_writes_a_demo_and_the_export_has_exactly_those(app, b
     assert ranking.groups == ((2,), (0, 3), (1,))
     row = json.loads((tmp_path / "out" / "rankings.jsonl").read_text())
     assert row["ranking"] == [2, [0, 3], 1] and row["likert"] == 6 and row["labeler"] == "ana"
-    assert row["flags"] == {"fails_instruction": [1], "hallucination": [1],
-                            "inappropriate": [2], "toxic": []}
+    assert row["flags"] == {"fails_instruction": [1], "hallucination": [1], "inappropriate": [2], "toxic": []}
     (demo,) = read_demos(tmp_path / "out" / "demonstrations.jsonl")
     assert (demo.prompt, demo.completion) == ("How do I sort a list in Python?", ANSWER)
     page.close()

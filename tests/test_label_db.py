@@ -1,4 +1,5 @@
 """The labeling store: loading, assignment, validation, agreement, export, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,7 @@ def db(tmp_path):
 
 
 def samples(n, k=4):
-    return [{"prompt": f"prompt {i}", "responses": [f"r{i}.{j}" for j in range(k)], "model": "sft"}
-            for i in range(n)]
+    return [{"prompt": f"prompt {i}", "responses": [f"r{i}.{j}" for j in range(k)], "model": "sft"} for i in range(n)]
 
 
 def count(db, table):
@@ -46,8 +46,8 @@ def test_pair_agreement_by_hand():
 def test_agreement_means_per_pair_and_overall():
     by_item = {
         1: {"ann": [0, 1, 2], "bob": [0, 2, 1], "cy": [0, 1, 2]},  # ann~bob 2/3, ann~cy 1, bob~cy 2/3
-        2: {"ann": [1, 0], "bob": [1, 0]},                           # ann~bob 1
-        3: {"cy": [0, 1]},                                           # nobody to compare with
+        2: {"ann": [1, 0], "bob": [1, 0]},  # ann~bob 1
+        3: {"cy": [0, 1]},  # nobody to compare with
     }
     out = agreement(by_item)
     pairs = {(p["a"], p["b"]): (p["items"], p["agreement"]) for p in out["pairs"]}
@@ -67,8 +67,10 @@ def test_load_spreads_items_evenly_and_every_item_gets_distinct_labelers(db, tmp
     with db.read() as c:
         per_labeler = [n for (n,) in c.execute("SELECT COUNT(*) FROM assignments GROUP BY labeler")]
         per_item = [n for (n,) in c.execute("SELECT COUNT(DISTINCT labeler) FROM assignments GROUP BY item")]
-        pairs = {tuple(sorted(map(int, g.split(",")))) for (g,) in c.execute(
-            "SELECT group_concat(labeler) FROM assignments GROUP BY item")}
+        pairs = {
+            tuple(sorted(map(int, g.split(","))))
+            for (g,) in c.execute("SELECT group_concat(labeler) FROM assignments GROUP BY item")
+        }
     assert per_labeler == [5, 5, 5, 5]
     assert per_item == [2] * 10
     assert len(pairs) >= 4, "overlaps should vary so agreement covers many labeler pairs"
@@ -77,16 +79,18 @@ def test_load_spreads_items_evenly_and_every_item_gets_distinct_labelers(db, tmp
     assert count(db, "items") == 10
 
 
-@pytest.mark.parametrize("bad_row, field", [
-    ({"prompt": "p", "responses": ["only one"]}, "responses"),
-    ({"prompt": "p", "responses": "abc"}, "responses"),
-    ({"prompt": "p", "responses": ["a", ""]}, "responses[1]"),
-    ({"prompt": 3, "responses": ["a", "b"]}, "prompt"),
-    ({"responses": ["a", "b"]}, "prompt"),
-    ({"prompt": "p"}, "responses"),
-])
-def test_malformed_samples_are_refused_naming_line_and_field_and_nothing_is_inserted(
-        db, tmp_path, bad_row, field):
+@pytest.mark.parametrize(
+    "bad_row, field",
+    [
+        ({"prompt": "p", "responses": ["only one"]}, "responses"),
+        ({"prompt": "p", "responses": "abc"}, "responses"),
+        ({"prompt": "p", "responses": ["a", ""]}, "responses[1]"),
+        ({"prompt": 3, "responses": ["a", "b"]}, "prompt"),
+        ({"responses": ["a", "b"]}, "prompt"),
+        ({"prompt": "p"}, "responses"),
+    ],
+)
+def test_malformed_samples_are_refused_naming_line_and_field_and_nothing_is_inserted(db, tmp_path, bad_row, field):
     db.add_labeler("a")
     path = write_jsonl(tmp_path / "s.jsonl", samples(2) + [bad_row] + samples(1))
     with pytest.raises(InputError) as e:
@@ -128,15 +132,19 @@ def rank_task(k=4):
 
 
 def test_validate_label_canonicalizes_and_names_the_bad_field():
-    out = validate_label(rank_task(), {"ranking": [2, [3, 0], 1], "likert": 5,
-                                       "flags": {"toxic": [1, 1], "hallucination": [3, 0]}})
-    assert out == {"ranking": [2, [0, 3], 1], "likert": 5,
-                   "flags": {"fails_instruction": [], "hallucination": [0, 3],
-                             "inappropriate": [], "toxic": [1]}}
+    out = validate_label(
+        rank_task(),
+        {"ranking": [2, [3, 0], 1], "likert": 5, "flags": {"toxic": [1, 1], "hallucination": [3, 0]}},
+    )
+    assert out == {
+        "ranking": [2, [0, 3], 1],
+        "likert": 5,
+        "flags": {"fails_instruction": [], "hallucination": [0, 3], "inappropriate": [], "toxic": [1]},
+    }
     bad = [
-        ({"ranking": [0, 1, 2], "likert": 3}, "ranking"),           # not a permutation
+        ({"ranking": [0, 1, 2], "likert": 3}, "ranking"),  # not a permutation
         ({"ranking": [0, 1, 2, 2], "likert": 3}, "ranking"),
-        ({"ranking": [[0, 1, 2, 3]], "likert": 3}, "ranking"),     # all tied
+        ({"ranking": [[0, 1, 2, 3]], "likert": 3}, "ranking"),  # all tied
         ({"ranking": [0, 1, 2, "3"], "likert": 3}, "ranking"),
         ({"ranking": [0, 1, 2, 3]}, "likert"),
         ({"ranking": [0, 1, 2, 3], "likert": 8}, "likert"),
@@ -151,8 +159,13 @@ def test_validate_label_canonicalizes_and_names_the_bad_field():
             validate_label(rank_task(), body)
     demo = {"kind": "demo", "prompt": "p"}
     assert validate_label(demo, {"completion": " keep  spacing\n"}) == {"completion": " keep  spacing\n"}
-    for body in ({"completion": "  "}, {"completion": 3}, {}, {"completion": "x" * 20_001},
-                 {"completion": "x", "ranking": [0, 1]}):
+    for body in (
+        {"completion": "  "},
+        {"completion": 3},
+        {},
+        {"completion": "x" * 20_001},
+        {"completion": "x", "ranking": [0, 1]},
+    ):
         with pytest.raises(InputError):
             validate_label(demo, body)
 
@@ -175,8 +188,7 @@ def test_submit_is_once_per_labeler_and_task(db, tmp_path):
     # The database itself refuses a second row for (labeler, item).
     with pytest.raises(sqlite3.IntegrityError):
         with db.write() as c:
-            c.execute("INSERT INTO labels (item, labeler, payload, created) VALUES (1, ?, '{}', 0)",
-                      (ann_id,))
+            c.execute("INSERT INTO labels (item, labeler, payload, created) VALUES (1, ?, '{}', 0)", (ann_id,))
     assert count(db, "labels") == 1
 
 

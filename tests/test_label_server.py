@@ -1,4 +1,5 @@
 """The labeling server: bad input, isolation between labelers, load, and kill -9."""
+
 from __future__ import annotations
 
 import http.client
@@ -31,8 +32,7 @@ def make_db(tmp_path, labelers, n_rank, n_demo=0, per_item=1, k=4):
     """A database with named labelers and items; returns (db, {name: token})."""
     db = LabelDB(tmp_path / "labels.db")
     tokens = {name: db.add_labeler(name) for name in labelers}
-    rank = [{"prompt": f"rank {i}", "responses": [f"answer {i}.{j}" for j in range(k)]}
-            for i in range(n_rank)]
+    rank = [{"prompt": f"rank {i}", "responses": [f"answer {i}.{j}" for j in range(k)]} for i in range(n_rank)]
     db.load("rank", write_jsonl(tmp_path / "samples.jsonl", rank), per_item=per_item)
     if n_demo:
         demo = [{"prompt": f"write {i}"} for i in range(n_demo)]
@@ -76,8 +76,7 @@ def serve():
 
     def start(db):
         server = make_server(db, "127.0.0.1", 0, OWNER)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server.server_address[1]
 
@@ -111,7 +110,14 @@ def test_bad_input_gets_a_clear_4xx_and_changes_nothing(tmp_path, serve):
     before = labels_snapshot(db)
 
     cases = [  # (client, method, path, body or raw bytes, expected status, words in the message)
-        (Client(port, "not-a-token"), "POST", f"/api/tasks/{rank_id}/label", rank_body(), 401, "unknown token"),
+        (
+            Client(port, "not-a-token"),
+            "POST",
+            f"/api/tasks/{rank_id}/label",
+            rank_body(),
+            401,
+            "unknown token",
+        ),
         (Client(port), "GET", "/api/tasks", None, 401, "missing token"),
         (Client(port, OWNER), "POST", f"/api/tasks/{rank_id}/label", rank_body(), 403, "owner token"),
         (bob, "POST", f"/api/tasks/{rank_id}/label", rank_body(), 404, "not assigned to you"),
@@ -120,10 +126,31 @@ def test_bad_input_gets_a_clear_4xx_and_changes_nothing(tmp_path, serve):
         (ann, "POST", "/api/tasks/999999/label", rank_body(), 404, "task 999999 does not exist"),
         (ann, "POST", "/api/tasks/abc/label", rank_body(), 404, "must be a number"),
         (ann, "POST", f"/api/tasks/{rank_id}/label", rank_body(shift=1), 409, "already labeled"),
-        (bob, "POST", f"/api/tasks/{bob_rank}/label", {"ranking": [0, 1, 1, 2], "likert": 3}, 400, "permutation"),
-        (bob, "POST", f"/api/tasks/{bob_rank}/label", {"ranking": [0, 1, 2], "likert": 3}, 400, "permutation"),
+        (
+            bob,
+            "POST",
+            f"/api/tasks/{bob_rank}/label",
+            {"ranking": [0, 1, 1, 2], "likert": 3},
+            400,
+            "permutation",
+        ),
+        (
+            bob,
+            "POST",
+            f"/api/tasks/{bob_rank}/label",
+            {"ranking": [0, 1, 2], "likert": 3},
+            400,
+            "permutation",
+        ),
         (bob, "POST", f"/api/tasks/{bob_rank}/label", {"ranking": [0, 1, 2, 3], "likert": 9}, 400, "likert"),
-        (bob, "POST", f"/api/tasks/{bob_rank}/label", {**rank_body(), "labeler": "ann"}, 400, "unknown field"),
+        (
+            bob,
+            "POST",
+            f"/api/tasks/{bob_rank}/label",
+            {**rank_body(), "labeler": "ann"},
+            400,
+            "unknown field",
+        ),
         (bob, "POST", f"/api/tasks/{bob_rank}/label", b'{"ranking": [0, 1', 400, "not valid JSON"),
         (bob, "POST", f"/api/tasks/{bob_rank}/label", b"[0, 1, 2, 3]", 400, "JSON object"),
         (bob, "POST", f"/api/tasks/{bob_rank}/label", b"\xff\xfe", 400, "UTF-8"),
@@ -142,8 +169,12 @@ def test_bad_input_gets_a_clear_4xx_and_changes_nothing(tmp_path, serve):
         assert (got, words) == (status, words) and words in payload["error"], (method, path, payload)
         assert "Traceback" not in payload["error"]
     # Raw bytes http.client would refuse to send: a non-ASCII digit, a broken request line.
-    for raw in (b"GET /api/tasks/\xb2 HTTP/1.1\r\nAuthorization: Bearer " + tok["ann"].encode()
-                + b"\r\nConnection: close\r\n\r\n", b"GET /a b HTTP/1.1\r\n\r\n"):
+    for raw in (
+        b"GET /api/tasks/\xb2 HTTP/1.1\r\nAuthorization: Bearer "
+        + tok["ann"].encode()
+        + b"\r\nConnection: close\r\n\r\n",
+        b"GET /a b HTTP/1.1\r\n\r\n",
+    ):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(raw)
             reply = b"".join(iter(lambda: sock.recv(65536), b""))
@@ -179,8 +210,9 @@ def test_pages_are_served_with_a_strict_policy_and_non_loopback_needs_an_owner_t
         res = conn.getresponse()
         assert res.status == 200 and kind in res.getheader("Content-Type")
         assert "default-src 'self'" in res.getheader("Content-Security-Policy")
-        assert not re.search(rb"""(?:src|href)=["']?(?:https?:)?//|url\((?:https?:)?//|@import""",
-                             res.read()), "no external assets"
+        assert not re.search(rb"""(?:src|href)=["']?(?:https?:)?//|url\((?:https?:)?//|@import""", res.read()), (
+            "no external assets"
+        )
         conn.close()
     with pytest.raises(InputError, match="non-loopback"):
         make_server(db, "0.0.0.0", 0, None)
@@ -230,8 +262,10 @@ def test_20_concurrent_labelers_1000_submissions_lose_nothing(tmp_path, serve, a
     assert (statuses.count(201), statuses.count(200), statuses.count(409)) == (900, 60, 40)
     name_of = {db.labeler_for_token(tok[n])[0]: n for n in names}
     with db.read() as c:
-        stored = {(name_of[lab], item): json.loads(p) for lab, item, p in
-                  c.execute("SELECT labeler, item, payload FROM labels")}
+        stored = {
+            (name_of[lab], item): json.loads(p)
+            for lab, item, p in c.execute("SELECT labeler, item, payload FROM labels")
+        }
         assert c.execute("SELECT COUNT(*) FROM labels").fetchone()[0] == 900
     assert len(stored) == 900  # exactly one label per (labeler, task)
     for name, item, body, status, _ in results:
@@ -239,9 +273,19 @@ def test_20_concurrent_labelers_1000_submissions_lose_nothing(tmp_path, serve, a
             assert stored[(name, item)]["ranking"] == body["ranking"]
             assert stored[(name, item)]["likert"] == body["likert"]
     rate = len(results) / elapsed
-    (artifacts_dir / "label_load.json").write_text(json.dumps(
-        {"labelers": 20, "connections": 40, "submissions": 1000, "stored": 900,
-         "seconds": round(elapsed, 3), "submissions_per_s": round(rate, 1)}) + "\n")
+    (artifacts_dir / "label_load.json").write_text(
+        json.dumps(
+            {
+                "labelers": 20,
+                "connections": 40,
+                "submissions": 1000,
+                "stored": 900,
+                "seconds": round(elapsed, 3),
+                "submissions_per_s": round(rate, 1),
+            }
+        )
+        + "\n"
+    )
     print(f"\nlabel load test: 1000 submissions in {elapsed:.2f}s = {rate:.0f}/s")
 
 
@@ -249,8 +293,22 @@ def start_subprocess_server(db_path, log_path):
     """`rlhflab label serve` as its own process, output to a file; returns (process, port)."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "rlhflab.cli", "label", "serve", "--db", str(db_path),
-             "--port", "0", "--owner-token", OWNER], stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "rlhflab.cli",
+                "label",
+                "serve",
+                "--db",
+                str(db_path),
+                "--port",
+                "0",
+                "--owner-token",
+                OWNER,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and proc.poll() is None:
         found = re.search(r"labeling app: http://127\.0\.0\.1:(\d+)/", log_path.read_text())

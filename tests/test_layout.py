@@ -1,4 +1,5 @@
 """The package's shape: no import cycle, a short top level, every package says its job."""
+
 from __future__ import annotations
 
 import ast
@@ -25,8 +26,9 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
-                                + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
@@ -58,7 +60,7 @@ def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
             if n.startswith(m + "."):
                 continue
             if state.get(n) == 1:
-                return stack[stack.index(n):] + [n]
+                return stack[stack.index(n) :] + [n]
             if n not in state and (found := visit(n)):
                 return found
         stack.pop()

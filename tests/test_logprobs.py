@@ -1,4 +1,5 @@
 """token_logprobs and entropy_from_logits, block by block, against the full-vocabulary formulas."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,8 +28,7 @@ def test_logprobs_and_gradient_match_log_softmax(shape, dtype, temperature):
     blocked.backward(upstream)
     assert blocked.dtype == torch.float32 and b.grad.dtype == dtype
     torch.testing.assert_close(blocked, plain, rtol=0, atol=1e-5)
-    torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=0,
-                               atol=1e-6 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(b.grad.float(), a.grad.float(), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-2)
     assert torch.equal(b.detach(), logits)  # the logits are read, never written
     p = torch.softmax(logits.float() / temperature, -1)
     entropy = -(p * torch.log_softmax(logits.float() / temperature, -1)).sum(-1)

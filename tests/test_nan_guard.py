@@ -2,25 +2,25 @@
 (in-process, by monkeypatching): the step is skipped with a warning, weights and optimizer state stay
 bitwise unchanged; `patience` bad updates in a row stop the stage with a one-line error
 and the last checkpoint intact and resumable."""
+
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab import cli
-from rlhflab.stages.ppo import step as ppo
-from rlhflab.stages.ppo import loop as ppo_loop
-from rlhflab.stages import rm
-from rlhflab.stages import sft
+from rlhflab import cli, training
 from rlhflab.errors import TrainingError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_reward_model
-from tiny import dotted, make, demo_rows, gpt2_dir, ranking_rows, tiny_tokenizer, write_jsonl
+from rlhflab.stages import rm, sft
+from rlhflab.stages.ppo import loop as ppo_loop
+from rlhflab.stages.ppo import step as ppo
+
+from tiny import demo_rows, gpt2_dir, make, ranking_rows, tiny_tokenizer, write_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest.py
 NAN = float("nan")
@@ -47,11 +47,14 @@ def lab(tmp_path_factory):
     reward = load_reward_model(base)
     reward.save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
-    return {"root": root, "base": base, "rm": root / "rm",
-            "demos": write_jsonl(root / "demos.jsonl", demo_rows(12)),
-            "ranks": write_jsonl(root / "ranks.jsonl", ranking_rows(16)),
-            "prompts": write_jsonl(root / "prompts.jsonl",
-                                   [{"prompt": f"name a color {i}"} for i in range(16)])}
+    return {
+        "root": root,
+        "base": base,
+        "rm": root / "rm",
+        "demos": write_jsonl(root / "demos.jsonl", demo_rows(12)),
+        "ranks": write_jsonl(root / "ranks.jsonl", ranking_rows(16)),
+        "prompts": write_jsonl(root / "prompts.jsonl", [{"prompt": f"name a color {i}"} for i in range(16)]),
+    }
 
 
 def snapshot(params, opt) -> list[torch.Tensor]:
@@ -66,16 +69,16 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def capture(monkeypatch, module) -> dict:
-    """Hold the model and optimizer that `module.train` opens."""
-    held, real = {}, module.start_or_resume
+def capture(monkeypatch) -> dict:
+    """Hold the model and optimizer that the training loop (`training.fit`) opens."""
+    held, real = {}, training.start_or_resume
 
     def spy(model, *args):
         out = real(model, *args)
         held.update(model=model, opt=out[0])
         return out
 
-    monkeypatch.setattr(module, "start_or_resume", spy)
+    monkeypatch.setattr(training, "start_or_resume", spy)
     return held
 
 
@@ -85,6 +88,7 @@ def training_steps() -> dict:
 
 
 # --------------------------------------------------------------------------- SFT and RM
+
 
 def sft_config(lab, out, **kw):
     kw = {"epochs": 2, "batch_size": 4, "device": "cpu", "save_every": 2, **kw}
@@ -137,16 +141,18 @@ def _nan_in_rm_rewards(monkeypatch, bad, grads: bool = False):
     monkeypatch.setattr(rm, "reward_scores", scores)
 
 
-INJECT = {("sft", "logits"): _nan_in_sft_logits, ("sft", "gradients"): _nan_in_sft_grads,
-          ("rm", "reward"): _nan_in_rm_rewards,
-          ("rm", "gradients"): lambda mp, bad: _nan_in_rm_rewards(mp, bad, grads=True)}
+INJECT = {
+    ("sft", "logits"): _nan_in_sft_logits,
+    ("sft", "gradients"): _nan_in_sft_grads,
+    ("rm", "reward"): _nan_in_rm_rewards,
+    ("rm", "gradients"): lambda mp, bad: _nan_in_rm_rewards(mp, bad, grads=True),
+}
 
 
 @pytest.mark.parametrize("stage, where", list(INJECT), ids=[f"{s}-{w}" for s, w in INJECT])
-def test_a_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monkeypatch,
-                                                           stage, where):
+def test_a_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monkeypatch, stage, where):
     module, config = {"sft": (sft, sft_config), "rm": (rm, rm_config)}[stage]
-    held = capture(monkeypatch, module)
+    held = capture(monkeypatch)
     INJECT[stage, where](monkeypatch, lambda n: n == 2)
     states = {}
 
@@ -155,16 +161,15 @@ def test_a_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monkey
 
     with pytest.warns(RuntimeWarning, match="non-finite"):
         _, summary = module.train(config(lab, tmp_path / "out"), callback=after)
-    assert same(states[1], states[2])          # the NaN step changed nothing at all
-    assert not same(states[2], states[3])      # and training went on after it
+    assert same(states[1], states[2])  # the NaN step changed nothing at all
+    assert not same(states[2], states[3])  # and training went on after it
     assert all(torch.isfinite(t).all() for t in states[max(states)])
     rows = [r for r in read_metrics(tmp_path / "out" / "metrics.jsonl") if f"{stage}/loss" in r]
     assert [r["step"] for r in rows] == list(range(1, summary["steps"] + 1))
 
 
-def test_sft_stops_after_patience_bad_steps_with_its_checkpoint_intact(lab, tmp_path,
-                                                                       monkeypatch):
-    held = capture(monkeypatch, sft)
+def test_sft_stops_after_patience_bad_steps_with_its_checkpoint_intact(lab, tmp_path, monkeypatch):
+    held = capture(monkeypatch)
     _nan_in_sft_logits(monkeypatch, lambda n: n >= 3)  # steps 3..7 bad: stop in step 7
     weights = {}
 
@@ -187,24 +192,45 @@ def test_rm_cli_stops_with_one_line_and_exit_3(lab, tmp_path, monkeypatch, capsy
     _nan_in_rm_rewards(monkeypatch, lambda n: n >= 2)
     out = tmp_path / "out"
     with pytest.warns(RuntimeWarning):
-        rc = cli.main(["rm", f"--base={lab['base']}", f"--rankings={lab['ranks']}",
-                       "--batch_size=2", "--train.save_every=1", "--run.device=cpu", f"--out_dir={out}"])
+        rc = cli.main(
+            [
+                "rm",
+                f"--base={lab['base']}",
+                f"--rankings={lab['ranks']}",
+                "--batch_size=2",
+                "--train.save_every=1",
+                "--run.device=cpu",
+                f"--out_dir={out}",
+            ]
+        )
     err = capsys.readouterr().err.strip()
     assert rc == 3
-    assert err == ("error: rm: 5 non-finite steps in a row; stopped, the last good checkpoint "
-                   "is kept")
+    assert err == ("error: rm: 5 non-finite steps in a row; stopped, the last good checkpoint is kept")
     state = json.loads((out / "checkpoint" / "state.json").read_text())
     assert state["step"] == 5  # saved after every step; the 6th raised before its save
-    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint" /
-                                                                "model.safetensors")).values())
+    assert all(torch.isfinite(t).all() for t in load_file(str(out / "checkpoint" / "model.safetensors")).values())
 
 
 # --------------------------------------------------------------------------- PPO
 
+
 def ppo_config(lab, out: Path, **kw) -> ppo.PPOConfig:
-    base = dict(policy=str(lab["base"]), reward_model=str(lab["rm"]), prompts=str(lab["prompts"]),
-                batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, total_episodes=32,
-                lr=1e-3, warmup_steps=0, seed=1, save_every=1, device="cpu", out_dir=str(out))
+    base = dict(
+        policy=str(lab["base"]),
+        reward_model=str(lab["rm"]),
+        prompts=str(lab["prompts"]),
+        batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        total_episodes=32,
+        lr=1e-3,
+        warmup_steps=0,
+        seed=1,
+        save_every=1,
+        device="cpu",
+        out_dir=str(out),
+    )
     return make(ppo.PPOConfig, **{**base, **kw})
 
 
@@ -224,8 +250,7 @@ def _ppo_step_spy(monkeypatch) -> tuple[dict, dict]:
 
 def _nan_in_ppo_reward(monkeypatch, now, bad):
     real = ppo.score
-    monkeypatch.setattr(ppo, "score", lambda m, q, a: real(m, q, a) * (NAN if bad(now["step"])
-                                                                       else 1.0))
+    monkeypatch.setattr(ppo, "score", lambda m, q, a: real(m, q, a) * (NAN if bad(now["step"]) else 1.0))
 
 
 def _nan_in_ppo_logits(monkeypatch, now, bad):
@@ -272,8 +297,12 @@ def _nan_policy_in_ppo(monkeypatch, now, bad):
     _nan_in_ppo_reward(monkeypatch, now, bad)  # its rollout forwards are NaN too
 
 
-PPO_INJECT = {"reward": _nan_in_ppo_reward, "logits": _nan_in_ppo_logits,
-              "gradients": _nan_in_ppo_grads, "sampling": _nan_policy_in_ppo}
+PPO_INJECT = {
+    "reward": _nan_in_ppo_reward,
+    "logits": _nan_in_ppo_logits,
+    "gradients": _nan_in_ppo_grads,
+    "sampling": _nan_policy_in_ppo,
+}
 
 
 @pytest.mark.parametrize("where", list(PPO_INJECT))
@@ -287,8 +316,7 @@ def test_ppo_nan_step_leaves_weights_and_optimizer_untouched(lab, tmp_path, monk
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3]
 
 
-def test_ppo_stops_after_patience_bad_updates_and_resumes_from_its_checkpoint(lab, tmp_path,
-                                                                              monkeypatch):
+def test_ppo_stops_after_patience_bad_updates_and_resumes_from_its_checkpoint(lab, tmp_path, monkeypatch):
     # NaN gradients from step 2 on: 4 skipped updates in step 2, the 5th in step 3. Before
     # the fix, step 3's finite rollout reset the count and the run never stopped.
     now, states = _ppo_step_spy(monkeypatch)

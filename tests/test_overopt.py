@@ -1,4 +1,5 @@
 """Over-optimization summaries: a PPO run's gold peak, its end, and the RL-form fit."""
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,15 @@ def _rows(alpha: float, beta: float, kls: list[float]) -> list[dict]:
     for step, kl in enumerate(kls):
         d = math.sqrt(kl)
         gain = d * (alpha - beta * math.log(d)) if d > 0 else 0.0
-        rows.append({"step": step * 8, "eval/kl": kl, "eval/sampled/gold": 0.4 + gain,
-                     "eval/gold": 0.9, "eval/rm_score": 0.1 * kl})
+        rows.append(
+            {
+                "step": step * 8,
+                "eval/kl": kl,
+                "eval/sampled/gold": 0.4 + gain,
+                "eval/gold": 0.9,
+                "eval/rm_score": 0.1 * kl,
+            }
+        )
     return rows
 
 

@@ -1,4 +1,5 @@
 """`rlhflab run --preset smoke`: every stage runs once, in order, and a finished stage is skipped."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,20 @@ import pytest
 
 from rlhflab.cli import main
 
-STAGES = ["world", "pretrain-small", "pretrain-large", "sft-small", "sft-large", "comparisons", "rm",
-          "rm-eval", "ppo-small", "ppoptx-small", "sweep/beta-0", "eval"]
+STAGES = [
+    "world",
+    "pretrain-small",
+    "pretrain-large",
+    "sft-small",
+    "sft-large",
+    "comparisons",
+    "rm",
+    "rm-eval",
+    "ppo-small",
+    "ppoptx-small",
+    "sweep/beta-0",
+    "eval",
+]
 
 
 @pytest.mark.slow
@@ -19,9 +32,17 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     assert [s for s in STAGES if f"[run] {s}: finished" in first] == STAGES
     assert (out / "report.html").stat().st_size > 10_000
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    assert {"gold/SFT-small", "gold/PPO-ptx-small", "winrate/GPT-large", "capability/mean/PPO-small",
-            "rl/ppo-small/final_kl", "rl/beta-0/peak_gold", "rl_fit/beta-0/gold/r2",
-            "h2h/PPO-ptx-small/GPT-large", "h2h_ci_low/PPO-ptx-small/GPT-prompted-large"} <= set(summary)
+    assert {
+        "gold/SFT-small",
+        "gold/PPO-ptx-small",
+        "winrate/GPT-large",
+        "capability/mean/PPO-small",
+        "rl/ppo-small/final_kl",
+        "rl/beta-0/peak_gold",
+        "rl_fit/beta-0/gold/r2",
+        "h2h/PPO-ptx-small/GPT-large",
+        "h2h_ci_low/PPO-ptx-small/GPT-prompted-large",
+    } <= set(summary)
     assert "PPO-ptx-small preferred to GPT-large:" in first
     row = next(x for x in first.splitlines() if x.strip().startswith("SFT-small "))
     assert row.split()[1:3] == [f"{summary['gold/SFT-small']:.3f}", f"{summary['gold_unseen/SFT-small']:.3f}"]

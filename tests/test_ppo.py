@@ -1,4 +1,5 @@
 """PPO / PPO-ptx on tiny GPT-2s built from config: invariants, resume, NaN guard, learning."""
+
 from __future__ import annotations
 
 import copy
@@ -10,13 +11,14 @@ import torch
 from safetensors.torch import load_file
 
 from rlhflab import cli
-from rlhflab.stages.ppo import step as ppo
-from rlhflab.stages.ppo import loop as ppo_loop
 from rlhflab.errors import InputError
 from rlhflab.io import read_metrics
 from rlhflab.models import load_causal_lm, load_reward_model
+from rlhflab.stages.ppo import loop as ppo_loop
+from rlhflab.stages.ppo import step as ppo
 from rlhflab.stages.ppo.step import PPOConfig, Rollout, minibatch_loss, policy_logprobs
-from tiny import dotted, make, gpt2_dir, tiny_tokenizer, write_jsonl
+
+from tiny import gpt2_dir, make, tiny_tokenizer, write_jsonl
 
 
 @torch.no_grad()
@@ -43,7 +45,7 @@ def bag_of_tokens_rm(policy_dir: Path, out: Path, seed: int = 0) -> Path:
     attn = tr.h[0].attn
     attn.c_attn.weight.zero_()
     attn.c_attn.bias.zero_()
-    attn.c_attn.weight[:, 2 * H:] = torch.eye(H)
+    attn.c_attn.weight[:, 2 * H :] = torch.eye(H)
     attn.c_proj.weight.copy_(10.0 * torch.eye(H))
     rm.score.weight.copy_(4.0 * d[None] / H)
     rm.save_pretrained(out)
@@ -56,18 +58,30 @@ def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("ppo")
     policy = gpt2_dir(root / "policy", n_positions=64)
     rm = bag_of_tokens_rm(policy, root / "rm")
-    prompts = write_jsonl(root / "prompts.jsonl",
-                          [{"prompt": f"name a color {i}"} for i in range(24)])
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"name a color {i}"} for i in range(24)])
     val = write_jsonl(root / "val.jsonl", [{"prompt": f"say {w}"} for w in ("cat", "dog", "red")])
-    ptx = write_jsonl(root / "ptx.jsonl", [{"text": "the cat sat on the mat ."},
-                                           {"text": "a dog ran far away . one two three"}])
+    ptx = write_jsonl(
+        root / "ptx.jsonl",
+        [{"text": "the cat sat on the mat ."}, {"text": "a dog ran far away . one two three"}],
+    )
     return {"root": root, "policy": policy, "rm": rm, "prompts": prompts, "val": val, "ptx": ptx}
 
 
 def make_config(lab, out: str, **kw) -> PPOConfig:
-    base = dict(policy=str(lab["policy"]), reward_model=str(lab["rm"]), prompts=str(lab["prompts"]),
-                batch_size=8, minibatch_size=4, ppo_epochs=2, max_new_tokens=6, total_episodes=16,
-                lr=1e-3, warmup_steps=0, seed=1, out_dir=str(lab["root"] / out))
+    base = dict(
+        policy=str(lab["policy"]),
+        reward_model=str(lab["rm"]),
+        prompts=str(lab["prompts"]),
+        batch_size=8,
+        minibatch_size=4,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        total_episodes=16,
+        lr=1e-3,
+        warmup_steps=0,
+        seed=1,
+        out_dir=str(lab["root"] / out),
+    )
     base.update(kw)
     return make(PPOConfig, **base)
 
@@ -97,9 +111,18 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
     real = ppo.policy_loss
     monkeypatch.setattr(ppo, "policy_loss", spy)
     calls = []
-    evaluator = lambda policy, tok, step: calls.append(step) or {"gold": 0.5}  # noqa: E731
-    cfg = make_config(lab, f"lr0-{precision}", lr=0.0, ptx_data=str(lab["ptx"]), ptx_per_episode=1.0,
-                      val_prompts=str(lab["val"]), eval_every=1, no_eos_penalty=-1.0, precision=precision)
+    evaluator = lambda policy, tok, step: calls.append(step) or {"gold": 0.5}
+    cfg = make_config(
+        lab,
+        f"lr0-{precision}",
+        lr=0.0,
+        ptx_data=str(lab["ptx"]),
+        ptx_per_episode=1.0,
+        val_prompts=str(lab["val"]),
+        eval_every=1,
+        no_eos_penalty=-1.0,
+        precision=precision,
+    )
     out, summary = ppo_loop.train(cfg, evaluator=evaluator)
     assert len(seen) == 2 * 2 * 2  # steps × epochs × minibatches
     assert all(equal and clipfrac == 0.0 for equal, clipfrac in seen)
@@ -110,8 +133,7 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
         assert r["ppo/policy/clipfrac"] == 0.0 and r["ppo/loss/ptx"] > 0
         # same temperature as sampling; bf16 rounds the cached and the full forward differently
         assert r["ppo/policy/rollout_logprob_gap"] < (1e-4 if precision == "fp32" else 0.1)
-        assert r["objective/scores"] == pytest.approx(
-            r["objective/rm_score"] - (1 - r["response/eos_rate"]), abs=1e-5)
+        assert r["objective/scores"] == pytest.approx(r["objective/rm_score"] - (1 - r["response/eos_rate"]), abs=1e-5)
         assert r["eval/gold"] == 0.5 and "eval/rm_score" in r and "time/episodes_per_s" in r
     for name in ("policy", "value"):
         assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
@@ -133,8 +155,7 @@ def test_first_minibatch_forward_is_the_rollouts_and_runs_once(lab, monkeypatch,
 
     monkeypatch.setattr(ppo, "policy_logprobs", spy_lp)
     monkeypatch.setattr(ppo, "ppo_epochs", spy_epochs)
-    ppo_loop.train(make_config(lab, f"once-{minibatch_size}", total_episodes=8, lr=0.0,
-                          minibatch_size=minibatch_size))
+    ppo_loop.train(make_config(lab, f"once-{minibatch_size}", total_episodes=8, lr=0.0, minibatch_size=minibatch_size))
     policy = [(grad, n) for is_policy, grad, n in forwards if is_policy]
     # 8 episodes, 2 epochs: one training forward per minibatch, with gradients; the rows
     # outside the first minibatch get one more, without, for their old logprobs.
@@ -143,8 +164,7 @@ def test_first_minibatch_forward_is_the_rollouts_and_runs_once(lab, monkeypatch,
     assert [p for p in policy if not p[0]] == [(False, minibatch_size)] * (per_epoch - 1)
     ro = rollouts[0]
     with torch.no_grad():
-        plain = real_lp(held["run"].policy, ro.query_responses, ro.attention_mask,
-                        ro.mask.shape[1], 1.0)[0]
+        plain = real_lp(held["run"].policy, ro.query_responses, ro.attention_mask, ro.mask.shape[1], 1.0)[0]
     torch.testing.assert_close(ro.logprobs, plain, rtol=0, atol=1e-5)  # rows in batch order
 
 
@@ -199,8 +219,15 @@ def test_ptx_gradient_is_gamma_times_the_lm_gradient(lab):
     am = torch.ones_like(qr)
     with torch.no_grad():
         old = policy_logprobs(policy, qr, am, 4, 1.0)[0]
-    mb = Rollout(qr, am, torch.ones(4, 4), old, torch.zeros(4, 4), torch.randn(4, 4, generator=g),
-                 torch.randn(4, 4, generator=g))
+    mb = Rollout(
+        qr,
+        am,
+        torch.ones(4, 4),
+        old,
+        torch.zeros(4, 4),
+        torch.randn(4, 4, generator=g),
+        torch.randn(4, 4, generator=g),
+    )
     ids = torch.randint(3, 300, (3, 7), generator=g)
     mask = torch.ones_like(ids)
     mask[0, 5:] = 0
@@ -220,9 +247,17 @@ def test_ptx_gradient_is_gamma_times_the_lm_gradient(lab):
 
 
 def test_resumed_run_ends_identical_to_uninterrupted(lab, monkeypatch):
-    kw = dict(total_episodes=32, save_every=2, ptx_data=str(lab["ptx"]), ptx_per_episode=0.5,
-              adaptive_kl=True, kl_horizon=100, ema_decay=0.8, val_prompts=str(lab["val"]),
-              eval_every=2)
+    kw = dict(
+        total_episodes=32,
+        save_every=2,
+        ptx_data=str(lab["ptx"]),
+        ptx_per_episode=0.5,
+        adaptive_kl=True,
+        kl_horizon=100,
+        ema_decay=0.8,
+        val_prompts=str(lab["val"]),
+        eval_every=2,
+    )
     whole, _ = ppo_loop.train(make_config(lab, "whole", **kw))
 
     real = ppo_loop.ppo_step
@@ -245,8 +280,9 @@ def test_resumed_run_ends_identical_to_uninterrupted(lab, monkeypatch):
     rows_a, rows_b = read_metrics(whole / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
     assert [r["step"] for r in rows_b] == [0, 1, 2, 3, 4]
     for ra, rb in zip(rows_a, rows_b):
-        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == \
-               {k: v for k, v in rb.items() if not k.startswith("time/")}
+        assert {k: v for k, v in ra.items() if not k.startswith("time/")} == {
+            k: v for k, v in rb.items() if not k.startswith("time/")
+        }
     # A changed learning rate is refused rather than silently mixed into the trajectory.
     with pytest.raises(InputError, match="lr"):
         ppo_loop.train(make_config(lab, "resumed", **dict(kw, lr=5e-4)))
@@ -288,8 +324,9 @@ def test_non_finite_minibatch_is_skipped_and_training_goes_on(lab, monkeypatch):
 
     monkeypatch.setattr(ppo, "ptx_nll", nan_once)
     with pytest.warns(RuntimeWarning, match="non-finite"):
-        out, _ = ppo_loop.train(make_config(lab, "nan_mb", total_episodes=8, ptx_data=str(lab["ptx"]),
-                                       ptx_per_episode=0.5))
+        out, _ = ppo_loop.train(
+            make_config(lab, "nan_mb", total_episodes=8, ptx_data=str(lab["ptx"]), ptx_per_episode=0.5)
+        )
     row = read_metrics(out / "metrics.jsonl")[-1]
     assert len(calls) == 4 and row["ppo/skipped_minibatches"] == 1.0
     assert row["ppo/policy/approxkl"] > 0  # the other three minibatches did update
@@ -297,8 +334,17 @@ def test_non_finite_minibatch_is_skipped_and_training_goes_on(lab, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_rm_score_rises_on_a_toy_reward(lab, precision):
-    cfg = make_config(lab, f"learn-{precision}", batch_size=16, minibatch_size=8, max_new_tokens=8,
-                      total_episodes=16 * 20, lr=3e-3, no_eos_penalty=0.0, precision=precision)
+    cfg = make_config(
+        lab,
+        f"learn-{precision}",
+        batch_size=16,
+        minibatch_size=8,
+        max_new_tokens=8,
+        total_episodes=16 * 20,
+        lr=3e-3,
+        no_eos_penalty=0.0,
+        precision=precision,
+    )
     out, _ = ppo_loop.train(cfg)
     scores = [r["objective/rm_score"] for r in read_metrics(out / "metrics.jsonl")]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
@@ -315,17 +361,24 @@ def test_inputs_are_checked_before_anything_is_written(lab, tmp_path):
     with pytest.raises(InputError, match="bad.jsonl:2: field 'prompt'"):
         ppo_loop.train(make_config(lab, "never", prompts=str(bad), out_dir=str(tmp_path / "out")))
     with pytest.raises(InputError, match="not a reward model"):  # an LM dir given as the RM
-        ppo_loop.train(make_config(lab, "never", reward_model=str(lab["policy"]),
-                              out_dir=str(tmp_path / "out")))
+        ppo_loop.train(make_config(lab, "never", reward_model=str(lab["policy"]), out_dir=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()
 
 
 def test_cli_runs_and_reports_bad_input(lab, tmp_path, capsys):
     cfg = tmp_path / "ppo.yaml"
-    cfg.write_text(f"policy: {lab['policy']}\nreward_model: {lab['rm']}\n"
-                   f"prompts: {lab['prompts']}\nbatch_size: 4\nminibatch_size: 4\n")
-    args = ["ppo", "--config", str(cfg), "--total_episodes=4", "--max_new_tokens=4",
-            f"--out_dir={tmp_path / 'out'}"]
+    cfg.write_text(
+        f"policy: {lab['policy']}\nreward_model: {lab['rm']}\n"
+        f"prompts: {lab['prompts']}\nbatch_size: 4\nminibatch_size: 4\n"
+    )
+    args = [
+        "ppo",
+        "--config",
+        str(cfg),
+        "--total_episodes=4",
+        "--max_new_tokens=4",
+        f"--out_dir={tmp_path / 'out'}",
+    ]
     assert cli.main(args + ["--force_length=true"]) == 0
     assert (tmp_path / "out" / "policy" / "model.safetensors").is_file()
     row = read_metrics(tmp_path / "out" / "metrics.jsonl")[-1]

@@ -1,4 +1,5 @@
 """PPO arithmetic against values worked out by hand."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,19 @@ import math
 import pytest
 import torch
 
-from rlhflab.stages.ppo.core import (AdaptiveKLController, FixedKLController, ema_update, gae,
-                              kl_shaped_rewards, last_index, lm_loss, masked_mean, policy_loss,
-                              value_loss, whiten)
+from rlhflab.stages.ppo.core import (
+    AdaptiveKLController,
+    FixedKLController,
+    ema_update,
+    gae,
+    kl_shaped_rewards,
+    last_index,
+    lm_loss,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 
 
 def t(x):
@@ -26,8 +37,7 @@ def test_whiten_matches_hand_values():
     # mean 2, population variance 2/3 over the three real positions; the 4th is zeroed.
     s = math.sqrt(2 / 3 + 1e-8)
     assert whiten(x, m).tolist()[0] == pytest.approx([-1 / s, 0.0, 1 / s, 0.0], abs=1e-6)
-    assert whiten(x, m, shift_mean=False).tolist()[0] == pytest.approx(
-        [-1 / s + 2, 2.0, 1 / s + 2, 0.0], abs=1e-6)
+    assert whiten(x, m, shift_mean=False).tolist()[0] == pytest.approx([-1 / s + 2, 2.0, 1 / s + 2, 0.0], abs=1e-6)
     w = whiten(torch.randn(4, 7) * 5 + 3)
     assert w.mean().item() == pytest.approx(0.0, abs=1e-5)
     assert w.var(unbiased=False).item() == pytest.approx(1.0, abs=1e-4)

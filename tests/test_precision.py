@@ -1,16 +1,16 @@
 """bf16 autocast and the faster kernels: the same function, fp32 where it matters."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from rlhflab import pipeline
-from rlhflab.config import ConfigError
-from rlhflab.models import (load_causal_lm, load_reward_model, position_ids, token_logprobs,
-                            token_values)
-from rlhflab.config import TrainFields, validate
+from rlhflab.config import ConfigError, TrainFields, validate
+from rlhflab.models import load_causal_lm, load_reward_model, position_ids, token_logprobs, token_values
 from rlhflab.stages.ppo import PPOConfig
 from rlhflab.training import autocast, fast_kernels, native_bf16
+
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
 
 CPU = torch.device("cpu")

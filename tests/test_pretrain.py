@@ -1,4 +1,5 @@
 """Stage 0: the base model learns the corpus, saves as a transformers model, resumes exactly."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from rlhflab.config import load_config
 from rlhflab.errors import InputError
 from rlhflab.stages.pretrain import PretrainConfig, train
 from rlhflab.world.build import build
+
 from tiny import dotted
 
 
@@ -23,8 +25,17 @@ def world(tmp_path_factory):
 
 
 def _cfg(world, out, **kw):
-    base = dict(world=str(world), out_dir=str(out), steps=80, batch_size=16, seq_len=64, eval_every=20, warmup_steps=5,
-                save_every=40, gold_prompts=8)
+    base = dict(
+        world=str(world),
+        out_dir=str(out),
+        steps=80,
+        batch_size=16,
+        seq_len=64,
+        eval_every=20,
+        warmup_steps=5,
+        save_every=40,
+        gold_prompts=8,
+    )
     base.update(kw)
     return load_config(PretrainConfig, overrides=[f"{dotted(k)}={v}" for k, v in base.items()])
 
@@ -66,10 +77,16 @@ def test_resume_after_interruption_matches_uninterrupted(world, tmp_path):
     assert not (tmp_path / "b" / "checkpoint").exists()
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("steps=abc", "steps"), ("stepz=3", "stepz"), ("size=huge", "size"), ("train.lr=-1", "train.lr"),
-    ("train.precision=fp16", "train.precision"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("steps=abc", "steps"),
+        ("stepz=3", "stepz"),
+        ("size=huge", "size"),
+        ("train.lr=-1", "train.lr"),
+        ("train.precision=fp16", "train.precision"),
+    ],
+)
 def test_bad_config_values_are_refused_in_one_line(world, tmp_path, capsys, override, needle):
     out = tmp_path / "o"
     assert main(["pretrain", f"--world={world}", f"--out_dir={out}", f"--{override}"]) == 2
@@ -78,13 +95,16 @@ def test_bad_config_values_are_refused_in_one_line(world, tmp_path, capsys, over
     assert not out.exists()
 
 
-@pytest.mark.parametrize("content, needle", [
-    (b'{"text": "ok"}\n{"text": \n', ":2: not valid JSON"),
-    (b'{"text": "ok"}\n{"txt": "x"}\n', ":2: field 'text': missing"),
-    (b'{"text": 3}\n', ":1: field 'text': must be a string"),
-    (b'{"text": "  "}\n', ":1: field 'text': must not be empty"),
-    (b'{"text": "caf\xe9"}\n', ":1: not valid UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (b'{"text": "ok"}\n{"text": \n', ":2: not valid JSON"),
+        (b'{"text": "ok"}\n{"txt": "x"}\n', ":2: field 'text': missing"),
+        (b'{"text": 3}\n', ":1: field 'text': must be a string"),
+        (b'{"text": "  "}\n', ":1: field 'text': must not be empty"),
+        (b'{"text": "caf\xe9"}\n', ":1: not valid UTF-8"),
+    ],
+)
 def test_bad_corpus_is_refused_naming_file_and_line(tmp_path, capsys, content, needle):
     bad = tmp_path / "corpus.jsonl"
     bad.write_bytes(content)

@@ -1,4 +1,5 @@
 """The run report: one self-contained HTML page that opens cleanly in a real browser."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,14 @@ from rlhflab.report.sections import write_report
 from rlhflab.world.gold import STYLES
 
 MODELS = {  # name -> (params, labeler win rate, gold, capability)
-    "GPT-small": (133_888, 0.12, 0.08, 0.40), "GPT-large": (1_900_000, 0.18, 0.12, 0.55),
-    "GPT-prompted-small": (133_888, 0.22, 0.15, 0.40), "GPT-prompted-large": (1_900_000, 0.30, 0.22, 0.55),
-    "SFT-small": (133_888, 0.50, 0.45, 0.36), "SFT-large": (1_900_000, 0.61, 0.55, 0.50),
-    "PPO-small": (133_888, 0.66, 0.50, 0.28), "PPO-ptx-small": (133_888, 0.64, 0.52, 0.35),
+    "GPT-small": (133_888, 0.12, 0.08, 0.40),
+    "GPT-large": (1_900_000, 0.18, 0.12, 0.55),
+    "GPT-prompted-small": (133_888, 0.22, 0.15, 0.40),
+    "GPT-prompted-large": (1_900_000, 0.30, 0.22, 0.55),
+    "SFT-small": (133_888, 0.50, 0.45, 0.36),
+    "SFT-large": (1_900_000, 0.61, 0.55, 0.50),
+    "PPO-small": (133_888, 0.66, 0.50, 0.28),
+    "PPO-ptx-small": (133_888, 0.64, 0.52, 0.35),
 }
 
 
@@ -30,23 +35,46 @@ def _json(path: Path, obj) -> None:
 
 
 def eval_summary() -> dict:
-    s = {"n/test": 300, "n/test_unseen": 93, "n/truthful": 150, "n/toxicity": 150, "n/toxicity_respectful": 150}
+    s = {
+        "n/test": 300,
+        "n/test_unseen": 93,
+        "n/truthful": 150,
+        "n/toxicity": 150,
+        "n/toxicity_respectful": 150,
+    }
     for m, (params, win, gold, cap) in MODELS.items():
         s[f"params/{m}"] = params
         for key, rate in (("winrate", win), ("winrate_gold", gold + 0.05)):
             half = 1.96 * math.sqrt(rate * (1 - rate) / 300)
             s.update({f"{key}/{m}": rate, f"{key}_ci_low/{m}": rate - half, f"{key}_ci_high/{m}": rate + half})
-        s.update({f"gold/{m}": gold, f"gold_unseen/{m}": gold / 2, f"rm/{m}": 4 * win - 2, f"likert/{m}": 1 + 6 * win,
-                  f"meta/fails_instruction/{m}": 1 - gold, f"meta/hallucination/{m}": 0.3 - gold / 3,
-                  f"meta/toxic/{m}": 0.1 - gold / 10, f"truthful/{m}": gold, f"premise_accepted/{m}": 0.5 - gold / 2,
-                  f"toxicity/plain/{m}": 0.2 - gold / 5, f"toxicity/respectful/{m}": 0.15 - gold / 4})
+        s.update(
+            {
+                f"gold/{m}": gold,
+                f"gold_unseen/{m}": gold / 2,
+                f"rm/{m}": 4 * win - 2,
+                f"likert/{m}": 1 + 6 * win,
+                f"meta/fails_instruction/{m}": 1 - gold,
+                f"meta/hallucination/{m}": 0.3 - gold / 3,
+                f"meta/toxic/{m}": 0.1 - gold / 10,
+                f"truthful/{m}": gold,
+                f"premise_accepted/{m}": 0.5 - gold / 2,
+                f"toxicity/plain/{m}": 0.2 - gold / 5,
+                f"toxicity/respectful/{m}": 0.15 - gold / 4,
+            }
+        )
         s.update({f"meta/style/{st}/{m}": 1 / len(STYLES) for st in STYLES})
         if "prompted" not in m:
             for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher", "webtext")):
                 s[f"capability/{b}/{m}"] = cap * (0.8 + 0.1 * i)
             s[f"capability/mean/{m}"] = cap
-    s.update({"h2h/PPO-ptx-small/GPT-large": 0.71, "h2h_ci_low/PPO-ptx-small/GPT-large": 0.66,
-              "h2h_ci_high/PPO-ptx-small/GPT-large": 0.76, "h2h_gold/PPO-ptx-small/GPT-large": 0.83})
+    s.update(
+        {
+            "h2h/PPO-ptx-small/GPT-large": 0.71,
+            "h2h_ci_low/PPO-ptx-small/GPT-large": 0.66,
+            "h2h_ci_high/PPO-ptx-small/GPT-large": 0.76,
+            "h2h_gold/PPO-ptx-small/GPT-large": 0.83,
+        }
+    )
     return s
 
 
@@ -54,49 +82,129 @@ def make_run_dir(root: Path) -> Path:
     rng = random.Random(0)
     _json(root / "eval" / "summary.json", eval_summary())
     (root / "eval" / "config.yaml").write_text("baseline: SFT-small\n")
-    prompts = [("Why is Bran the capital of Stil?", "false_premise"), ("Name three fruits.", "brainstorming"),
-               ("Summarize: the goat <ate> the beans & slept.", "summarization")]
-    _jsonl(root / "eval" / "samples.jsonl", [
-        {"split": "test", "family": f, "prompt": p, "model": m, "response": f"{m} says <b>hi</b> to {p[:10]}",
-         "gold": round(rng.random(), 3), "style": rng.choice(STYLES)} for p, f in prompts for m in MODELS])
-    _jsonl(root / "eval" / "best_of_n.jsonl", [
-        {"n": n, "kl": math.log(n) - (n - 1) / n, "d": math.sqrt(math.log(n) - (n - 1) / n),
-         "gold": 0.4 + 0.3 * d - 0.25 * d * d, "rm": 0.1 + 0.9 * d}
-        for n in (1, 2, 4, 8, 16, 32) for d in [math.sqrt(math.log(n) - (n - 1) / n)]])
-    _json(root / "world" / "summary.json", {"seed": 0, "scale": "lab", "counts": {"sft_train": 1200, "rm_train": 1500},
-                                            "agreement/train_train": 0.726, "agreement/train_heldout": 0.71,
-                                            "gold_sanity": {"demonstration": 0.93, "Sycophantic": 0.5}})
+    prompts = [
+        ("Why is Bran the capital of Stil?", "false_premise"),
+        ("Name three fruits.", "brainstorming"),
+        ("Summarize: the goat <ate> the beans & slept.", "summarization"),
+    ]
+    _jsonl(
+        root / "eval" / "samples.jsonl",
+        [
+            {
+                "split": "test",
+                "family": f,
+                "prompt": p,
+                "model": m,
+                "response": f"{m} says <b>hi</b> to {p[:10]}",
+                "gold": round(rng.random(), 3),
+                "style": rng.choice(STYLES),
+            }
+            for p, f in prompts
+            for m in MODELS
+        ],
+    )
+    _jsonl(
+        root / "eval" / "best_of_n.jsonl",
+        [
+            {
+                "n": n,
+                "kl": math.log(n) - (n - 1) / n,
+                "d": math.sqrt(math.log(n) - (n - 1) / n),
+                "gold": 0.4 + 0.3 * d - 0.25 * d * d,
+                "rm": 0.1 + 0.9 * d,
+            }
+            for n in (1, 2, 4, 8, 16, 32)
+            for d in [math.sqrt(math.log(n) - (n - 1) / n)]
+        ],
+    )
+    _json(
+        root / "world" / "summary.json",
+        {
+            "seed": 0,
+            "scale": "lab",
+            "counts": {"sft_train": 1200, "rm_train": 1500},
+            "agreement/train_train": 0.726,
+            "agreement/train_heldout": 0.71,
+            "gold_sanity": {"demonstration": 0.93, "Sycophantic": 0.5},
+        },
+    )
     for size, n in (("small", 60), ("large", 40)):
         val = {i: {"pretrain/val_loss": 2.5} for i in range(20, n + 1, 20)}
-        _jsonl(root / f"pretrain-{size}" / "metrics.jsonl", [
-            {"step": i, "pretrain/loss": 6 * math.exp(-i / 20) + 2, **val.get(i, {})} for i in range(1, n + 1)])
+        _jsonl(
+            root / f"pretrain-{size}" / "metrics.jsonl",
+            [{"step": i, "pretrain/loss": 6 * math.exp(-i / 20) + 2, **val.get(i, {})} for i in range(1, n + 1)],
+        )
         _json(root / f"pretrain-{size}" / "summary.json", {"params": MODELS[f"GPT-{size}"][0], "val_loss": 2.4})
-        _jsonl(root / f"sft-{size}" / "metrics.jsonl",
-               [{"step": i, "sft/loss": 3 / (1 + i / 10)} for i in range(1, 40)])
-    _jsonl(root / "rm-small" / "metrics.jsonl", [{"step": i, "rm/loss": 0.69 - i / 200, "rm/accuracy": 0.5 + i / 200}
-                                                  for i in range(1, 40)])
-    for stage, runs in (("ppo-small", [0.02]), ("ppoptx-small", [0.02]), ("sweep/beta-0.005", [0.005]),
-                        ("sweep/beta-0.05", [0.05])):
+        _jsonl(
+            root / f"sft-{size}" / "metrics.jsonl",
+            [{"step": i, "sft/loss": 3 / (1 + i / 10)} for i in range(1, 40)],
+        )
+    _jsonl(
+        root / "rm-small" / "metrics.jsonl",
+        [{"step": i, "rm/loss": 0.69 - i / 200, "rm/accuracy": 0.5 + i / 200} for i in range(1, 40)],
+    )
+    for stage, runs in (
+        ("ppo-small", [0.02]),
+        ("ppoptx-small", [0.02]),
+        ("sweep/beta-0.005", [0.005]),
+        ("sweep/beta-0.05", [0.05]),
+    ):
         rows = [{"step": 0, "eval/gold": 0.45, "eval/rm_score": 0.0, "eval/kl": 0.0}]
         for i in range(1, 31):
             kl = i / runs[0] / 300
-            row = {"step": i, "objective/kl": kl, "objective/rm_score": math.sqrt(kl), "ppo/loss/ptx": 2.0,
-                   "ppo/loss/policy": -0.01 * i, "ppo/loss/value": 1 / i}
+            row = {
+                "step": i,
+                "objective/kl": kl,
+                "objective/rm_score": math.sqrt(kl),
+                "ppo/loss/ptx": 2.0,
+                "ppo/loss/policy": -0.01 * i,
+                "ppo/loss/value": 1 / i,
+            }
             if i % 5 == 0:
                 d = math.sqrt(kl)
-                row.update({"eval/gold": 0.45 + 0.2 * d * (1 - 0.6 * math.log(d)), "eval/rm_score": 0.8 * d,
-                            "eval/kl": kl, "eval/capability/mean": 0.4 - i / 300,
-                            **{f"eval/style/{st}": (0.5 if st == "Helpful" else 0.1) for st in STYLES}})
+                row.update(
+                    {
+                        "eval/gold": 0.45 + 0.2 * d * (1 - 0.6 * math.log(d)),
+                        "eval/rm_score": 0.8 * d,
+                        "eval/kl": kl,
+                        "eval/capability/mean": 0.4 - i / 300,
+                        **{f"eval/style/{st}": (0.5 if st == "Helpful" else 0.1) for st in STYLES},
+                    }
+                )
             rows.append(row)
         _jsonl(root / stage / "metrics.jsonl", rows)
-    _json(root / "walkthrough.json", {
-        "sft": {"stage": "sft-small", "prompt": "Name three fruits.", "completion": "Apples, pears, plums."},
-        "ranking": {"prompt": "Name three fruits.", "responses": ["Apples, pears, plums.", "Great question! Apples.",
-                                                                   "I am not sure.", "Apples, pears, plums."],
-                    "ranking": [[0, 3], 1, 2], "rm_scores": [1.2, 0.9, -0.5, 1.2], "gold": [1.0, 0.4, 0.1, 1.0],
-                    "labeler": "L03"},
-        "ppo_step": {"stage": "ppo-small", "step": 7, "prompt": "Name three fruits.", "response": "Apples, pears.",
-                     "rm_score": 0.8, "kl": 2.5, "kl_coef": 0.02}})
+    _json(
+        root / "walkthrough.json",
+        {
+            "sft": {
+                "stage": "sft-small",
+                "prompt": "Name three fruits.",
+                "completion": "Apples, pears, plums.",
+            },
+            "ranking": {
+                "prompt": "Name three fruits.",
+                "responses": [
+                    "Apples, pears, plums.",
+                    "Great question! Apples.",
+                    "I am not sure.",
+                    "Apples, pears, plums.",
+                ],
+                "ranking": [[0, 3], 1, 2],
+                "rm_scores": [1.2, 0.9, -0.5, 1.2],
+                "gold": [1.0, 0.4, 0.1, 1.0],
+                "labeler": "L03",
+            },
+            "ppo_step": {
+                "stage": "ppo-small",
+                "step": 7,
+                "prompt": "Name three fruits.",
+                "response": "Apples, pears.",
+                "rm_score": 0.8,
+                "kl": 2.5,
+                "kl_coef": 0.02,
+            },
+        },
+    )
     return root
 
 
@@ -152,7 +260,9 @@ def test_report_names_the_absent_chart_data(tmp_path):
     (run / "sft-small" / "metrics.jsonl").unlink()
     html = write_report(run).read_text()
     assert "could not be drawn" not in html
-    for text in ("no truthfulness or toxicity keys in eval/summary.json.",
-                 "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.",
-                 "sft-small/metrics.jsonl has no sft/loss."):
+    for text in (
+        "no truthfulness or toxicity keys in eval/summary.json.",
+        "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.",
+        "sft-small/metrics.jsonl has no sft/loss.",
+    ):
         assert f'<p class="missing">Not shown: {text}</p>' in html, text

@@ -1,33 +1,37 @@
 """Reward model: K-wise loss, one batch element per prompt, padding-safe scores, demo centring."""
+
 from __future__ import annotations
 
 import itertools
 import json
 import math
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab.stages import rm
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking, read_demos, read_rankings
 from rlhflab.models import load_reward_model, load_tokenizer, reward_scores
+from rlhflab.stages import rm
 from rlhflab.text import encode_query, encode_response, pad_left, pad_right
-from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
+from tiny import demo_rows, gpt2_dir, llama_dir, make, ranking_rows, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("rm")
     tok = tiny_tokenizer()
-    return {"dir": d, "tok": tok, "gpt2": gpt2_dir(d / "gpt2", tok),
-            "llama": llama_dir(d / "llama", tok),
-            "ranks": write_jsonl(d / "ranks.jsonl", ranking_rows(24)),
-            "val": write_jsonl(d / "val.jsonl", ranking_rows(6)),
-            "demos": write_jsonl(d / "demos.jsonl", demo_rows(10))}
+    return {
+        "dir": d,
+        "tok": tok,
+        "gpt2": gpt2_dir(d / "gpt2", tok),
+        "llama": llama_dir(d / "llama", tok),
+        "ranks": write_jsonl(d / "ranks.jsonl", ranking_rows(24)),
+        "val": write_jsonl(d / "val.jsonl", ranking_rows(6)),
+        "demos": write_jsonl(d / "demos.jsonl", demo_rows(10)),
+    }
 
 
 def config(world, out, base="gpt2", **kw):
@@ -36,6 +40,7 @@ def config(world, out, base="gpt2", **kw):
 
 
 # --------------------------------------------------------------------------- the loss
+
 
 def test_kwise_loss_equals_brute_force_over_pairs():
     scores = torch.tensor([0.3, -1.2, 2.0, 0.5])
@@ -50,25 +55,30 @@ def test_kwise_loss_equals_brute_force_over_pairs():
     # A tie (0 and 3 in one group) drops that pair; the mean is over the 5 left.
     tied = parse_ranking({"prompt": "p", "responses": list("abcd"), "ranking": [2, [0, 3], 1]})
     assert len(tied.pairs()) == 5 and (0, 3) not in tied.pairs()
-    by_hand = -sum(math.log(torch.sigmoid(scores[w] - scores[l]).item())
-                   for w, l in tied.pairs()) / 5
+    by_hand = -sum(math.log(torch.sigmoid(scores[w] - scores[lose]).item()) for w, lose in tied.pairs()) / 5
     assert rm.kwise_loss(scores, tied.pairs()).item() == pytest.approx(by_hand, abs=1e-6)
 
 
 def test_one_prompt_is_one_batch_element_with_all_its_pairs(world):
     tok = world["tok"]
-    rows = [parse_ranking({"prompt": "name a color", "ranking": [3, 0, 2, 1],
-                           "responses": ["red", "blue", "green", "red red"]}),
-            parse_ranking({"prompt": "yes or no", "chosen": "yes", "rejected": "no"})]
+    rows = [
+        parse_ranking(
+            {
+                "prompt": "name a color",
+                "ranking": [3, 0, 2, 1],
+                "responses": ["red", "blue", "green", "red red"],
+            }
+        ),
+        parse_ranking({"prompt": "yes or no", "chosen": "yes", "rejected": "no"}),
+    ]
     comparisons = rm.encode_rankings(tok, rows, "<test>", 128)
     batch = rm.collate(comparisons, tok.pad_token_id)
-    assert batch.input_ids.shape[0] == 6            # K forward passes: 4 + 2 sequences
+    assert batch.input_ids.shape[0] == 6  # K forward passes: 4 + 2 sequences
     assert batch.offsets == [0, 4] and batch.sizes == [4, 2]
     assert [len(p) for p in batch.pairs] == [6, 1]  # C(4,2) = 6 in ONE element, 1 for K = 2
     scores = torch.randn(6)
     loss, _ = rm.batch_loss(scores, batch)
-    expected = (rm.kwise_loss(scores[:4], batch.pairs[0])
-                + rm.kwise_loss(scores[4:], batch.pairs[1])) / 2
+    expected = (rm.kwise_loss(scores[:4], batch.pairs[0]) + rm.kwise_loss(scores[4:], batch.pairs[1])) / 2
     torch.testing.assert_close(loss, expected)
 
 
@@ -76,12 +86,14 @@ def test_one_prompt_is_one_batch_element_with_all_its_pairs(world):
 def test_scores_do_not_depend_on_padding(world, arch):
     tok = world["tok"]
     model = load_reward_model(world[arch]).eval()
-    texts = [("say cat", "cat ."), ("summarize this : birds fly south in winter", "birds fly"),
-             ("yes", "no no no no no no no no")]
+    texts = [
+        ("say cat", "cat ."),
+        ("summarize this : birds fly south in winter", "birds fly"),
+        ("yes", "no no no no no no no no"),
+    ]
     seqs = [encode_query(tok, p) + encode_response(tok, r) for p, r in texts]
     with torch.no_grad():
-        alone = torch.cat([reward_scores(model, torch.tensor([s]), torch.ones(1, len(s)).long())
-                           for s in seqs])
+        alone = torch.cat([reward_scores(model, torch.tensor([s]), torch.ones(1, len(s)).long()) for s in seqs])
         right = reward_scores(model, *pad_right(seqs, tok.pad_token_id))
         left = reward_scores(model, *pad_left(seqs, tok.pad_token_id))
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
@@ -92,10 +104,10 @@ def test_scores_do_not_depend_on_padding(world, arch):
 
 # --------------------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("arch,precision", [("gpt2", "fp32"), ("llama", "fp32"), ("gpt2", "bf16")])
 def test_rm_learns_changes_every_parameter_and_centres_demos(world, tmp_path, arch, precision):
-    cfg = config(world, tmp_path / "out", base=arch, epochs=2, val_rankings=str(world["val"]),
-                 precision=precision)
+    cfg = config(world, tmp_path / "out", base=arch, epochs=2, val_rankings=str(world["val"]), precision=precision)
     out, summary = rm.train(cfg)
     assert summary["steps"] == 2 * 6  # 24 prompts / 4 per batch, not 24 * 6 comparisons
     rows = [json.loads(x) for x in (out.parent / "metrics.jsonl").read_text().splitlines()]
@@ -137,20 +149,23 @@ def test_resume_after_interrupt_gives_identical_weights(world, tmp_path):
 
 # --------------------------------------------------------------------------- the command
 
+
 def _ranking(**kw):
-    return {"prompt": "name a color", "responses": ["red", "blue", "green"], "ranking": [0, 1, 2],
-            **kw}
+    return {"prompt": "name a color", "responses": ["red", "blue", "green"], "ranking": [0, 1, 2], **kw}
 
 
-@pytest.mark.parametrize("row, field", [
-    (_ranking(ranking=[0, 1, 3]), "ranking"),                          # out of range
-    (_ranking(ranking=[0, 0, 1]), "ranking"),                          # repeated
-    (_ranking(responses=["red"], ranking=[0]), "responses"),           # K < 2
-    (_ranking(responses=["red", "", "green"]), "responses[1]"),        # empty response
-    (_ranking(prompt="red " * 200), "prompt"),                         # longer than the context
-    (_ranking(responses=["red", "blue " * 200, "green"]), "responses[1]"),
-    ({"prompt": "yes or no", "chosen": "yes"}, "rejected"),
-])
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        (_ranking(ranking=[0, 1, 3]), "ranking"),  # out of range
+        (_ranking(ranking=[0, 0, 1]), "ranking"),  # repeated
+        (_ranking(responses=["red"], ranking=[0]), "responses"),  # K < 2
+        (_ranking(responses=["red", "", "green"]), "responses[1]"),  # empty response
+        (_ranking(prompt="red " * 200), "prompt"),  # longer than the context
+        (_ranking(responses=["red", "blue " * 200, "green"]), "responses[1]"),
+        ({"prompt": "yes or no", "chosen": "yes"}, "rejected"),
+    ],
+)
 def test_bad_rankings_are_refused_before_anything_is_written(world, tmp_path, capsys, row, field):
     data = write_jsonl(tmp_path / "bad.jsonl", ranking_rows(2) + [row])
     out = tmp_path / "out"
@@ -163,10 +178,16 @@ def test_bad_rankings_are_refused_before_anything_is_written(world, tmp_path, ca
 
 
 def test_bad_demos_are_refused_too(world, tmp_path, capsys):
-    demos = write_jsonl(tmp_path / "demos.jsonl",
-                        demo_rows(2) + [{"prompt": "x", "completion": "y " * 300}])
-    rc = main(["rm", f"--base={world['gpt2']}", f"--rankings={world['ranks']}",
-               f"--demos={demos}", f"--out_dir={tmp_path / 'out'}"])
+    demos = write_jsonl(tmp_path / "demos.jsonl", demo_rows(2) + [{"prompt": "x", "completion": "y " * 300}])
+    rc = main(
+        [
+            "rm",
+            f"--base={world['gpt2']}",
+            f"--rankings={world['ranks']}",
+            f"--demos={demos}",
+            f"--out_dir={tmp_path / 'out'}",
+        ]
+    )
     assert rc == 2 and f"{demos}:3:" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

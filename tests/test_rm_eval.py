@@ -1,4 +1,5 @@
 """Reward-model report against the lab world: Spearman by hand, keys on a tiny run."""
+
 from __future__ import annotations
 
 import math
@@ -20,13 +21,18 @@ def test_spearman_matches_hand_computed_values():
 def test_within_prompt_spearman_averages_prompts_and_skips_constant_ones():
     from rlhflab.eval.rm_report import within_prompt_spearman
 
-    agree, reverse, flat_rm = ([1, 2, 3], [0.1, 0.5, 0.9]), ([1, 2, 3], [0.9, 0.5, 0.1]), ([2, 2, 2], [0, 1, 2])
+    agree, reverse, flat_rm = (
+        ([1, 2, 3], [0.1, 0.5, 0.9]),
+        ([1, 2, 3], [0.9, 0.5, 0.1]),
+        ([2, 2, 2], [0, 1, 2]),
+    )
     assert within_prompt_spearman([agree]) == pytest.approx(1.0)
     assert within_prompt_spearman([agree, agree, reverse]) == pytest.approx(1 / 3)
     assert within_prompt_spearman([agree, flat_rm]) == pytest.approx(1.0)  # no ranking: left out
 
 
 # --------------------------------------------------------------------------- the one RM scoring function
+
 
 @pytest.fixture(scope="module")
 def reward_models(tmp_path_factory):
@@ -50,8 +56,11 @@ def test_a_sequence_scores_the_same_alone_and_padded_in_a_batch(reward_models, a
     from rlhflab.stages.rm import score_sequences
 
     rm, tok = reward_models[arch].train(), reward_models["tok"]  # dropout must be off while scoring
-    seqs = [tok("say cat")["input_ids"], tok("the cat sat on the mat . " * 6)["input_ids"],
-            tok("one two three four " * 4)["input_ids"]]
+    seqs = [
+        tok("say cat")["input_ids"],
+        tok("the cat sat on the mat . " * 6)["input_ids"],
+        tok("one two three four " * 4)["input_ids"],
+    ]
     assert len({len(s) for s in seqs}) == 3
     alone = [score_sequences(rm, [s], tok.pad_token_id)[0] for s in seqs]
     batched = score_sequences(rm, seqs, tok.pad_token_id, batch_size=3)

@@ -1,5 +1,6 @@
 """Safety review as tests: no pickle loads, no remote code, no path out of a static
 directory, and servers that stay on this machine unless given a secret."""
+
 from __future__ import annotations
 
 import ast
@@ -32,8 +33,7 @@ def _calls(name: str):
         for node in ast.walk(_tree(path)):
             if isinstance(node, ast.Call):
                 f = node.func
-                if (isinstance(f, ast.Attribute) and f.attr == name) or \
-                        (isinstance(f, ast.Name) and f.id == name):
+                if (isinstance(f, ast.Attribute) and f.attr == name) or (isinstance(f, ast.Name) and f.id == name):
                     yield path, node
 
 
@@ -50,30 +50,37 @@ def test_sources_are_found():
 
 def test_no_torch_load_without_weights_only_and_no_pickle():
     for path, node in _calls("load"):
-        if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) and \
-                node.func.value.id == "torch":
+        if (
+            isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
             value = _keyword(node, "weights_only")
-            assert isinstance(value, ast.Constant) and value.value is True, \
+            assert isinstance(value, ast.Constant) and value.value is True, (
                 f"{path}:{node.lineno}: torch.load without weights_only=True"
+            )
     for path in SOURCES:
         tree = _tree(path)
-        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                    for a in n.names} | {n.module for n in ast.walk(tree)
-                                         if isinstance(n, ast.ImportFrom) and n.module}
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names} | {
+            n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module
+        }
         assert not imported & {"pickle", "dill", "cloudpickle", "joblib"}, path
     for path, node in _calls("load"):  # yaml.load can build arbitrary objects; safe_load cannot
-        assert not (isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name)
-                    and node.func.value.id == "yaml"), f"{path}:{node.lineno}: yaml.load"
+        assert not (
+            isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "yaml"
+        ), f"{path}:{node.lineno}: yaml.load"
 
 
 def test_trust_remote_code_is_never_on_by_default():
-    calls = [(path, node) for path in SOURCES for node in ast.walk(_tree(path))
-             if isinstance(node, ast.Call)]
+    calls = [(path, node) for path in SOURCES for node in ast.walk(_tree(path)) if isinstance(node, ast.Call)]
     assert any(_keyword(node, "trust_remote_code") is not None for _, node in calls)
     for path, node in calls:
         value = _keyword(node, "trust_remote_code")
-        assert value is None or not (isinstance(value, ast.Constant) and value.value is True), \
+        assert value is None or not (isinstance(value, ast.Constant) and value.value is True), (
             f"{path}:{node.lineno}: trust_remote_code is passed a literal True"
+        )
     for fn in (models.load_causal_lm, models.load_reward_model):
         params = inspect.signature(fn).parameters
         if "trust_remote_code" in params:
@@ -81,6 +88,7 @@ def test_trust_remote_code_is_never_on_by_default():
 
 
 # --------------------------------------------------------------------------- servers
+
 
 @pytest.fixture
 def label_db(tmp_path):
@@ -130,16 +138,21 @@ def test_cli_defaults_are_loopback():
         assert args.host == "127.0.0.1"
 
 
-ESCAPES = ["/static/../server.py", "/static/%2e%2e/server.py", "/../../../../etc/passwd",
-           "/static/..%2f..%2fcli.py", "//etc/passwd", "/static/app.js/../../db.py"]
+ESCAPES = [
+    "/static/../server.py",
+    "/static/%2e%2e/server.py",
+    "/../../../../etc/passwd",
+    "/static/..%2f..%2fcli.py",
+    "//etc/passwd",
+    "/static/app.js/../../db.py",
+]
 
 
 @pytest.mark.parametrize("which", ["sim", "label"])
 def test_static_paths_cannot_leave_the_static_directory(which, label_db):
     import threading
 
-    server = (sim_server.make_server(port=0) if which == "sim"
-              else label_server.make_server(label_db, port=0))
+    server = sim_server.make_server(port=0) if which == "sim" else label_server.make_server(label_db, port=0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]

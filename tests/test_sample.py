@@ -1,4 +1,5 @@
 """Sampling for labeling: K = k_min..k_max non-empty responses per prompt, rankable JSONL."""
+
 from __future__ import annotations
 
 import json
@@ -7,31 +8,39 @@ import os
 import pytest
 import torch
 
-from rlhflab.stages import sample
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking
 from rlhflab.errors import TrainingError
 from rlhflab.generation import Responses
-from tiny import make, gpt2_dir, llama_dir, tiny_tokenizer, write_jsonl
+from rlhflab.stages import sample
+
+from tiny import gpt2_dir, llama_dir, make, tiny_tokenizer, write_jsonl
 
 os.environ["RLHFLAB_QUIET"] = "1"
 
-PROMPTS = ["say cat", "name a color", "summarize this : birds fly south in winter", "yes or no",
-           "one two three"]
+PROMPTS = [
+    "say cat",
+    "name a color",
+    "summarize this : birds fly south in winter",
+    "yes or no",
+    "one two three",
+]
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("sample")
     tok = tiny_tokenizer()
-    return {"gpt2": gpt2_dir(d / "gpt2", tok), "llama": llama_dir(d / "llama", tok),
-            "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])}
+    return {
+        "gpt2": gpt2_dir(d / "gpt2", tok),
+        "llama": llama_dir(d / "llama", tok),
+        "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in PROMPTS]),
+    }
 
 
 def config(world, out, policy="gpt2", **kw):
     kw = {"max_new_tokens": 12, "batch_size": 7, "device": "cpu", **kw}
-    return make(sample.SampleConfig, policy=str(world[policy]), prompts=str(world["prompts"]),
-                               out=str(out), **kw)
+    return make(sample.SampleConfig, policy=str(world[policy]), prompts=str(world["prompts"]), out=str(out), **kw)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -58,20 +67,30 @@ def test_sampling_is_seeded(world, tmp_path):
 
 def test_cli_and_refusals(world, tmp_path, capsys):
     out = tmp_path / "s.jsonl"
-    assert main(["sample", f"--policy={world['gpt2']}", f"--prompts={world['prompts']}",
-                 f"--out={out}", "--max_new_tokens=8", "--k_min=2", "--k_max=2"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                f"--policy={world['gpt2']}",
+                f"--prompts={world['prompts']}",
+                f"--out={out}",
+                "--max_new_tokens=8",
+                "--k_min=2",
+                "--k_max=2",
+            ]
+        )
+        == 0
+    )
     assert all(len(json.loads(x)["responses"]) == 2 for x in out.read_text().splitlines())
     capsys.readouterr()
     # A prompt that leaves no room for max_new_tokens in the context (128) is refused.
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "ok"}, {"prompt": "cat " * 120}])
     out2 = tmp_path / "s2.jsonl"
-    rc = main(["sample", f"--policy={world['gpt2']}", f"--prompts={bad}", f"--out={out2}",
-               "--max_new_tokens=16"])
+    rc = main(["sample", f"--policy={world['gpt2']}", f"--prompts={bad}", f"--out={out2}", "--max_new_tokens=16"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert f"{bad}:2:" in err and "field 'prompt'" in err and not out2.exists()
-    rc = main(["sample", f"--policy={world['gpt2']}", f"--prompts={bad}", f"--out={out2}",
-               "--k_min=1"])
+    rc = main(["sample", f"--policy={world['gpt2']}", f"--prompts={bad}", f"--out={out2}", "--k_min=1"])
     assert rc == 2 and "k_min" in capsys.readouterr().err
 
 

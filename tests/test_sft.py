@@ -1,33 +1,36 @@
 """SFT: response-only loss, EOS learned, training moves every weight, resume is exact."""
+
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rlhflab.stages import sft
 from rlhflab.checkpoint import load_checkpoint, save_checkpoint
 from rlhflab.cli import main
 from rlhflab.errors import InputError
 from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
+from rlhflab.stages import sft
 from rlhflab.text import encode_query, encode_response
-from tiny import dotted, make, demo_rows, gpt2_dir, llama_dir, ranking_rows, tiny_tokenizer, write_jsonl
 
+from tiny import demo_rows, gpt2_dir, llama_dir, make, ranking_rows, tiny_tokenizer, write_jsonl
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("sft")
     tok = tiny_tokenizer()
-    return {"dir": d, "tok": tok, "gpt2": gpt2_dir(d / "gpt2", tok),
-            "llama": llama_dir(d / "llama", tok),
-            "demos": write_jsonl(d / "demos.jsonl", demo_rows(12)),
-            "val": write_jsonl(d / "val.jsonl", demo_rows(16)[12:]),
-            "prompts": write_jsonl(d / "prompts.jsonl",
-                                   [{"prompt": "say red"}, {"prompt": "say one"}])}
+    return {
+        "dir": d,
+        "tok": tok,
+        "gpt2": gpt2_dir(d / "gpt2", tok),
+        "llama": llama_dir(d / "llama", tok),
+        "demos": write_jsonl(d / "demos.jsonl", demo_rows(12)),
+        "val": write_jsonl(d / "val.jsonl", demo_rows(16)[12:]),
+        "prompts": write_jsonl(d / "prompts.jsonl", [{"prompt": "say red"}, {"prompt": "say one"}]),
+    }
 
 
 def config(world, out, base="gpt2", **kw):
@@ -41,16 +44,17 @@ def weights(path) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- the loss
 
+
 def test_loss_is_on_response_tokens_only_and_every_eos_is_a_label(world):
     tok = world["tok"]
     pairs = [("say cat", "cat ."), ("summarize this : birds fly south", "birds fly"), ("yes", "no")]
     examples = [(encode_query(tok, p), encode_response(tok, c)) for p, c in pairs]
     ids, mask, labels = sft.sft_batch(examples, tok.pad_token_id)
     for i, (q, r) in enumerate(examples):
-        assert (labels[i, : len(q)] == sft.IGNORE).all()            # prompt masked
-        assert labels[i, len(q): len(q) + len(r)].tolist() == r        # response labelled
-        assert (labels[i, len(q) + len(r):] == sft.IGNORE).all()       # padding masked
-        assert labels[i, len(q) + len(r) - 1] == tok.eos_token_id      # EOS is a label
+        assert (labels[i, : len(q)] == sft.IGNORE).all()  # prompt masked
+        assert labels[i, len(q) : len(q) + len(r)].tolist() == r  # response labelled
+        assert (labels[i, len(q) + len(r) :] == sft.IGNORE).all()  # padding masked
+        assert labels[i, len(q) + len(r) - 1] == tok.eos_token_id  # EOS is a label
     assert int((labels == tok.eos_token_id).sum()) == len(examples)
 
     # d loss / d logits is exactly 0 wherever the next token is a prompt (or pad) token:
@@ -91,10 +95,12 @@ def test_prompt_changes_reach_the_loss_only_through_conditioning(world):
 
 # --------------------------------------------------------------------------- training
 
+
 @pytest.mark.parametrize("arch,precision", [("gpt2", "fp32"), ("llama", "fp32"), ("gpt2", "bf16")])
 def test_sft_learns_and_changes_every_parameter(world, tmp_path, arch, precision):
-    out, summary = sft.train(config(world, tmp_path / "out", base=arch, epochs=3,
-                                    val_data=str(world["val"]), precision=precision))
+    out, summary = sft.train(
+        config(world, tmp_path / "out", base=arch, epochs=3, val_data=str(world["val"]), precision=precision)
+    )
     losses = [e["val_loss"] for e in summary["epochs"]]
     assert losses[-1] < losses[0]
     before, after = weights(world[arch]), weights(out)
@@ -103,8 +109,7 @@ def test_sft_learns_and_changes_every_parameter(world, tmp_path, arch, precision
     assert not unchanged
     assert out == tmp_path / "out" / "model"
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    assert {p.name for p in out.parent.iterdir()} == {"model", "metrics.jsonl", "config.yaml",
-                                                      "summary.json"}
+    assert {p.name for p in out.parent.iterdir()} == {"model", "metrics.jsonl", "config.yaml", "summary.json"}
     rows = [json.loads(line) for line in (out.parent / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "sft/loss" in r] == list(range(1, summary["steps"] + 1))
     # Dropout was on while training, but the saved config keeps the base's values.
@@ -123,8 +128,7 @@ def test_training_dropout_is_set_on_the_architecture(world):
 
 
 @pytest.mark.parametrize("save_every, stop_at, epoch, batch", [(3, 4, 1, 0), (2, 5, 1, 1)])
-def test_resume_after_interrupt_gives_identical_weights(world, tmp_path, save_every, stop_at,
-                                                        epoch, batch):
+def test_resume_after_interrupt_gives_identical_weights(world, tmp_path, save_every, stop_at, epoch, batch):
     ref, _ = sft.train(config(world, tmp_path / "ref", epochs=3))
 
     def interrupt(step, row):
@@ -143,8 +147,7 @@ def test_resume_after_interrupt_gives_identical_weights(world, tmp_path, save_ev
     out, summary = sft.train(cfg)
     a, b = weights(ref), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(x)["step"] for x in (out.parent / "metrics.jsonl").read_text().splitlines()
-             if "sft/loss" in x]
+    steps = [json.loads(x)["step"] for x in (out.parent / "metrics.jsonl").read_text().splitlines() if "sft/loss" in x]
     assert steps == list(range(1, 10))
 
 
@@ -173,29 +176,52 @@ def test_reward_model_chooses_the_epoch(world, tmp_path):
     from rlhflab.stages import rm
 
     ranks = write_jsonl(tmp_path / "ranks.jsonl", ranking_rows(4))
-    rm_dir, _ = rm.train(make(rm.RMConfig, base=str(world["gpt2"]), rankings=str(ranks),
-                                     out_dir=str(tmp_path / "rm"), device="cpu"))
-    cfg = config(world, tmp_path / "out", base="llama", epochs=3, reward_model=str(rm_dir),
-                 val_prompts=str(world["prompts"]), val_max_new_tokens=8)
+    rm_dir, _ = rm.train(
+        make(
+            rm.RMConfig,
+            base=str(world["gpt2"]),
+            rankings=str(ranks),
+            out_dir=str(tmp_path / "rm"),
+            device="cpu",
+        )
+    )
+    cfg = config(
+        world,
+        tmp_path / "out",
+        base="llama",
+        epochs=3,
+        reward_model=str(rm_dir),
+        val_prompts=str(world["prompts"]),
+        val_max_new_tokens=8,
+    )
     out, summary = sft.train(cfg)
     scores = [e["val_score"] for e in summary["epochs"]]
     assert summary["selected_by"] == "reward_model"
     assert summary["best_epoch"] == 1 + scores.index(max(scores))
     # The kept weights are the chosen epoch's: the same seeded samples score the same.
-    again = sft.rm_score(load_causal_lm(out), load_tokenizer(out),
-                         ["say red", "say one"], load_reward_model(rm_dir),
-                         load_tokenizer(rm_dir), cfg, torch.device("cpu"))
+    again = sft.rm_score(
+        load_causal_lm(out),
+        load_tokenizer(out),
+        ["say red", "say one"],
+        load_reward_model(rm_dir),
+        load_tokenizer(rm_dir),
+        cfg,
+    )
     assert again == pytest.approx(max(scores), abs=1e-5)
 
 
 # --------------------------------------------------------------------------- the command
 
-@pytest.mark.parametrize("rows, field", [
-    ([{"prompt": "cat " * 200, "completion": "ok"}], "prompt"),
-    ([{"prompt": "say cat", "completion": "cat " * 200}], "completion"),
-    ([{"prompt": "say cat", "completion": "  "}], "completion"),
-    ([{"prompt": "say cat"}], "completion"),
-])
+
+@pytest.mark.parametrize(
+    "rows, field",
+    [
+        ([{"prompt": "cat " * 200, "completion": "ok"}], "prompt"),
+        ([{"prompt": "say cat", "completion": "cat " * 200}], "completion"),
+        ([{"prompt": "say cat", "completion": "  "}], "completion"),
+        ([{"prompt": "say cat"}], "completion"),
+    ],
+)
 def test_bad_demos_are_refused_before_anything_is_written(world, tmp_path, capsys, rows, field):
     data = write_jsonl(tmp_path / "bad.jsonl", demo_rows(3) + rows)
     out = tmp_path / "out"
@@ -214,7 +240,6 @@ def test_cli_trains_and_help_config_lists_keys(world, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "dropout = 0.2" in text and "epochs = 16" in text and "reward_model" in text
     out = tmp_path / "out"
-    rc = main(["sft", f"--base={world['gpt2']}", f"--data={world['demos']}", f"--out_dir={out}",
-               "--epochs=1"])
+    rc = main(["sft", f"--base={world['gpt2']}", f"--data={world['demos']}", f"--out_dir={out}", "--epochs=1"])
     assert rc == 0 and (out / "summary.json").is_file()
     assert (out / "model" / "config.json").is_file()

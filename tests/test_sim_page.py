@@ -1,5 +1,6 @@
 """The simulator page in headless Chromium, checked against rlhflab.sim.core; the server's
 access rule and its answers to bad requests."""
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ def server():
 
 # ---- the page ----
 
+
 def wait_until(page, predicate, timeout=15.0):
     """Poll from Python: the page's CSP forbids the eval that wait_for_function needs."""
     end = time.monotonic() + timeout
@@ -39,8 +41,10 @@ def wait_until(page, predicate, timeout=15.0):
 
 def settle(page):
     """Wait until no request is in flight and the page is not playing."""
-    wait_until(page, lambda: page.get_attribute("body", "data-pending") == "0"
-               and page.get_attribute("body", "data-playing") == "0")
+    wait_until(
+        page,
+        lambda: page.get_attribute("body", "data-pending") == "0" and page.get_attribute("body", "data-playing") == "0",
+    )
 
 
 def assert_page_shows(page, sim: core.Simulator):
@@ -49,15 +53,18 @@ def assert_page_shows(page, sim: core.Simulator):
     for key in READOUTS:
         assert float(page.text_content(f"#{key}")) == pytest.approx(getattr(r, key), abs=6e-4), key
     assert page.text_content("#verdict") == r.verdict
-    shares = [float(page.text_content(f"#style-table tr[data-style={s}] td:nth-child(2)")[:-1])
-              for s in core.STYLES]
+    shares = [float(page.text_content(f"#style-table tr[data-style={s}] td:nth-child(2)")[:-1]) for s in core.STYLES]
     assert shares == pytest.approx(100 * sim.policy, abs=0.06)
-    log = [(int(li.query_selector(".where").text_content().split()[-1]),
-            li.query_selector(".text").text_content()) for li in page.query_selector_all("#log li")]
+    log = [
+        (
+            int(li.query_selector(".where").text_content().split()[-1]),
+            li.query_selector(".text").text_content(),
+        )
+        for li in page.query_selector_all("#log li")
+    ]
     assert log == [(e.step, e.text) for e in reversed(sim.events)]
     followed = page.query_selector_all("#log li .followed")
-    assert [f.text_content() for f in followed] == [e.followed for e in reversed(sim.events)
-                                                    if e.followed]
+    assert [f.text_content() for f in followed] == [e.followed for e in reversed(sim.events) if e.followed]
 
 
 def drag_slider(page, selector: str, fraction: float) -> float:
@@ -66,7 +73,7 @@ def drag_slider(page, selector: str, fraction: float) -> float:
     lo, hi = (float(page.get_attribute(selector, k)) for k in ("min", "max"))
     value = float(page.input_value(selector))
     thumb = 8  # half the thumb: where Chromium's track effectively starts and ends
-    x_of = lambda f: box["x"] + thumb + f * (box["width"] - 2 * thumb)   # noqa: E731
+    x_of = lambda f: box["x"] + thumb + f * (box["width"] - 2 * thumb)
     y = box["y"] + box["height"] / 2
     page.mouse.move(x_of((value - lo) / (hi - lo)), y)
     page.mouse.down()
@@ -82,7 +89,7 @@ def test_page_follows_the_core(browser, artifacts_dir, server):
     page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
     page.goto(server)
     wait_until(page, lambda: page.get_attribute("body", "data-ready") == "1")
-    sim = core.Simulator()   # the core, fed the same actions as the page
+    sim = core.Simulator()  # the core, fed the same actions as the page
     assert_page_shows(page, sim)
     assert page.text_content("#proxy") == "0.677" and page.text_content("#kl") == "0.000"
 
@@ -107,15 +114,14 @@ def test_page_follows_the_core(browser, artifacts_dir, server):
     sim.set_params(beta=beta)
     assert_page_shows(page, sim)
     newest = [t.text_content() for t in page.query_selector_all("#log li .text")][:2]
-    assert f"β 0.00 → {beta:.2f}" in newest    # and, at once, a verdict flip: see the core
+    assert f"β 0.00 → {beta:.2f}" in newest  # and, at once, a verdict flip: see the core
     for _ in range(5):
         page.click("#step-btn")
     settle(page)
-    sim.run(5)   # five clicks, five single updates
+    sim.run(5)  # five clicks, five single updates
     assert_page_shows(page, sim)
     assert float(page.text_content("#kl")) < before
-    assert page.text_content(f"#log li:has-text('β 0.00 → {beta:.2f}') .followed").startswith(
-        "then 5 updates")
+    assert page.text_content(f"#log li:has-text('β 0.00 → {beta:.2f}') .followed").startswith("then 5 updates")
 
     # Click a bar, inspect it, nudge it.
     page.click("g.bar[data-style=Hedging] .bar-hit")
@@ -155,10 +161,15 @@ def test_page_needs_nothing_from_outside():
 
 # ---- the server: bad requests, and who may connect ----
 
+
 def request(url, body=None, *, method=None, ctype="application/json", headers=None):
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method or ("POST" if data else "GET"),
-                                 headers={"Content-Type": ctype, **(headers or {})})
+    req = urllib.request.Request(
+        url,
+        data=data,
+        method=method or ("POST" if data else "GET"),
+        headers={"Content-Type": ctype, **(headers or {})},
+    )
     try:
         with urllib.request.urlopen(req, timeout=5) as res:
             is_json = "json" in res.headers["Content-Type"]
@@ -198,7 +209,7 @@ def test_bad_values_get_a_4xx_and_a_message(server):
     status, answer = request(server + "api/step", None, method="GET")
     assert status == 405
     status, state = request(server + "api/step", {"session": sid, "n": 3})
-    assert status == 200 and state["step"] == 3   # the session survived all of that
+    assert status == 200 and state["step"] == 3  # the session survived all of that
 
 
 def test_access_rule():
@@ -220,7 +231,7 @@ def test_dns_rebinding_host_is_refused(server):
 def _non_loopback_address() -> str | None:
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect(("192.0.2.1", 9))   # no packet is sent; this only picks a route
+            s.connect(("192.0.2.1", 9))  # no packet is sent; this only picks a route
             ip = s.getsockname()[0]
     except OSError:
         return None
@@ -238,8 +249,7 @@ def test_other_hosts_are_refused_without_the_token():
         port = url.rsplit(":", 1)[1].strip("/")
         status, answer = request(f"http://{ip}:{port}/api/config")
         assert status == 403 and "--token" in answer["error"]
-        status, config = request(f"http://{ip}:{port}/api/config",
-                                 headers={"X-Rlhflab-Token": "s3cret"})
+        status, config = request(f"http://{ip}:{port}/api/config", headers={"X-Rlhflab-Token": "s3cret"})
         assert status == 200 and config["styles"] == list(core.STYLES)
     finally:
         stop()

@@ -1,4 +1,5 @@
 """The loopback rule the label and sim servers share (rlhflab.web)."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,19 +9,47 @@ from rlhflab.sim import server as sim_server
 from rlhflab.web import is_loopback
 
 
-@pytest.mark.parametrize("host", [
-    "localhost", "LOCALHOST", "127.0.0.1", "127.1.2.3", "::1", "[::1]", "0:0:0:0:0:0:0:1",
-    "::ffff:127.0.0.1", "[::ffff:127.0.0.1]", "::ffff:7f00:1",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost",
+        "LOCALHOST",
+        "127.0.0.1",
+        "127.1.2.3",
+        "::1",
+        "[::1]",
+        "0:0:0:0:0:0:0:1",
+        "::ffff:127.0.0.1",
+        "[::ffff:127.0.0.1]",
+        "::ffff:7f00:1",
+    ],
+)
 def test_loopback_hosts(host):
     assert is_loopback(host)
 
 
-@pytest.mark.parametrize("host", [
-    "", "0.0.0.0", "::", "10.0.0.1", "192.168.1.5", "::ffff:10.0.0.1", "[::ffff:8.8.8.8]", "2001:db8::1",
-    "example.com", "localhost.example.com", "127.0.0.1.example.com", "[::1", "::1]", "[]", "[localhost",
-    "128.0.0.1", "not an address",
-])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",
+        "0.0.0.0",
+        "::",
+        "10.0.0.1",
+        "192.168.1.5",
+        "::ffff:10.0.0.1",
+        "[::ffff:8.8.8.8]",
+        "2001:db8::1",
+        "example.com",
+        "localhost.example.com",
+        "127.0.0.1.example.com",
+        "[::1",
+        "::1]",
+        "[]",
+        "[localhost",
+        "128.0.0.1",
+        "not an address",
+    ],
+)
 def test_not_loopback_hosts(host):
     assert not is_loopback(host)
 

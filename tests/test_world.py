@@ -1,4 +1,5 @@
 """The lab world: determinism, gold scorer sanity, style labels, labeler calibration."""
+
 from __future__ import annotations
 
 import hashlib
@@ -9,17 +10,19 @@ from pathlib import Path
 import pytest
 
 from rlhflab.cli import main
-from rlhflab.data import read_demos, read_prompts, read_rankings, read_texts
+from rlhflab.data import pair_agreement, read_demos, read_prompts, read_rankings, read_texts
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build, measure_agreement
 from rlhflab.world.gold import STYLES, write
-from rlhflab.data import pair_agreement
 from rlhflab.world.tasks import FAMILIES, MIX
 
 
 def _hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +50,24 @@ def test_files_are_in_the_design_formats(small_world):
     assert len(read_prompts(small_world / "ppo_train.jsonl")) == 100
     assert read_texts(small_world / "corpus_train.jsonl")
     from rlhflab.models import load_tokenizer
+
     tok = load_tokenizer(small_world / "tokenizer")
     assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
 
 
 def test_at_least_eight_table1_families_plus_safety():
     cats = {f.category for f in FAMILIES.values()}
-    table1 = {"Generation", "Open QA", "Brainstorming", "Chat", "Rewrite", "Summarization",
-              "Classification", "Closed QA", "Extraction"}
+    table1 = {
+        "Generation",
+        "Open QA",
+        "Brainstorming",
+        "Chat",
+        "Rewrite",
+        "Summarization",
+        "Classification",
+        "Closed QA",
+        "Extraction",
+    }
     assert table1 <= cats
     assert {"false_premise", "harmful"} <= set(FAMILIES) and set(MIX) <= set(FAMILIES)
 
@@ -67,7 +80,9 @@ def test_gold_sanity_on_held_out_prompts():
     for task in world.splits["test"]:
         demos.append(world.judge(task.prompt, FAMILIES[task.family].demo(task, rng)).quality)
         for style in ("Off-task", "Toxic"):
-            by_style.setdefault(style, []).append(world.judge(task.prompt, write(task, style, world.facts, rng)).quality)
+            by_style.setdefault(style, []).append(
+                world.judge(task.prompt, write(task, style, world.facts, rng)).quality
+            )
     fp = [t for t in world.splits["truthful"]]
     syc_fp = [world.judge(t.prompt, write(t, "Sycophantic", world.facts, rng)).quality for t in fp]
     harm = [t for t in world.splits["test"] if t.family == "harmful"]
@@ -90,8 +105,11 @@ def test_partial_credit_orders_answers():
 
 
 def _task(world, family, **meta):
-    return next(t for t in world.splits["test"] + world.splits["rm"] + world.splits["ppo"]
-                if t.family == family and all(t.meta.get(k) == v for k, v in meta.items()))
+    return next(
+        t
+        for t in world.splits["test"] + world.splits["rm"] + world.splits["ppo"]
+        if t.family == family and all(t.meta.get(k) == v for k, v in meta.items())
+    )
 
 
 def test_style_labels_on_a_hand_written_set():
@@ -107,8 +125,16 @@ def test_style_labels_on_a_hand_written_set():
         (qa.prompt, f"Shut up, idiot. It is {cap}.", "Toxic"),
         (qa.prompt, f"{cap}.", "Terse"),
         (qa.prompt, "Does anyone know the answer? Thanks in advance!", "Off-task"),
-        (fp.prompt, f"{fp.meta['false']} is the capital of {fp.meta['country']} because it is big.", "Sycophantic"),
-        (fp.prompt, f"Actually, the capital of {fp.meta['country']} is {fp.meta['true']}, not {fp.meta['false']}.", "Helpful"),
+        (
+            fp.prompt,
+            f"{fp.meta['false']} is the capital of {fp.meta['country']} because it is big.",
+            "Sycophantic",
+        ),
+        (
+            fp.prompt,
+            f"Actually, the capital of {fp.meta['country']} is {fp.meta['true']}, not {fp.meta['false']}.",
+            "Helpful",
+        ),
         (harm.prompt, "I can't help with that. It could hurt someone.", "Helpful"),
     ]
     for prompt, response, style in cases:
@@ -162,12 +188,17 @@ def test_world_cli_and_bad_scale(tmp_path, capsys):
 
 def test_rank_cli_ranks_samples_and_refuses_foreign_prompts(small_world, tmp_path, capsys):
     import json
+
     world = load_world(small_world)
     task = world.splits["ppo"][0]
     good = FAMILIES[task.family].demo(task, random.Random(0))
     samples = tmp_path / "s.jsonl"
-    samples.write_text(json.dumps({"prompt": task.prompt, "responses": [good, "Bump.", good, "Thanks in advance!"]}) + "\n"
-                       + json.dumps({"prompt": task.prompt, "responses": ["same", "same"]}) + "\n")
+    samples.write_text(
+        json.dumps({"prompt": task.prompt, "responses": [good, "Bump.", good, "Thanks in advance!"]})
+        + "\n"
+        + json.dumps({"prompt": task.prompt, "responses": ["same", "same"]})
+        + "\n"
+    )
     out = tmp_path / "r.jsonl"
     assert main(["rank", "--world", str(small_world), "--samples", str(samples), "--out", str(out)]) == 0
     rows = read_rankings(out)

@@ -5,21 +5,23 @@
     llama = llama_dir(tmp_path / "llama", tok)  # Llama-shaped (RoPE, RMSNorm, GQA)
 Both directories hold a `save_pretrained` model plus the tokenizer, like any stage output.
 """
+
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import dataclasses
-
 from rlhflab.config import RunFields, TrainFields
 from rlhflab.models import lab_model
 from rlhflab.text import train_tokenizer
 
-WORDS = ("the cat sat on the mat . a dog ran far away . name a color : red blue green . "
-         "summarize this : birds fly south in winter . yes no maybe . one two three four")
+WORDS = (
+    "the cat sat on the mat . a dog ran far away . name a color : red blue green . "
+    "summarize this : birds fly south in winter . yes no maybe . one two three four"
+)
 
 _TOKENIZER = None
 
@@ -44,11 +46,19 @@ def llama_dir(path: Path, tok=None, max_positions: int = 128, seed: int = 0) -> 
     import torch
 
     tok = tok or tiny_tokenizer()
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tok),
-                      max_position_embeddings=max_positions, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=max_positions,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
@@ -63,8 +73,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 def demo_rows(n: int = 12) -> list[dict]:
     """Demonstrations with a learnable pattern: the answer repeats the prompt's last word."""
     words = "cat dog mat red blue green one two three four yes no".split()
-    return [{"prompt": f"say {words[i % len(words)]}", "completion": f"{words[i % len(words)]} ."}
-            for i in range(n)]
+    return [{"prompt": f"say {words[i % len(words)]}", "completion": f"{words[i % len(words)]} ."} for i in range(n)]
 
 
 def ranking_rows(n: int = 8, k: int = 4) -> list[dict]:
@@ -72,8 +81,7 @@ def ranking_rows(n: int = 8, k: int = 4) -> list[dict]:
     rows = []
     for i in range(n):
         responses = [" ".join(["red"] * (j + 1)) for j in range(k)]
-        rows.append({"prompt": f"name a color {i}", "responses": responses,
-                     "ranking": list(range(k - 1, -1, -1))})
+        rows.append({"prompt": f"name a color {i}", "responses": responses, "ranking": list(range(k - 1, -1, -1))})
     return rows
 
 

@@ -16,22 +16,29 @@ split of step wall time into generate, score (old/ref log-probs, values, RM, rew
 GAE), update (PPO epochs) and other; peak memory (RSS on CPU, max allocated on CUDA);
 the last measured step's KL and RM score, so speed is not bought by doing less.
 """
+
 from __future__ import annotations
 
 import datetime
 import json
 import os
 import platform
-import random
-import resource
 import tempfile
 import textwrap
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from rlhflab.bench.common import (N_PROMPTS, PPO_SETTINGS, SEED, WORKLOADS, Workload, build_inputs,
-                                  n_params, peak_memory, side_result)
+from rlhflab.bench.common import (
+    PPO_SETTINGS,
+    SEED,
+    WORKLOADS,
+    Workload,
+    build_inputs,
+    n_params,
+    peak_memory,
+    side_result,
+)
 from rlhflab.errors import InputError
 from rlhflab.training import sync
 
@@ -46,11 +53,21 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
 
     settings = dict(PPO_SETTINGS)
     train = TrainFields(lr=settings.pop("lr"), precision=precision)
-    config = PPOConfig(**inputs, batch_size=w.batch_size, minibatch_size=w.minibatch_size,
-                       ppo_epochs=w.ppo_epochs, max_new_tokens=w.response_len, force_length=True,
-                       no_eos_penalty=0.0, warmup_steps=0, total_episodes=steps * w.batch_size,
-                       run=RunFields(seed=SEED, device=w.device), train=train, out_dir=out_dir,
-                       **settings)
+    config = PPOConfig(
+        **inputs,
+        batch_size=w.batch_size,
+        minibatch_size=w.minibatch_size,
+        ppo_epochs=w.ppo_epochs,
+        max_new_tokens=w.response_len,
+        force_length=True,
+        no_eos_penalty=0.0,
+        warmup_steps=0,
+        total_episodes=steps * w.batch_size,
+        run=RunFields(seed=SEED, device=w.device),
+        train=train,
+        out_dir=out_dir,
+        **settings,
+    )
     set_seed(SEED)
     run = open_run(config)
     wall, phases, kl, rm_score = [], [], [], []
@@ -65,9 +82,17 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
             wall.append(time.perf_counter() - t0)
             phases.append({k: row.get(f"time/{k}_s", 0.0) for k in ("generate", "score", "update")})
     peak, kind = peak_memory(w.device)
-    return side_result(wall, phases, w, kl, rm_score, peak, kind,
-                       response_length=row["response/length"], threads=torch.get_num_threads())
-
+    return side_result(
+        wall,
+        phases,
+        w,
+        kl,
+        rm_score,
+        peak,
+        kind,
+        response_length=row["response/length"],
+        threads=torch.get_num_threads(),
+    )
 
 
 def _child(side: str, w: Workload, inputs: dict, steps: int, options: dict) -> dict:
@@ -79,6 +104,7 @@ def _child(side: str, w: Workload, inputs: dict, steps: int, options: dict) -> d
     with tempfile.TemporaryDirectory(prefix=f"rlhflab-bench-{side}-") as out_dir:
         if side == "trl":
             from rlhflab.bench.trl_side import run_trl
+
             return run_trl(w, inputs, steps, out_dir, **options)
         return run_rlhflab(w, inputs, steps, out_dir, **options)
 
@@ -97,24 +123,41 @@ def check_can_run(w: Workload, vs: str | None) -> None:
     import torch
 
     if w.device == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"workload {w.name!r} needs a CUDA GPU and this machine has none "
-                         "(on a CPU: --workload cpu)", field="workload")
+        raise InputError(
+            f"workload {w.name!r} needs a CUDA GPU and this machine has none (on a CPU: --workload cpu)",
+            field="workload",
+        )
     if vs == "trl":
         from rlhflab.bench.trl_side import check_trl
+
         check_trl()
 
 
-def bench(w: Workload, steps: int, vs: str | None = None, trl_fused_gelu: bool = False,
-          log=print, precision: str = "auto") -> dict:
+def bench(
+    w: Workload,
+    steps: int,
+    vs: str | None = None,
+    trl_fused_gelu: bool = False,
+    log=print,
+    precision: str = "auto",
+) -> dict:
     """Run the workload with rlhflab (and TRL); return the report as a dict."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     check_can_run(w, vs)
     precision = resolve_precision(precision, w)
     sides = ["rlhflab"] + ([vs] if vs else [])
-    report = {"workload": {**asdict(w), "steps": steps, "policy_params": n_params(w),
-                           "ppo": PPO_SETTINGS, "precision": precision},
-              "machine": machine_info(w), "date": datetime.date.today().isoformat()}
+    report = {
+        "workload": {
+            **asdict(w),
+            "steps": steps,
+            "policy_params": n_params(w),
+            "ppo": PPO_SETTINGS,
+            "precision": precision,
+        },
+        "machine": machine_info(w),
+        "date": datetime.date.today().isoformat(),
+    }
     with tempfile.TemporaryDirectory(prefix="rlhflab-bench-") as root:
         inputs = build_inputs(w, Path(root))
         for side in sides:
@@ -123,11 +166,17 @@ def bench(w: Workload, steps: int, vs: str | None = None, trl_fused_gelu: bool =
             report[side] = measure(side, w, inputs, steps, options)
     if vs:
         a, b = report["rlhflab"], report[vs]
-        report["ratio"] = {k: a[k] / b[k] for k in ("episodes_per_s", "generated_tokens_per_s",
-                                                   "training_tokens_per_s", "step_s",
-                                                   "peak_memory_mb")}
-        report["ratio"].update({f"time_{k}": a["time_s"][k] / max(b["time_s"][k], 1e-12)
-                                for k in a["time_s"]})
+        report["ratio"] = {
+            k: a[k] / b[k]
+            for k in (
+                "episodes_per_s",
+                "generated_tokens_per_s",
+                "training_tokens_per_s",
+                "step_s",
+                "peak_memory_mb",
+            )
+        }
+        report["ratio"].update({f"time_{k}": a["time_s"][k] / max(b["time_s"][k], 1e-12) for k in a["time_s"]})
     return report
 
 
@@ -147,9 +196,14 @@ def machine_info(w: Workload) -> dict:
     import torch
     import transformers
 
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": _cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
-            "transformers": transformers.__version__}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     if w.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -180,8 +234,10 @@ def format_report(r: dict) -> str:
         f"machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} cores"
         + (f", {w['threads']} threads" if w["threads"] and w["device"] == "cpu" else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}"
-        + (f", trl {r['trl']['version']}" if vs else "") + f"; {r['date']}",
-        f"{w['steps']} PPO steps per side, the first left out", "",
+        + (f", trl {r['trl']['version']}" if vs else "")
+        + f"; {r['date']}",
+        f"{w['steps']} PPO steps per side, the first left out",
+        "",
         f"{'':26}{'rlhflab':>14}" + (f"{'TRL':>14}{'rlhflab/TRL':>14}" if vs else ""),
     ]
 
@@ -199,19 +255,26 @@ def format_report(r: dict) -> str:
     figure("generated_tokens_per_s", ".0f", "generated tokens/s")
     figure("training_tokens_per_s", ".0f", "training tokens/s")
     for k in ("generate", "score", "update", "other"):
-        row(f"  {k} (s/step, share)",
+        row(
+            f"  {k} (s/step, share)",
             [f"{r[s]['time_s'][k]:.3f} {100 * r[s]['time_share'][k]:3.0f}%" for s in sides],
-            r["ratio"][f"time_{k}"] if vs else None)
+            r["ratio"][f"time_{k}"] if vs else None,
+        )
     figure("step_s", ".3f", "  step (s)")
     figure("peak_memory_mb", ".0f", "peak memory (MiB)")
     figure("final_kl", ".4f", "final KL (nats/response)")
     figure("final_rm_score", ".4f", "final RM score")
-    lines += ["", f"memory: {r['rlhflab']['memory']} of each side's own process; ratios of "
-              "times and memory: below 1 is rlhflab less"]
+    lines += [
+        "",
+        f"memory: {r['rlhflab']['memory']} of each side's own process; ratios of "
+        "times and memory: below 1 is rlhflab less",
+    ]
     if vs:
         t = r["trl"]
-        lines.append(f"TRL's models: {'fused tanh-GELU (as rlhflab)' if t['fused_gelu'] else 'as loaded (gelu_new)'}"
-                     f"; its shortest response: {t['response_length']} tokens")
+        lines.append(
+            f"TRL's models: {'fused tanh-GELU (as rlhflab)' if t['fused_gelu'] else 'as loaded (gelu_new)'}"
+            f"; its shortest response: {t['response_length']} tokens"
+        )
         settings = ", ".join(f"{k}={v}" for k, v in t["settings"].items())
         lines += textwrap.wrap("TRL settings: " + settings, width=100, subsequent_indent="  ")
     return "\n".join(lines)
@@ -221,21 +284,35 @@ def format_report(r: dict) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="cpu",
-                        help="which fixed workload (default cpu; gpu needs CUDA)")
-    parser.add_argument("--steps", type=int, help="PPO steps per side, the first left out "
-                        "(default: the workload's)")
-    parser.add_argument("--vs", choices=["trl"], help="also run TRL's PPOTrainer on the same "
-                        "workload (pip install 'rlhflab[bench]')")
-    parser.add_argument("--trl-fused-gelu", action="store_true", help="give TRL's models the "
-                        "fused tanh-GELU kernel rlhflab swaps in for GPT-2's gelu_new (same "
-                        "function to 1e-7), to compare the trainers alone")
+    parser.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="cpu",
+        help="which fixed workload (default cpu; gpu needs CUDA)",
+    )
+    parser.add_argument("--steps", type=int, help="PPO steps per side, the first left out (default: the workload's)")
+    parser.add_argument(
+        "--vs",
+        choices=["trl"],
+        help="also run TRL's PPOTrainer on the same workload (pip install 'rlhflab[bench]')",
+    )
+    parser.add_argument(
+        "--trl-fused-gelu",
+        action="store_true",
+        help="give TRL's models the "
+        "fused tanh-GELU kernel rlhflab swaps in for GPT-2's gelu_new (same "
+        "function to 1e-7), to compare the trainers alone",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="both sides: fp32, or bf16 autocast over fp32 weights (rlhflab's "
-                        "precision=bf16, TRL's bf16=True); auto (default) is bf16 where the "
-                        "device has bf16 matrix units (a GPU, a CPU with AMX), else fp32")
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides: fp32, or bf16 autocast over fp32 weights (rlhflab's "
+        "precision=bf16, TRL's bf16=True); auto (default) is bf16 where the "
+        "device has bf16 matrix units (a GPU, a CPU with AMX), else fp32",
+    )
 
 
 def run_cli(args) -> int:
@@ -248,7 +325,13 @@ def run_cli(args) -> int:
     quiet = args.json or os.environ.get("RLHFLAB_QUIET")
     if args.trl_fused_gelu and args.vs != "trl":
         raise InputError("--trl-fused-gelu needs --vs trl", field="trl-fused-gelu")
-    report = bench(w, steps, args.vs, args.trl_fused_gelu, log=(lambda *a: None) if quiet else
-                   (lambda msg: print(msg, flush=True)), precision=args.precision)
+    report = bench(
+        w,
+        steps,
+        args.vs,
+        args.trl_fused_gelu,
+        log=(lambda *a: None) if quiet else (lambda msg: print(msg, flush=True)),
+        precision=args.precision,
+    )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

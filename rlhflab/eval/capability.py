@@ -8,6 +8,7 @@ fraction of tokens of held-out web documents the model predicts greedily. It doe
 saturate where the four task benchmarks do: after SFT the small lab models sit at the floor
 on those, so what PPO then trades away shows only here.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,8 +30,10 @@ def load_benchmarks(world_dir: str | Path, limit: int | None = None) -> dict[str
     for name in BENCHMARKS:
         path = Path(world_dir) / "benchmarks" / f"{name}.jsonl"
         if not path.is_file():
-            raise InputError(f"no {name} benchmark: the world was written by an older rlhflab; "
-                             "write it again with `rlhflab world`", file=str(path))
+            raise InputError(
+                f"no {name} benchmark: the world was written by an older rlhflab; write it again with `rlhflab world`",
+                file=str(path),
+            )
         rows = [obj for _, obj in iter_jsonl(path)]
         out[name] = rows[:limit] if limit else rows
     return out
@@ -43,12 +46,19 @@ def _context_ids(tokenizer, text: str) -> list[int]:
 
 def _greedy(model, tokenizer, contexts: list[str], n_tokens: int = 6) -> list[str]:
     """The first line or sentence of a greedy continuation, lower-cased (one batch)."""
-    out = generate(model, tokenizer, [_context_ids(tokenizer, c) for c in contexts],
-                   max_new_tokens=n_tokens, temperature=0, batch_size=max(1, len(contexts)))
+    out = generate(
+        model,
+        tokenizer,
+        [_context_ids(tokenizer, c) for c in contexts],
+        max_new_tokens=n_tokens,
+        temperature=0,
+        batch_size=max(1, len(contexts)),
+    )
     # Not out.texts: those are stripped first, and a continuation opening with a newline
     # must read as empty here.
-    texts = [tokenizer.decode([t for t in r if t != tokenizer.pad_token_id], skip_special_tokens=True)
-             for r in out.tokens]
+    texts = [
+        tokenizer.decode([t for t in r if t != tokenizer.pad_token_id], skip_special_tokens=True) for r in out.tokens
+    ]
     return [re.split(r"[.\n]", t)[0].strip().lower() for t in texts]
 
 
@@ -68,7 +78,7 @@ def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
         ids, mask = ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
-        scores = [float(lp[k, len(ctx) - 1: len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
+        scores = [float(lp[k, len(ctx) - 1 : len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
         correct += int(max(range(len(ends)), key=scores.__getitem__) == item["label"])
     return correct / max(1, len(items))
 
@@ -81,7 +91,7 @@ def _token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 32) ->
     seqs = [(_context_ids(tokenizer, t) + [tokenizer.eos_token_id])[:n_pos] for t in texts]
     hits = total = 0
     for i in range(0, len(seqs), batch_size):
-        ids, mask = pad_right(seqs[i: i + batch_size], tokenizer.pad_token_id)
+        ids, mask = pad_right(seqs[i : i + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
         scored = mask[:, 1:].bool()
@@ -101,7 +111,9 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
     for name in ("arithmetic", "cipher"):
         if bench.get(name):
             preds = _greedy(model, tokenizer, [x["context"] for x in bench[name]])
-            out[name] = sum((p.split() or [""])[0] == x["answer"].lower() for p, x in zip(preds, bench[name])) / len(preds)
+            out[name] = sum((p.split() or [""])[0] == x["answer"].lower() for p, x in zip(preds, bench[name])) / len(
+                preds
+            )
     if bench.get("continuation"):
         out["continuation"] = _choice_accuracy(model, tokenizer, bench["continuation"])
     if bench.get("webtext"):

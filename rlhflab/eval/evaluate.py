@@ -35,25 +35,25 @@ summary.json keys (all numbers; see docs/evaluation.md):
                           prompts, sampled answers): the gold peak and the end of training
   rl_fit/<run>/<gold|rm>/<alpha|beta|r2>  fit of Δ = d(α − β log d) to that run's curve
 """
+
 from __future__ import annotations
 
 import argparse
 import math
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from rlhflab.eval.capability import capability_scores, load_benchmarks
 from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import InputError
+from rlhflab.eval.capability import capability_scores, load_benchmarks
+from rlhflab.eval.judging import likert_mean, win_keys
+from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
-from rlhflab.eval.overopt import (best_of_n_kl, bon_summary, fit_best_of_n, fit_rl,  # noqa: F401
-                             rl_curve, rl_summary)
 from rlhflab.stages.rm import score_pairs, score_sequences
 from rlhflab.text import encode_query, encode_response
 from rlhflab.training import progress, resolve_device, set_seed
@@ -109,8 +109,12 @@ class EvalConfig:
         check(bool(self.world), "world", self.world, "give the lab world directory")
         check(bool(self.models), "models", self.models, "give at least one name: model directory")
         for name, path in self.models.items():
-            check(isinstance(name, str) and "/" not in name and name != "", "models", name,
-                  "model names must be non-empty and contain no '/'")
+            check(
+                isinstance(name, str) and "/" not in name and name != "",
+                "models",
+                name,
+                "model names must be non-empty and contain no '/'",
+            )
             check(isinstance(path, str) and path != "", f"models.{name}", path, "must be a directory")
         for name in self.prompted:
             check(name in self.models, "prompted", name, f"must name a model in models ({list(self.models)})")
@@ -118,13 +122,21 @@ class EvalConfig:
         for pair in self.head_to_head:
             ok = isinstance(pair, str) and len(pair.split(":")) == 2 and set(pair.split(":")) <= set(self.names())
             check(ok, "head_to_head", pair, f"must read 'A:B' with A and B in {self.names()}")
-        check(not self.best_of_n_policy or self.best_of_n_policy in self.models, "best_of_n_policy",
-              self.best_of_n_policy, "must name a model in models")
+        check(
+            not self.best_of_n_policy or self.best_of_n_policy in self.models,
+            "best_of_n_policy",
+            self.best_of_n_policy,
+            "must name a model in models",
+        )
         check(all(n >= 1 for n in self.best_of_n), "best_of_n", self.best_of_n, "must be positive")
         for label, path in self.rl_runs.items():
             check(Path(path).is_file(), f"rl_runs.{label}", path, "no such metrics file")
-        check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", self.temperature,
-              "must be >= 0 (0: greedy)")
+        check(
+            self.temperature >= 0 and math.isfinite(self.temperature),
+            "temperature",
+            self.temperature,
+            "must be >= 0 (0: greedy)",
+        )
         check(self.max_new_tokens > 0, "max_new_tokens", self.max_new_tokens, "must be positive")
         check(self.n_prompts >= 0, "n_prompts", self.n_prompts, "must be >= 0 (0: all)")
 
@@ -146,6 +158,7 @@ def prompted_name(name: str) -> str:
 
 # --------------------------------------------------------------------------- answering
 
+
 def few_shot_prefix(tokenizer, demos: list[dict], k: int = N_SHOTS) -> list[list[int]]:
     """k demonstrations as token pieces in THE layout ([bos] prompt \\n completion [eos]).
 
@@ -165,8 +178,9 @@ def few_shot_prefix(tokenizer, demos: list[dict], k: int = N_SHOTS) -> list[list
     return pieces
 
 
-def build_queries(tokenizer, prompts: list[str], n_pos: int | None, max_new_tokens: int,
-                  prefix: list[list[int]] = ()) -> list[list[int]]:
+def build_queries(
+    tokenizer, prompts: list[str], n_pos: int | None, max_new_tokens: int, prefix: list[list[int]] = ()
+) -> list[list[int]]:
     """Query ids per prompt; a prefix loses whole demonstrations (oldest first) to fit the
     context n_pos (None: no limit). A prompt still too long is cut by `generate(fit_context=True)`."""
     out = []
@@ -180,66 +194,16 @@ def build_queries(tokenizer, prompts: list[str], n_pos: int | None, max_new_toke
 
 def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
     """Every answer of the eval: batched, greedy at temperature 0, fitted to the context."""
-    return generate(model, tokenizer, queries, max_new_tokens=cfg.max_new_tokens,
-                    temperature=cfg.temperature, batch_size=cfg.batch_size,
-                    generator=generator_for(model, cfg.run.seed), fit_context=True).texts
-
-
-# --------------------------------------------------------------------------- judging (§4.1)
-
-def wilson(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion (ties counted as half a success)."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def win_rate(outcomes: list[float]) -> tuple[float, float, float]:
-    """(rate, ci_low, ci_high) of outcomes in {1, 0.5, 0}."""
-    n = len(outcomes)
-    rate = sum(outcomes) / n if n else 0.5
-    return (rate, *wilson(sum(outcomes), n))
-
-
-def labeler_prefers(labeler, texts: list[str], judgements: list, rng: random.Random) -> float:
-    """One labeler ranks two answers: 1 if the first wins, 0 if the second, 0.5 for a tie.
-
-    The pair is shown in random order; identical texts are a tie (Labeler.rank groups them).
-    """
-    swap = rng.random() < 0.5
-    order = [1, 0] if swap else [0, 1]
-    top = labeler.rank([texts[i] for i in order], [judgements[i] for i in order], rng)[0]
-    if isinstance(top, list):
-        return 0.5
-    return 1.0 if order[top] == 0 else 0.0
-
-
-def compare(world, judged: list, base: list, seed: str) -> tuple[list[float], list[float]]:
-    """Per-prompt outcomes of a model against the baseline: (held-out labelers, gold)."""
-    rng = random.Random(seed)
-    by_labelers, by_gold = [], []
-    for (ra, ja), (rb, jb) in zip(judged, base):
-        labeler = rng.choice(world.heldout_labelers)
-        by_labelers.append(labeler_prefers(labeler, [ra, rb], [ja, jb], rng))
-        by_gold.append(0.5 if ja.quality == jb.quality else float(ja.quality > jb.quality))
-    return by_labelers, by_gold
-
-
-def win_keys(world, prefix: str, name: str, judged: list, base: list, seed: str) -> dict:
-    """<prefix>/<name> and <prefix>_gold/<name>, each with its _ci_low and _ci_high."""
-    (labelers, gold), out = compare(world, judged, base, seed), {}
-    for key, outcomes in ((prefix, labelers), (f"{prefix}_gold", gold)):
-        rate, lo, hi = win_rate(outcomes)
-        out.update({f"{key}/{name}": rate, f"{key}_ci_low/{name}": lo, f"{key}_ci_high/{name}": hi})
-    return out
-
-
-def likert_mean(world, judgements: list, seed: str) -> float:
-    rng = random.Random(seed)
-    return sum(rng.choice(world.heldout_labelers).likert(j, rng) for j in judgements) / max(1, len(judgements))
+    return generate(
+        model,
+        tokenizer,
+        queries,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.batch_size,
+        generator=generator_for(model, cfg.run.seed),
+        fit_context=True,
+    ).texts
 
 
 def _mean(xs) -> float:
@@ -250,9 +214,11 @@ def _mean(xs) -> float:
 def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed: int) -> dict:
     """Every per-model key of summary.json except capability, params and rm."""
     test, families, seen = [j for _, j in judged["test"]], [t.family for t in tasks], world.seen_prompts()
-    out = {f"gold/{name}": _mean(j.quality for j in test),
-           f"gold_unseen/{name}": _mean(j.quality for j, t in zip(test, tasks) if t.prompt not in seen),
-           f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}")}
+    out = {
+        f"gold/{name}": _mean(j.quality for j in test),
+        f"gold_unseen/{name}": _mean(j.quality for j, t in zip(test, tasks) if t.prompt not in seen),
+        f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}"),
+    }
     out.update(win_keys(world, "winrate", name, judged["test"], base["test"], f"winrate-{seed}-{name}"))
     out[f"meta/fails_instruction/{name}"] = _mean(not j.followed for j in test)
     out[f"meta/toxic/{name}"] = _mean(j.toxic for j in test)
@@ -271,18 +237,36 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
 
 # --------------------------------------------------------------------------- over-optimization
 
+
 @torch.no_grad()
-def best_of_n_curve(policy, rm, world, prompts: list[str], ns: list[int], *, tokenizer,
-                    max_new_tokens: int = 48, seed: int = 0, batch_size: int = 64) -> list[dict]:
+def best_of_n_curve(
+    policy,
+    rm,
+    world,
+    prompts: list[str],
+    ns: list[int],
+    *,
+    tokenizer,
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    batch_size: int = 64,
+) -> list[dict]:
     """Sample max(ns) answers per prompt at T = 1; for each n pick the RM-best of the first n.
 
     Rows {n, kl, d, gold, rm}: mean gold quality and RM score of the picks.
     """
     N = max(ns)
     queries = build_queries(tokenizer, prompts, context_length(policy.config), max_new_tokens)
-    out = generate(policy, tokenizer, [q for q in queries for _ in range(N)], max_new_tokens=max_new_tokens,
-                   temperature=1.0, batch_size=batch_size, generator=generator_for(policy, seed),
-                   fit_context=True)
+    out = generate(
+        policy,
+        tokenizer,
+        [q for q in queries for _ in range(N)],
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        batch_size=batch_size,
+        generator=generator_for(policy, seed),
+        fit_context=True,
+    )
     # Score the sampled tokens themselves, as PPO does (eos included when emitted).
     seqs = [q + r for q, r in zip(out.queries, out.tokens)]
     scores = score_sequences(rm, seqs, tokenizer.pad_token_id, batch_size)
@@ -291,12 +275,20 @@ def best_of_n_curve(policy, rm, world, prompts: list[str], ns: list[int], *, tok
     for n in sorted(set(ns)):
         picks = [p * N + max(range(n), key=lambda k: scores[p * N + k]) for p in range(len(prompts))]
         kl = best_of_n_kl(n)
-        rows.append({"n": n, "kl": kl, "d": math.sqrt(kl), "gold": _mean(gold[i] for i in picks),
-                     "rm": _mean(scores[i] for i in picks)})
+        rows.append(
+            {
+                "n": n,
+                "kl": kl,
+                "d": math.sqrt(kl),
+                "gold": _mean(gold[i] for i in picks),
+                "rm": _mean(scores[i] for i in picks),
+            }
+        )
     return rows
 
 
 # --------------------------------------------------------------------------- the run
+
 
 def _answer_all(cfg: EvalConfig, prompts: dict, demos: list[dict], bench: dict, device) -> tuple[dict, dict]:
     """Every model (and prompted variant) answers every split; capability per base model."""
@@ -311,7 +303,8 @@ def _answer_all(cfg: EvalConfig, prompts: dict, demos: list[dict], bench: dict, 
             n_pos = context_length(model.config)
             answers[variant] = {
                 s: answer(model, tok, build_queries(tok, prompts[s], n_pos, cfg.max_new_tokens, prefix), cfg)
-                for s in SPLITS}
+                for s in SPLITS
+            }
             summary[f"params/{variant}"] = n_params(model)
         # A prompt prefix does not change the weights, so capability is measured once per model.
         summary.update({f"capability/{k}/{name}": v for k, v in capability_scores(model, tok, bench).items()})
@@ -322,8 +315,17 @@ def _answer_all(cfg: EvalConfig, prompts: dict, demos: list[dict], bench: dict, 
 def _best_of_n(cfg: EvalConfig, rm, world, prompts: list[str], device) -> list[dict]:
     path = cfg.models[cfg.bon_policy()]
     policy = load_causal_lm(path).to(device).eval()
-    return best_of_n_curve(policy, rm, world, prompts, cfg.best_of_n, tokenizer=load_tokenizer(path),
-                           max_new_tokens=cfg.max_new_tokens, seed=cfg.run.seed, batch_size=cfg.batch_size)
+    return best_of_n_curve(
+        policy,
+        rm,
+        world,
+        prompts,
+        cfg.best_of_n,
+        tokenizer=load_tokenizer(path),
+        max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.run.seed,
+        batch_size=cfg.batch_size,
+    )
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -348,10 +350,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     save_config(cfg, out / "config.yaml")
 
     answers, summary = _answer_all(cfg, prompts, demos, bench, device)
-    judged = {v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS}
-              for v, a in answers.items()}
+    judged = {
+        v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
+    }
     for variant in answers:
-        summary.update(model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.run.seed))
+        summary.update(
+            model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.run.seed)
+        )
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
         h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.run.seed}-{a}-{b}")
         summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
@@ -371,9 +376,20 @@ def evaluate(cfg: EvalConfig) -> dict:
     for label, path in cfg.rl_runs.items():
         summary.update(rl_summary(label, [obj for _, obj in iter_jsonl(path)]))
 
-    rows = [{"split": s, "family": t.family, "prompt": t.prompt, "model": v, "response": r,
-             "gold": round(j.quality, 4), "style": j.style}
-            for v in judged for s in SPLITS for t, (r, j) in zip(tasks[s], judged[v][s])]
+    rows = [
+        {
+            "split": s,
+            "family": t.family,
+            "prompt": t.prompt,
+            "model": v,
+            "response": r,
+            "gold": round(j.quality, 4),
+            "style": j.style,
+        }
+        for v in judged
+        for s in SPLITS
+        for t, (r, j) in zip(tasks[s], judged[v][s])
+    ]
     write_jsonl(out / "samples.jsonl", rows)
     write_jsonl(out / "best_of_n.jsonl", [{k: _round(v) for k, v in r.items()} for r in bon_rows])
     summary = {k: _round(v) for k, v in summary.items()}
@@ -387,20 +403,25 @@ def _round(v):
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EvalConfig)
 
 
 def format_table(summary: dict, names: list[str]) -> str:
-    lines = [f"{'model':<22} {'win rate vs baseline':>24} {'gold':>6} {'likert':>6} {'truthful':>8} "
-             f"{'toxic':>6} {'capab.':>6}"]
+    lines = [
+        f"{'model':<22} {'win rate vs baseline':>24} {'gold':>6} {'likert':>6} {'truthful':>8} "
+        f"{'toxic':>6} {'capab.':>6}"
+    ]
     for m in names:
         lo, hi = summary[f"winrate_ci_low/{m}"], summary[f"winrate_ci_high/{m}"]
         win = f"{summary[f'winrate/{m}']:.2f} [{lo:.2f}, {hi:.2f}]"
         cap = summary.get(f"capability/mean/{m}")
-        lines.append(f"{m:<22} {win:>24} {summary[f'gold/{m}']:>6.3f} {summary[f'likert/{m}']:>6.2f} "
-                     f"{summary[f'truthful/{m}']:>8.2f} {summary[f'toxicity/plain/{m}']:>6.2f} "
-                     f"{'' if cap is None else f'{cap:.3f}':>6}")
+        lines.append(
+            f"{m:<22} {win:>24} {summary[f'gold/{m}']:>6.3f} {summary[f'likert/{m}']:>6.2f} "
+            f"{summary[f'truthful/{m}']:>8.2f} {summary[f'toxicity/plain/{m}']:>6.2f} "
+            f"{'' if cap is None else f'{cap:.3f}':>6}"
+        )
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 Pure functions over numbers: best-of-n rows {n, kl, d, gold, rm} and PPO metrics rows in,
 fits and flat summary keys out. `d = sqrt(KL)` is the distance from the initial policy.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,8 +92,12 @@ def rl_summary(label: str, metrics_rows: list[dict]) -> dict:
     if not pts:
         return {}
     peak, last = max(pts, key=lambda p: p["gold"]), pts[-1]
-    out = {f"rl/{label}/peak_gold": peak["gold"], f"rl/{label}/peak_kl": peak["kl"],
-           f"rl/{label}/final_gold": last["gold"], f"rl/{label}/final_kl": last["kl"]}
+    out = {
+        f"rl/{label}/peak_gold": peak["gold"],
+        f"rl/{label}/peak_kl": peak["kl"],
+        f"rl/{label}/final_gold": last["gold"],
+        f"rl/{label}/final_kl": last["kl"],
+    }
     if last["rm"] is not None:
         out[f"rl/{label}/final_rm"] = last["rm"]
     for key in ("gold", "rm"):

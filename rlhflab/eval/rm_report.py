@@ -4,6 +4,7 @@ Accuracy on held-out comparisons ranked by the TRAINING labelers and by the HELD
 labelers (the paper: 72.4% vs 69.6%), the rank correlation of RM scores with gold
 quality, and the mean score of the demonstrations (0 after the §3.5 bias).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,13 @@ def within_prompt_spearman(groups: list[tuple[list[float], list[float]]]) -> flo
 
 
 @torch.no_grad()
-def rm_report(world_dir: str | Path, rm_dir: str | Path, out_dir: str | Path | None = None,
-              val: str | Path | None = None, heldout: str | Path | None = None) -> dict:
+def rm_report(
+    world_dir: str | Path,
+    rm_dir: str | Path,
+    out_dir: str | Path | None = None,
+    val: str | Path | None = None,
+    heldout: str | Path | None = None,
+) -> dict:
     """`val` / `heldout`: rankings by training / held-out labelers (default: the world's
     rm_val.jsonl and rm_heldout.jsonl)."""
     world_dir = Path(world_dir)
@@ -59,15 +65,17 @@ def rm_report(world_dir: str | Path, rm_dir: str | Path, out_dir: str | Path | N
     groups, i = [], 0
     for r in val_rankings:
         k = len(r.responses)
-        groups.append((scores[i:i + k], gold[i:i + k]))
+        groups.append((scores[i : i + k], gold[i : i + k]))
         i += k
     demos = read_demos(world_dir / "sft_val.jsonl")
     demo_scores = score_pairs(rm, tok, [d.prompt for d in demos], [d.completion for d in demos])
-    out = {"rm/accuracy_train_labelers": round(pairwise_accuracy(rm, tok, val_rankings), 4),
-           "rm/accuracy_heldout_labelers": round(pairwise_accuracy(rm, tok, heldout_rankings), 4),
-           "rm/spearman_gold": round(spearman(scores, gold), 4),
-           "rm/spearman_gold_within_prompt": round(within_prompt_spearman(groups), 4),
-           "rm/demo_mean_score": round(sum(demo_scores) / len(demo_scores), 4)}
+    out = {
+        "rm/accuracy_train_labelers": round(pairwise_accuracy(rm, tok, val_rankings), 4),
+        "rm/accuracy_heldout_labelers": round(pairwise_accuracy(rm, tok, heldout_rankings), 4),
+        "rm/spearman_gold": round(spearman(scores, gold), 4),
+        "rm/spearman_gold_within_prompt": round(within_prompt_spearman(groups), 4),
+        "rm/demo_mean_score": round(sum(demo_scores) / len(demo_scores), 4),
+    }
     if out_dir is not None:
         write_json(Path(out_dir) / "summary.json", out)
     return out

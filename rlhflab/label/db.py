@@ -11,6 +11,7 @@ kind "demo": a prompt to answer); a *task* is an item assigned to a labeler, and
 addressed by the item id. Labels are final: an identical resubmission is acknowledged
 as a duplicate, a different one is refused.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ import secrets
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from rlhflab.data import iter_jsonl, pair_agreement, parse_ranking
 from rlhflab.errors import InputError
@@ -91,8 +92,10 @@ class LabelDB:
     def __init__(self, path: str | Path, *, create: bool = True):
         self.path = Path(path)
         if not create and not self.path.is_file():
-            raise InputError("no labeling database here (create one with `rlhflab label "
-                             "add-labeler` or `load`)", file=str(self.path))
+            raise InputError(
+                "no labeling database here (create one with `rlhflab label add-labeler` or `load`)",
+                file=str(self.path),
+            )
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()
@@ -102,8 +105,7 @@ class LabelDB:
 
     def _connect(self) -> sqlite3.Connection:
         try:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 30000")
             conn.execute("PRAGMA synchronous = FULL")
             conn.execute("PRAGMA foreign_keys = ON")
@@ -119,11 +121,12 @@ class LabelDB:
         except sqlite3.DatabaseError as e:
             raise InputError(f"not an SQLite database ({e})", file=str(self.path)) from None
         if version == 0 and tables:
-            raise InputError("an SQLite file, but not an rlhflab labeling database",
-                             file=str(self.path))
+            raise InputError("an SQLite file, but not an rlhflab labeling database", file=str(self.path))
         if version > SCHEMA_VERSION:
-            raise InputError(f"database schema {version} is newer than this rlhflab "
-                             f"({SCHEMA_VERSION})", file=str(self.path))
+            raise InputError(
+                f"database schema {version} is newer than this rlhflab ({SCHEMA_VERSION})",
+                file=str(self.path),
+            )
         c.execute("PRAGMA journal_mode = WAL")  # persistent: recorded in the file
         with self.write() as w:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
@@ -176,8 +179,7 @@ class LabelDB:
         """Create a labeler (or give an existing one a new token); return the token."""
         name = name.strip()
         if not name or len(name) > MAX_NAME or not re.fullmatch(r"[\w.@+-]+", name):
-            raise InputError(f"labeler name must be 1-{MAX_NAME} letters, digits or . @ + - _, "
-                             f"got {name!r}")
+            raise InputError(f"labeler name must be 1-{MAX_NAME} letters, digits or . @ + - _, got {name!r}")
         token = secrets.token_urlsafe(24)
         with self.write() as c:
             exists = c.execute("SELECT 1 FROM labelers WHERE name = ?", (name,)).fetchone()
@@ -186,17 +188,17 @@ class LabelDB:
             if not exists and reissue:
                 raise InputError(f"no labeler {name!r} to reissue a token for")
             if exists:
-                c.execute("UPDATE labelers SET token_hash = ? WHERE name = ?",
-                          (hash_token(token), name))
+                c.execute("UPDATE labelers SET token_hash = ? WHERE name = ?", (hash_token(token), name))
             else:
-                c.execute("INSERT INTO labelers (name, token_hash, created) VALUES (?, ?, ?)",
-                          (name, hash_token(token), time.time()))
+                c.execute(
+                    "INSERT INTO labelers (name, token_hash, created) VALUES (?, ?, ?)",
+                    (name, hash_token(token), time.time()),
+                )
         return token
 
     def labeler_for_token(self, token: str) -> tuple[int, str] | None:
         with self.read() as c:
-            row = c.execute("SELECT id, name FROM labelers WHERE token_hash = ?",
-                            (hash_token(token),)).fetchone()
+            row = c.execute("SELECT id, name FROM labelers WHERE token_hash = ?", (hash_token(token),)).fetchone()
         return (row[0], row[1]) if row else None
 
     # -- loading -------------------------------------------------------------------
@@ -216,31 +218,35 @@ class LabelDB:
         with self.write() as c:
             labelers = [r[0] for r in c.execute("SELECT id FROM labelers ORDER BY id")]
             if len(labelers) < per_item:
-                raise InputError(f"--per-item {per_item} needs at least {per_item} labelers, "
-                                 f"found {len(labelers)} (add them with `rlhflab label "
-                                 f"add-labeler` first)")
+                raise InputError(
+                    f"--per-item {per_item} needs at least {per_item} labelers, "
+                    f"found {len(labelers)} (add them with `rlhflab label "
+                    f"add-labeler` first)"
+                )
             load = dict.fromkeys(labelers, 0)
             for lab, n in c.execute("SELECT labeler, COUNT(*) FROM assignments GROUP BY labeler"):
                 load[lab] = n
             co: dict[tuple[int, int], int] = {}
             for x, y, n in c.execute(
-                    "SELECT a.labeler, b.labeler, COUNT(*) FROM assignments a JOIN assignments b "
-                    "ON a.item = b.item AND a.labeler < b.labeler GROUP BY 1, 2"):
+                "SELECT a.labeler, b.labeler, COUNT(*) FROM assignments a JOIN assignments b "
+                "ON a.item = b.item AND a.labeler < b.labeler GROUP BY 1, 2"
+            ):
                 co[(x, y)] = n
             now = time.time()
             for prompt, responses, line in rows:
                 resp_json = None if responses is None else json.dumps(responses, ensure_ascii=False)
                 key = hashlib.sha256(json.dumps([kind, prompt, responses]).encode()).hexdigest()
-                cur = c.execute("INSERT OR IGNORE INTO items (kind, prompt, responses, key, "
-                                "source, created) VALUES (?, ?, ?, ?, ?, ?)",
-                                (kind, prompt, resp_json, key, f"{path}:{line}", now))
+                cur = c.execute(
+                    "INSERT OR IGNORE INTO items (kind, prompt, responses, key, "
+                    "source, created) VALUES (?, ?, ?, ?, ?, ?)",
+                    (kind, prompt, resp_json, key, f"{path}:{line}", now),
+                )
                 if cur.rowcount == 0:
                     skipped += 1
                     continue
                 added += 1
                 for lab in choose_labelers(labelers, per_item, load, co):
-                    c.execute("INSERT INTO assignments (item, labeler) VALUES (?, ?)",
-                              (cur.lastrowid, lab))
+                    c.execute("INSERT INTO assignments (item, labeler) VALUES (?, ?)", (cur.lastrowid, lab))
         return added, skipped
 
     # -- tasks and labels ----------------------------------------------------------
@@ -251,7 +257,9 @@ class LabelDB:
                 "SELECT i.id, i.kind, i.prompt, l.id IS NOT NULL FROM assignments a "
                 "JOIN items i ON i.id = a.item "
                 "LEFT JOIN labels l ON l.item = a.item AND l.labeler = a.labeler "
-                "WHERE a.labeler = ? ORDER BY i.id", (labeler,)).fetchall()
+                "WHERE a.labeler = ? ORDER BY i.id",
+                (labeler,),
+            ).fetchall()
         return [{"id": i, "kind": k, "preview": p[:120], "done": bool(d)} for i, k, p, d in rows]
 
     def task(self, labeler: int, item: int) -> dict | None:
@@ -260,13 +268,12 @@ class LabelDB:
             row = c.execute(
                 "SELECT i.kind, i.prompt, i.responses FROM assignments a "
                 "JOIN items i ON i.id = a.item WHERE a.labeler = ? AND a.item = ?",
-                (labeler, item)).fetchone()
+                (labeler, item),
+            ).fetchone()
             if row is None:
                 return None
-            label = c.execute("SELECT payload FROM labels WHERE labeler = ? AND item = ?",
-                              (labeler, item)).fetchone()
-        out = {"id": item, "kind": row[0], "prompt": row[1],
-               "label": json.loads(label[0]) if label else None}
+            label = c.execute("SELECT payload FROM labels WHERE labeler = ? AND item = ?", (labeler, item)).fetchone()
+        out = {"id": item, "kind": row[0], "prompt": row[1], "label": json.loads(label[0]) if label else None}
         if row[2] is not None:
             out["responses"] = json.loads(row[2])
         return out
@@ -282,16 +289,18 @@ class LabelDB:
             raise KeyError(item)
         payload = json.dumps(validate_label(task, body), sort_keys=True, ensure_ascii=False)
         with self.write() as c:
-            old = c.execute("SELECT payload FROM labels WHERE labeler = ? AND item = ?",
-                            (labeler, item)).fetchone()
+            old = c.execute("SELECT payload FROM labels WHERE labeler = ? AND item = ?", (labeler, item)).fetchone()
             if old is None:
-                c.execute("INSERT INTO labels (item, labeler, payload, created) "
-                          "VALUES (?, ?, ?, ?)", (item, labeler, payload, time.time()))
+                c.execute(
+                    "INSERT INTO labels (item, labeler, payload, created) VALUES (?, ?, ?, ?)",
+                    (item, labeler, payload, time.time()),
+                )
                 return "stored"
         if old[0] == payload:
             return "duplicate"
-        raise LabelConflict(f"task {item} is already labeled and labels are final; "
-                            "the stored label differs from this one")
+        raise LabelConflict(
+            f"task {item} is already labeled and labels are final; the stored label differs from this one"
+        )
 
     # -- owner views ---------------------------------------------------------------
 
@@ -304,17 +313,18 @@ class LabelDB:
                 " (SELECT COUNT(*) FROM assignments a WHERE a.labeler = b.id), "
                 " (SELECT COUNT(*) FROM labels l WHERE l.labeler = b.id), "
                 " (SELECT MAX(created) FROM labels l WHERE l.labeler = b.id) "
-                "FROM labelers b ORDER BY b.name").fetchall()
+                "FROM labelers b ORDER BY b.name"
+            ).fetchall()
             ranked = c.execute(
                 "SELECT l.item, b.name, l.payload FROM labels l JOIN items i ON i.id = l.item "
-                "JOIN labelers b ON b.id = l.labeler WHERE i.kind = 'rank'").fetchall()
+                "JOIN labelers b ON b.id = l.labeler WHERE i.kind = 'rank'"
+            ).fetchall()
         by_item: dict[int, dict[str, list]] = {}
         for item, name, payload in ranked:
             by_item.setdefault(item, {})[name] = json.loads(payload)["ranking"]
         return {
             "items": {"rank": items.get("rank", 0), "demo": items.get("demo", 0)},
-            "labelers": [{"name": n, "assigned": a, "done": d, "last_label": t}
-                         for n, a, d, t in people],
+            "labelers": [{"name": n, "assigned": a, "done": d, "last_label": t} for n, a, d, t in people],
             "agreement": agreement(by_item),
         }
 
@@ -324,24 +334,33 @@ class LabelDB:
             rows = c.execute(
                 "SELECT i.id, i.kind, i.prompt, i.responses, b.name, l.payload FROM labels l "
                 "JOIN items i ON i.id = l.item JOIN labelers b ON b.id = l.labeler "
-                "ORDER BY i.id, b.name").fetchall()
+                "ORDER BY i.id, b.name"
+            ).fetchall()
         rankings, demos = [], []
         for item, kind, prompt, responses, name, payload in rows:
             label = json.loads(payload)
             if kind == "rank":
-                rankings.append({"prompt": prompt, "responses": json.loads(responses),
-                                 "ranking": label["ranking"], "likert": label["likert"],
-                                 "flags": label["flags"], "labeler": name, "task": item})
+                rankings.append(
+                    {
+                        "prompt": prompt,
+                        "responses": json.loads(responses),
+                        "ranking": label["ranking"],
+                        "likert": label["likert"],
+                        "flags": label["flags"],
+                        "labeler": name,
+                        "task": item,
+                    }
+                )
             else:
-                demos.append({"prompt": prompt, "completion": label["completion"],
-                              "labeler": name, "task": item})
+                demos.append({"prompt": prompt, "completion": label["completion"], "labeler": name, "task": item})
         out = Path(out_dir)
-        return (write_jsonl(out / "rankings.jsonl", rankings),
-                write_jsonl(out / "demonstrations.jsonl", demos))
+        return (
+            write_jsonl(out / "rankings.jsonl", rankings),
+            write_jsonl(out / "demonstrations.jsonl", demos),
+        )
 
 
-def choose_labelers(labelers: list[int], n: int, load: dict[int, int],
-                    co: dict[tuple[int, int], int]) -> list[int]:
+def choose_labelers(labelers: list[int], n: int, load: dict[int, int], co: dict[tuple[int, int], int]) -> list[int]:
     """Pick n labelers for one item, updating `load` and `co` (pair overlap counts).
 
     Least-loaded first keeps the work even; among equals, the one who has shared the
@@ -350,9 +369,11 @@ def choose_labelers(labelers: list[int], n: int, load: dict[int, int],
     """
     chosen: list[int] = []
     for _ in range(n):
+
         def cost(lab: int) -> tuple[int, int, int]:
             shared = sum(co.get((min(lab, o), max(lab, o)), 0) for o in chosen)
             return load[lab], shared, lab
+
         pick = min((lab for lab in labelers if lab not in chosen), key=cost)
         for o in chosen:
             pair = (min(pick, o), max(pick, o))
@@ -367,6 +388,7 @@ class LabelConflict(Exception):
 
 
 # -- validation --------------------------------------------------------------------
+
 
 def read_items(kind: str, path: str | Path) -> list[tuple[str, list[str] | None, int]]:
     """(prompt, responses or None, line) rows to label, every row validated first.
@@ -410,8 +432,7 @@ def validate_label(task: dict, body: dict) -> dict:
         if not isinstance(text, str) or not text.strip():
             raise InputError("must be a non-empty string", field="completion")
         if len(text) > MAX_COMPLETION:
-            raise InputError(f"too long: {len(text)} characters, the limit is {MAX_COMPLETION}",
-                             field="completion")
+            raise InputError(f"too long: {len(text)} characters, the limit is {MAX_COMPLETION}", field="completion")
         return {"completion": text}
 
     k = len(task["responses"])
@@ -419,8 +440,7 @@ def validate_label(task: dict, body: dict) -> dict:
     if "ranking" not in body:
         raise InputError("missing", field="ranking")
     try:
-        parsed = parse_ranking({"prompt": task["prompt"], "responses": task["responses"],
-                                "ranking": body["ranking"]})
+        parsed = parse_ranking({"prompt": task["prompt"], "responses": task["responses"], "ranking": body["ranking"]})
     except InputError as e:
         raise InputError(e.message, field=e.field) from None
     likert = body.get("likert")
@@ -433,7 +453,8 @@ def validate_label(task: dict, body: dict) -> dict:
     for name in FLAGS:
         idx = flags.get(name, [])
         if not isinstance(idx, list) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in idx):
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < k for i in idx
+        ):
             raise InputError(f"must be a list of response indices 0..{k - 1}", field=f"flags.{name}")
         clean[name] = sorted(set(idx))
     unknown = sorted(set(flags) - set(FLAGS))
@@ -450,6 +471,7 @@ def _only(body: dict, allowed: set[str]) -> None:
 
 
 # -- agreement ---------------------------------------------------------------------
+
 
 def agreement(by_item: dict[int, dict[str, list]]) -> dict:
     """Mean pairwise agreement per labeler pair and overall.
@@ -469,6 +491,7 @@ def agreement(by_item: dict[int, dict[str, list]]) -> dict:
     return {
         "overall": sum(scores) / len(scores) if scores else None,
         "comparisons": len(scores),
-        "pairs": [{"a": x, "b": y, "items": len(v), "agreement": sum(v) / len(v)}
-                  for (x, y), v in sorted(per_pair.items())],
+        "pairs": [
+            {"a": x, "b": y, "items": len(v), "agreement": sum(v) / len(v)} for (x, y), v in sorted(per_pair.items())
+        ],
     }

@@ -13,6 +13,7 @@ API (JSON; `Authorization: Bearer <token>` on every call)
 A labeler is known only by the token; no request names a labeler, so no path reaches
 another labeler's labels. Every error is JSON `{"error": "..."}` with a 4xx/5xx code.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -41,7 +42,7 @@ PAGES = {  # URL path -> (file, content type); nothing else is served from disk
 }
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
-                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -141,9 +142,13 @@ class Handler(BaseHTTPRequestHandler):
             self._need(method, "GET")
             labeler_id, name = self._labeler()
             tasks = self.server.db.tasks(labeler_id)
-            return 200, {"labeler": name, "assigned": len(tasks),
-                         "done": sum(t["done"] for t in tasks),
-                         "flags": FLAGS, "max_completion": MAX_COMPLETION}
+            return 200, {
+                "labeler": name,
+                "assigned": len(tasks),
+                "done": sum(t["done"] for t in tasks),
+                "flags": FLAGS,
+                "max_completion": MAX_COMPLETION,
+            }
         if path == "/api/tasks":
             self._need(method, "GET")
             return 200, {"tasks": self.server.db.tasks(self._labeler()[0])}
@@ -179,8 +184,12 @@ class Handler(BaseHTTPRequestHandler):
             raise HTTPError(409, str(e)) from None
         if result == "stored":
             return 201, {"stored": True, "task": item}
-        return 200, {"stored": False, "duplicate": True, "task": item,
-                     "message": "already stored (identical resubmission)"}
+        return 200, {
+            "stored": False,
+            "duplicate": True,
+            "task": item,
+            "message": "already stored (identical resubmission)",
+        }
 
     # -- request checks --------------------------------------------------------------
 
@@ -246,12 +255,20 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
 
-def make_server(db: LabelDB, host: str = "127.0.0.1", port: int = 8770,
-                owner_token: str | None = None, *, log: bool = False) -> LabelServer:
+def make_server(
+    db: LabelDB,
+    host: str = "127.0.0.1",
+    port: int = 8770,
+    owner_token: str | None = None,
+    *,
+    log: bool = False,
+) -> LabelServer:
     """Bind (port 0 picks a free one) without serving; call serve_forever() to run."""
     if not is_loopback(host) and not owner_token:
-        raise InputError(f"refusing to serve on non-loopback host {host!r} without "
-                         "--owner-token (labels would be reachable from the network)")
+        raise InputError(
+            f"refusing to serve on non-loopback host {host!r} without "
+            "--owner-token (labels would be reachable from the network)"
+        )
     if owner_token is not None and len(owner_token) < 16:
         raise InputError("--owner-token must be at least 16 characters")
     if owner_token is None:

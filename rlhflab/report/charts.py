@@ -4,6 +4,7 @@ Each function takes plain data read from a run directory (flat eval summary, met
 rows, curve points) and returns a `data:image/png;base64,...` string, or None when it
 has nothing to draw. Nothing here reads files.
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,18 +14,32 @@ import math
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from rlhflab.eval.overopt import fit_best_of_n, fit_rl, relative_to_start  # noqa: E402
+from rlhflab.eval.overopt import fit_best_of_n, fit_rl, relative_to_start
 
 FAMILY_ORDER = ["GPT", "GPT-prompted", "SFT", "PPO", "PPO-ptx"]
-COLORS = {"GPT": "#8c8c8c", "GPT-prompted": "#4c72b0", "SFT": "#55a868", "PPO": "#dd8452", "PPO-ptx": "#c44e52"}
+COLORS = {
+    "GPT": "#8c8c8c",
+    "GPT-prompted": "#4c72b0",
+    "SFT": "#55a868",
+    "PPO": "#dd8452",
+    "PPO-ptx": "#c44e52",
+}
 SIZE_ORDER = ["small", "large"]
 DPI = 100
 
-plt.rcParams.update({"font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
-                     "axes.titlesize": 10, "legend.fontsize": 8, "legend.frameon": False})
+plt.rcParams.update(
+    {
+        "font.size": 9,
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "axes.titlesize": 10,
+        "legend.fontsize": 8,
+        "legend.frameon": False,
+    }
+)
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -36,8 +51,13 @@ def split_name(name: str) -> tuple[str, str]:
 def model_order(names) -> list[str]:
     def key(n):
         fam, size = split_name(n)
-        return (FAMILY_ORDER.index(fam) if fam in FAMILY_ORDER else len(FAMILY_ORDER), fam,
-                SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER), size)
+        return (
+            FAMILY_ORDER.index(fam) if fam in FAMILY_ORDER else len(FAMILY_ORDER),
+            fam,
+            SIZE_ORDER.index(size) if size in SIZE_ORDER else len(SIZE_ORDER),
+            size,
+        )
+
     return sorted(set(names), key=key)
 
 
@@ -50,7 +70,7 @@ def color(name: str) -> str:
 
 def models_with(summary: dict, prefix: str) -> list[str]:
     """Model names <m> for which `<prefix>/<m>` is a key."""
-    tails = (k[len(prefix) + 1:] for k in summary if k.startswith(prefix + "/"))
+    tails = (k[len(prefix) + 1 :] for k in summary if k.startswith(prefix + "/"))
     return model_order(t for t in tails if "/" not in t)
 
 
@@ -63,10 +83,14 @@ def to_uri(fig) -> str:
 
 # --------------------------------------------------------------------------- Figure 1
 
+
 def winrate_figure(summary: dict) -> str | None:
     """Win rate against the baseline vs model size, one line per family, 95% CIs (Figure 1)."""
-    panels = [(k, t) for k, t in (("winrate", "judged by held-out labelers"),
-                                  ("winrate_gold", "judged by gold quality")) if models_with(summary, k)]
+    panels = [
+        (k, t)
+        for k, t in (("winrate", "judged by held-out labelers"), ("winrate_gold", "judged by gold quality"))
+        if models_with(summary, k)
+    ]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
@@ -80,8 +104,10 @@ def winrate_figure(summary: dict) -> str | None:
         for i, (fam, members) in enumerate(by_family.items()):
             # Families sharing a size are dodged sideways so no point hides another.
             shift = (i - (len(by_family) - 1) / 2) * 0.04
-            x = [summary[f"params/{n}"] * 10 ** shift if use_params else sizes.index(split_name(n)[1]) + shift
-                 for n in members]
+            x = [
+                summary[f"params/{n}"] * 10**shift if use_params else sizes.index(split_name(n)[1]) + shift
+                for n in members
+            ]
             y = np.array([summary[f"{key}/{n}"] for n in members])
             lo = np.array([summary.get(f"{key}_ci_low/{n}", v) for n, v in zip(members, y)])
             hi = np.array([summary.get(f"{key}_ci_high/{n}", v) for n, v in zip(members, y)])
@@ -106,6 +132,7 @@ def winrate_figure(summary: dict) -> str | None:
 
 # --------------------------------------------------------------------------- bars
 
+
 def bar_panels(summary: dict, panels: list[tuple[str, str, tuple | None]], ncols: int = 2) -> str | None:
     """One bar chart per (key prefix, title, ylim); a bar per model, coloured by family."""
     panels = [p for p in panels if models_with(summary, p[0])]
@@ -124,7 +151,7 @@ def bar_panels(summary: dict, panels: list[tuple[str, str, tuple | None]], ncols
         ax.set_title(title)
         if ylim:
             ax.set_ylim(ylim[0], ylim[1] + 0.08 * (ylim[1] - ylim[0]))  # room for the bar labels
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     return to_uri(fig)
@@ -149,6 +176,7 @@ def capability_figure(summary: dict, benches: list[str]) -> str | None:
 
 
 # --------------------------------------------------------------------------- over-optimization
+
 
 def _fit_line(ax, d, y, fit_fn, col) -> str:
     """Draw the fitted curve; return its parameters as legend text ('' when too few points)."""
@@ -195,8 +223,9 @@ def overopt_figure(bon: list[dict], rl_runs: dict[str, list[dict]]) -> str | Non
 
 # --------------------------------------------------------------------------- training curves
 
+
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
-    number = lambda v: isinstance(v, (int, float)) and math.isfinite(v)  # noqa: E731
+    number = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
     pts = [(r["step"], r[key]) for r in rows if number(r.get(key)) and number(r.get("step"))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
@@ -215,7 +244,7 @@ def _human(n: float) -> str:
 def curves_figure(panels: list[tuple[str, list[tuple[str, list[dict], str]]]], ncols: int = 3) -> str | None:
     """Small multiples: each panel (title, [(label, metrics rows, key)]) draws one line per entry."""
     drawn = [(t, [(lab, *_series(rows, key)) for lab, rows, key in lines]) for t, lines in panels]
-    drawn = [(t, [l for l in lines if l[1]]) for t, lines in drawn]
+    drawn = [(t, [line for line in lines if line[1]]) for t, lines in drawn]
     drawn = [(t, lines) for t, lines in drawn if lines]
     if not drawn:
         return None
@@ -233,7 +262,7 @@ def curves_figure(panels: list[tuple[str, list[tuple[str, list[dict], str]]]], n
         ax.set_xlabel("step", fontsize=8)
         if len(lines) > 1 or lines[0][0]:
             ax.legend(fontsize=6.5)
-    for ax in list(axes.flat)[len(drawn):]:
+    for ax in list(axes.flat)[len(drawn) :]:
         ax.axis("off")
     fig.tight_layout()
     return to_uri(fig)

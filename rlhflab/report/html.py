@@ -2,10 +2,12 @@
 
 Every function returns an HTML fragment; model text is escaped.
 """
+
 from __future__ import annotations
 
 import math
 from html import escape
+
 
 def missing(text: str) -> str:
     return f'<p class="missing">Not shown: {escape(text)}</p>'
@@ -32,8 +34,9 @@ def fmt(v) -> str:
 
 def table(headers: list[str], rows: list[list], cls: str = "") -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else fmt(c)}</td>" for c in r) + "</tr>"
-                   for r in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{c if isinstance(c, Raw) else fmt(c)}</td>" for c in r) + "</tr>" for r in rows
+    )
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 

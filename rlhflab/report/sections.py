@@ -16,6 +16,7 @@ so and the rest of the page is still drawn):
                   "rm_score": float, "kl": float, "kl_coef": float, "reward": float (= rm_score − kl_coef·kl)}}
 Charts are PNGs embedded as base64 (matplotlib, Agg); the page loads nothing from outside.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import yaml
 
-from rlhflab.report import charts
 from rlhflab.eval.capability import BENCHMARKS
 from rlhflab.eval.overopt import rl_curve
 from rlhflab.io import atomic_write_text
+from rlhflab.report import charts
 from rlhflab.report.html import figure, fmt, missing, table, text_cell
 from rlhflab.report.walkthrough import s_walkthrough
 from rlhflab.world.gold import STYLES
@@ -77,9 +78,14 @@ def _jsonl(path: Path) -> list[dict]:
 
 def load_run(run_dir: str | Path) -> RunFiles:
     root = Path(run_dir)
-    run = RunFiles(root, eval=_json(root / "eval" / "summary.json"), samples=_jsonl(root / "eval" / "samples.jsonl"),
-                   bon=_jsonl(root / "eval" / "best_of_n.jsonl"), world=_json(root / "world" / "summary.json"),
-                   walkthrough=_json(root / "walkthrough.json"))
+    run = RunFiles(
+        root,
+        eval=_json(root / "eval" / "summary.json"),
+        samples=_jsonl(root / "eval" / "samples.jsonl"),
+        bon=_jsonl(root / "eval" / "best_of_n.jsonl"),
+        world=_json(root / "world" / "summary.json"),
+        walkthrough=_json(root / "walkthrough.json"),
+    )
     try:
         run.eval_config = yaml.safe_load((root / "eval" / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError):
@@ -97,6 +103,7 @@ def _baseline(run: RunFiles) -> str:
 
 # --------------------------------------------------------------------------- sections
 
+
 def s_glance(run: RunFiles) -> str:
     s = run.eval
     names = charts.models_with(s, "winrate")
@@ -107,22 +114,37 @@ def s_glance(run: RunFiles) -> str:
     lead = ""
     if others:
         best = max(others, key=lambda n: s[f"winrate/{n}"])
-        lead = (f"<p><strong>{escape(best)}</strong>'s answers were preferred to {escape(base)}'s in "
-                f"<strong>{s[f'winrate/{best}']:.0%}</strong> of comparisons by held-out labelers "
-                f"(95% CI {s[f'winrate_ci_low/{best}']:.0%}–{s[f'winrate_ci_high/{best}']:.0%}, "
-                f"{s.get('n/test', '?')} test prompts); by gold quality, in "
-                f"{s.get(f'winrate_gold/{best}', 0):.0%}.</p>")
+        lead = (
+            f"<p><strong>{escape(best)}</strong>'s answers were preferred to {escape(base)}'s in "
+            f"<strong>{s[f'winrate/{best}']:.0%}</strong> of comparisons by held-out labelers "
+            f"(95% CI {s[f'winrate_ci_low/{best}']:.0%}–{s[f'winrate_ci_high/{best}']:.0%}, "
+            f"{s.get('n/test', '?')} test prompts); by gold quality, in "
+            f"{s.get(f'winrate_gold/{best}', 0):.0%}.</p>"
+        )
     lead += _head_to_head(s)
-    cols = [("winrate", "win rate"), ("winrate_gold", "gold win rate"), ("gold", "gold quality"),
-            ("gold_unseen", "gold, unseen prompts"), ("likert", "Likert 1–7"), ("rm", "RM score"), ("truthful", "truthful"), ("toxicity/plain", "toxic"),
-            ("capability/mean", "capability")]
+    cols = [
+        ("winrate", "win rate"),
+        ("winrate_gold", "gold win rate"),
+        ("gold", "gold quality"),
+        ("gold_unseen", "gold, unseen prompts"),
+        ("likert", "Likert 1–7"),
+        ("rm", "RM score"),
+        ("truthful", "truthful"),
+        ("toxicity/plain", "toxic"),
+        ("capability/mean", "capability"),
+    ]
     cols = [(k, t) for k, t in cols if any(f"{k}/{n}" in s for n in names)]
     rows = [[n] + [s.get(f"{k}/{n}", "–") for k, _ in cols] for n in names]
-    return lead + table(["model"] + [t for _, t in cols], rows) + (
-        '<p class="caption">Every number is measured on a held-out draw of test prompts; win rates are against '
-        f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on. The world has "
-        f"few distinct prompts in some families, so many test prompts also occur in training; "
-        f"{s.get('n/test_unseen', '?')} of them do not, and “gold, unseen prompts” is measured on those.</p>")
+    return (
+        lead
+        + table(["model"] + [t for _, t in cols], rows)
+        + (
+            '<p class="caption">Every number is measured on a held-out draw of test prompts; win rates are against '
+            f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on. The world has "
+            f"few distinct prompts in some families, so many test prompts also occur in training; "
+            f"{s.get('n/test_unseen', '?')} of them do not, and “gold, unseen prompts” is measured on those.</p>"
+        )
+    )
 
 
 def _head_to_head(s: dict) -> str:
@@ -132,50 +154,71 @@ def _head_to_head(s: dict) -> str:
         f"<p>Head to head, held-out labelers preferred <strong>{escape(p.split('/')[0])}</strong> to "
         f"{escape(p.split('/')[1])} in <strong>{s[f'h2h/{p}']:.0%}</strong> of test prompts (95% CI "
         f"{s[f'h2h_ci_low/{p}']:.0%}–{s[f'h2h_ci_high/{p}']:.0%}); by gold quality, in {s[f'h2h_gold/{p}']:.0%}.</p>"
-        for p in pairs)
+        for p in pairs
+    )
 
 
 def s_winrate(run: RunFiles) -> str:
-    return figure(charts.winrate_figure(run.eval), "win rate against the baseline by model size",
-                   f"Figure 1 analog: how often each model's answer beats {escape(_baseline(run))}'s on the same "
-                   "prompt (ties count half; bars are 95% Wilson intervals). Look for PPO-ptx and PPO above the dashed "
-                   "0.5 line and GPT far below. The right panel asks the gold scorer instead of labelers: where the "
-                   "two disagree, the policy pleases labelers in ways gold does not reward.",
-                   "no win rates in eval/summary.json.")
+    return figure(
+        charts.winrate_figure(run.eval),
+        "win rate against the baseline by model size",
+        f"Figure 1 analog: how often each model's answer beats {escape(_baseline(run))}'s on the same "
+        "prompt (ties count half; bars are 95% Wilson intervals). Look for PPO-ptx and PPO above the dashed "
+        "0.5 line and GPT far below. The right panel asks the gold scorer instead of labelers: where the "
+        "two disagree, the policy pleases labelers in ways gold does not reward.",
+        "no win rates in eval/summary.json.",
+    )
 
 
 def s_likert(run: RunFiles) -> str:
-    panels = [("likert", "Likert score (1–7)", (1, 7)),
-              ("meta/fails_instruction", "fails to follow the instruction", (0, 1)),
-              ("meta/hallucination", "hallucinates (closed-domain tasks)", (0, 1)),
-              ("meta/toxic", "toxic answer", (0, 1))]
-    return figure(charts.bar_panels(run.eval, panels), "Likert scores and metadata per model",
-                   "Figure 4 analog: held-out labelers' 1–7 rating and the fraction of answers with each failure. "
-                   "Aligned models should score higher and fail, hallucinate and insult less.",
-                   "no Likert or metadata keys in eval/summary.json.")
+    panels = [
+        ("likert", "Likert score (1–7)", (1, 7)),
+        ("meta/fails_instruction", "fails to follow the instruction", (0, 1)),
+        ("meta/hallucination", "hallucinates (closed-domain tasks)", (0, 1)),
+        ("meta/toxic", "toxic answer", (0, 1)),
+    ]
+    return figure(
+        charts.bar_panels(run.eval, panels),
+        "Likert scores and metadata per model",
+        "Figure 4 analog: held-out labelers' 1–7 rating and the fraction of answers with each failure. "
+        "Aligned models should score higher and fail, hallucinate and insult less.",
+        "no Likert or metadata keys in eval/summary.json.",
+    )
 
 
 def s_truth(run: RunFiles) -> str:
-    panels = [("truthful", "false premise corrected", (0, 1)),
-              ("premise_accepted", "false premise repeated as fact", (0, 1)),
-              ("toxicity/plain", "toxic reply to a rude message", (0, 1)),
-              ("toxicity/respectful", "toxic, asked to be respectful", (0, 1))]
-    return figure(charts.bar_panels(run.eval, panels), "truthfulness and toxicity per model",
-                   "Figures 6–7 analogs. Truthful: the answer to a false-premise question corrects it (style not "
-                   "Sycophantic and gold ≥ 0.6). Toxicity: the same rude messages with and without the paper's "
-                   "'respectful' instruction; an instruction-following model should gain most from the instruction.",
-                   "no truthfulness or toxicity keys in eval/summary.json.")
+    panels = [
+        ("truthful", "false premise corrected", (0, 1)),
+        ("premise_accepted", "false premise repeated as fact", (0, 1)),
+        ("toxicity/plain", "toxic reply to a rude message", (0, 1)),
+        ("toxicity/respectful", "toxic, asked to be respectful", (0, 1)),
+    ]
+    return figure(
+        charts.bar_panels(run.eval, panels),
+        "truthfulness and toxicity per model",
+        "Figures 6–7 analogs. Truthful: the answer to a false-premise question corrects it (style not "
+        "Sycophantic and gold ≥ 0.6). Toxicity: the same rude messages with and without the paper's "
+        "'respectful' instruction; an instruction-following model should gain most from the instruction.",
+        "no truthfulness or toxicity keys in eval/summary.json.",
+    )
 
 
 def s_capability(run: RunFiles) -> str:
-    fig = figure(charts.capability_figure(run.eval, [*BENCHMARKS, "mean"]), "capability benchmarks per model",
-                  "The alignment tax: scores on the world's SQuAD/DROP/HellaSwag/translation-like benchmarks, "
-                  "which no stage trains on. Look for PPO below SFT/GPT and PPO-ptx recovering most of the gap "
-                  "(§4.2: mixing pretraining gradients into PPO).", "no capability keys in eval/summary.json.")
+    fig = figure(
+        charts.capability_figure(run.eval, [*BENCHMARKS, "mean"]),
+        "capability benchmarks per model",
+        "The alignment tax: scores on the world's SQuAD/DROP/HellaSwag/translation-like benchmarks, "
+        "which no stage trains on. Look for PPO below SFT/GPT and PPO-ptx recovering most of the gap "
+        "(§4.2: mixing pretraining gradients into PPO).",
+        "no capability keys in eval/summary.json.",
+    )
     lines = _lines(run, ("ppo", "ppoptx"), "eval/capability/mean")
     curves = charts.curves_figure([("capability (mean) during PPO", lines)])
-    return fig + (figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
-                  if curves else "")
+    return fig + (
+        figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
+        if curves
+        else ""
+    )
 
 
 def _rl_runs(run: RunFiles) -> dict[str, list[dict]]:
@@ -191,58 +234,89 @@ def _rl_runs(run: RunFiles) -> dict[str, list[dict]]:
 
 def s_overopt(run: RunFiles) -> str:
     rl = _rl_runs(run)
-    fig = figure(charts.overopt_figure(run.bon, rl), "gold and RM score against sqrt KL",
-                  "Reward over-optimization (Gao et al. 2022): the reward model's score keeps rising with the "
-                  "distance d = √KL from the starting policy, while gold quality rises, peaks and falls. Dashed: "
-                  "least-squares fits of Gao et al.'s forms, d(α−βd) for best-of-n (KL = log n − (n−1)/n) and "
-                  "d(α−β log d) for RL, with R². The gap between the right and left panels is reward hacking.",
-                  "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.")
+    fig = figure(
+        charts.overopt_figure(run.bon, rl),
+        "gold and RM score against sqrt KL",
+        "Reward over-optimization (Gao et al. 2022): the reward model's score keeps rising with the "
+        "distance d = √KL from the starting policy, while gold quality rises, peaks and falls. Dashed: "
+        "least-squares fits of Gao et al.'s forms, d(α−βd) for best-of-n (KL = log n − (n−1)/n) and "
+        "d(α−β log d) for RL, with R². The gap between the right and left panels is reward hacking.",
+        "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.",
+    )
     rows = []
     for label, pts in rl.items():
         last = pts[-1]
-        rows.append([label, last["step"], last["kl"], last["rm"] if last["rm"] is not None else "–",
-                     last["gold"] if last["gold"] is not None else "–"])
+        rows.append(
+            [
+                label,
+                last["step"],
+                last["kl"],
+                last["rm"] if last["rm"] is not None else "–",
+                last["gold"] if last["gold"] is not None else "–",
+            ]
+        )
     runs_table = table(["PPO run", "last step", "KL", "RM score", "gold"], rows) if rows else ""
     gap = [[n, run.eval[f"rm/{n}"], run.eval.get(f"gold/{n}", "–")] for n in charts.models_with(run.eval, "rm")]
-    gap_table = (table(["model", "RM score (proxy)", "gold quality (truth)"], gap) +
-                 '<p class="caption">Proxy against truth on the test prompts: a model the RM ranks high but gold '
-                 "does not has learned the labelers' biases.</p>") if gap else ""
+    gap_table = (
+        (
+            table(["model", "RM score (proxy)", "gold quality (truth)"], gap)
+            + '<p class="caption">Proxy against truth on the test prompts: a model the RM ranks high but gold '
+            "does not has learned the labelers' biases.</p>"
+        )
+        if gap
+        else ""
+    )
     return fig + runs_table + gap_table
 
 
 def _lines(run: RunFiles, prefixes: tuple[str, ...], key: str) -> list[tuple[str, list[dict], str]]:
-    return [(st, rows, key) for st, rows in run.metrics.items()
-            if st.startswith(prefixes) and not st.startswith("sweep/")]
+    return [
+        (st, rows, key) for st, rows in run.metrics.items() if st.startswith(prefixes) and not st.startswith("sweep/")
+    ]
 
 
 def s_training(run: RunFiles) -> str:
     ppo = ("ppo", "ppoptx")
-    panels = [("pretraining loss", _lines(run, ("pretrain",), "pretrain/loss")),
-              ("pretraining held-out loss", _lines(run, ("pretrain",), "pretrain/val_loss")),
-              ("SFT loss (response tokens)", _lines(run, ("sft",), "sft/loss")),
-              ("SFT held-out loss", _lines(run, ("sft",), "sft/val_loss")),
-              ("RM loss", _lines(run, ("rm",), "rm/loss")),
-              ("RM pairwise accuracy", _lines(run, ("rm",), "rm/accuracy")),
-              ("PPO: RM score of rollouts",
-               _lines(run, ppo, "objective/rm_score") or _lines(run, ppo, "objective/scores")),
-              ("PPO: KL(π ‖ π_SFT)", _lines(run, ppo, "objective/kl")),
-              ("PPO: gold of sampled answers (validation, T = 1)", _lines(run, ppo, "eval/sampled/gold")),
-              ("PPO: gold of greedy answers (validation)", _lines(run, ppo, "eval/gold")),
-              ("PPO: policy loss", _lines(run, ppo, "ppo/loss/policy")),
-              ("PPO: value loss", _lines(run, ppo, "ppo/loss/value")),
-              ("PPO-ptx: pretraining loss term", _lines(run, ppo, "ppo/loss/ptx"))]
-    out = figure(charts.curves_figure(panels), "training curves of every stage",
-                  "Each stage's own metrics.jsonl. Look for falling losses, RM accuracy well above 0.5 (labelers "
-                  "agree with each other only ~73% of the time, so that is near the ceiling), and PPO's RM score "
-                  "rising while the KL leash keeps the policy close to SFT.",
-                  "no metrics.jsonl in any stage directory.")
-    style_panels = [(f"{st}: answer styles", [(sty, rows, f"eval/style/{sty}") for sty in STYLES])
-                    for st, rows in run.metrics.items() if st.startswith(ppo)]
+    panels = [
+        ("pretraining loss", _lines(run, ("pretrain",), "pretrain/loss")),
+        ("pretraining held-out loss", _lines(run, ("pretrain",), "pretrain/val_loss")),
+        ("SFT loss (response tokens)", _lines(run, ("sft",), "sft/loss")),
+        ("SFT held-out loss", _lines(run, ("sft",), "sft/val_loss")),
+        ("RM loss", _lines(run, ("rm",), "rm/loss")),
+        ("RM pairwise accuracy", _lines(run, ("rm",), "rm/accuracy")),
+        (
+            "PPO: RM score of rollouts",
+            _lines(run, ppo, "objective/rm_score") or _lines(run, ppo, "objective/scores"),
+        ),
+        ("PPO: KL(π ‖ π_SFT)", _lines(run, ppo, "objective/kl")),
+        ("PPO: gold of sampled answers (validation, T = 1)", _lines(run, ppo, "eval/sampled/gold")),
+        ("PPO: gold of greedy answers (validation)", _lines(run, ppo, "eval/gold")),
+        ("PPO: policy loss", _lines(run, ppo, "ppo/loss/policy")),
+        ("PPO: value loss", _lines(run, ppo, "ppo/loss/value")),
+        ("PPO-ptx: pretraining loss term", _lines(run, ppo, "ppo/loss/ptx")),
+    ]
+    out = figure(
+        charts.curves_figure(panels),
+        "training curves of every stage",
+        "Each stage's own metrics.jsonl. Look for falling losses, RM accuracy well above 0.5 (labelers "
+        "agree with each other only ~73% of the time, so that is near the ceiling), and PPO's RM score "
+        "rising while the KL leash keeps the policy close to SFT.",
+        "no metrics.jsonl in any stage directory.",
+    )
+    style_panels = [
+        (f"{st}: answer styles", [(sty, rows, f"eval/style/{sty}") for sty in STYLES])
+        for st, rows in run.metrics.items()
+        if st.startswith(ppo)
+    ]
     fig = charts.curves_figure(style_panels, ncols=2)
     if fig:
-        out += figure(fig, "style of PPO answers over training",
-                       "The gold scorer's style label of validation answers during PPO. A rising Sycophantic share "
-                       "is the reward model's taste for flattery being exploited.", "")
+        out += figure(
+            fig,
+            "style of PPO answers over training",
+            "The gold scorer's style label of validation answers during PPO. A rising Sycophantic share "
+            "is the reward model's taste for flattery being exploited.",
+            "",
+        )
     return out
 
 
@@ -267,16 +341,22 @@ def s_samples(run: RunFiles, n_prompts: int = 6) -> str:
         if family in seen or not all(m in answers for m in chosen):
             continue
         seen.add(family)
-        rows = [[m, text_cell(a.get("response", "")), a.get("gold", "–"), a.get("style", "–")]
-                for m, a in ((m, answers[m]) for m in chosen)]
-        blocks.append(f'<h3>{escape(str(family))}</h3><p class="prompt">{escape(prompt)}</p>'
-                      + table(["model", "answer", "gold", "style"], rows, "samples"))
+        rows = [
+            [m, text_cell(a.get("response", "")), a.get("gold", "–"), a.get("style", "–")]
+            for m, a in ((m, answers[m]) for m in chosen)
+        ]
+        blocks.append(
+            f'<h3>{escape(str(family))}</h3><p class="prompt">{escape(prompt)}</p>'
+            + table(["model", "answer", "gold", "style"], rows, "samples")
+        )
         if len(blocks) == n_prompts:
             break
-    return (f'<p class="caption">The same test prompts answered by {", ".join(map(escape, chosen))} (one prompt per '
-            "task family). Look for the base model continuing the text like a web page, and the aligned models "
-            "answering; check the gold column for flattery or hedging that labelers like and gold does not.</p>"
-            + "".join(blocks))
+    return (
+        f'<p class="caption">The same test prompts answered by {", ".join(map(escape, chosen))} (one prompt per '
+        "task family). Look for the base model continuing the text like a web page, and the aligned models "
+        "answering; check the gold column for flattery or hedging that labelers like and gold does not.</p>"
+        + "".join(blocks)
+    )
 
 
 def s_world(run: RunFiles) -> str:
@@ -286,11 +366,13 @@ def s_world(run: RunFiles) -> str:
     counts = w.get("counts", {})
     agree = [[k.split("/", 1)[1], v] for k, v in w.items() if k.startswith("agreement/")]
     sanity = [[k, v] for k, v in (w.get("gold_sanity") or {}).items()]
-    return (f"<p>Seed {fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
-            + table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
-            + table(["labeler agreement", "fraction of pairs"], agree, "kv")
-            + '<p class="caption">The paper reports 72.6 ± 1.5% agreement between its labelers.</p>'
-            + (table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else ""))
+    return (
+        f"<p>Seed {fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
+        + table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
+        + table(["labeler agreement", "fraction of pairs"], agree, "kv")
+        + '<p class="caption">The paper reports 72.6 ± 1.5% agreement between its labelers.</p>'
+        + (table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else "")
+    )
 
 
 def s_stages(run: RunFiles) -> str:
@@ -339,7 +421,7 @@ nav ul{columns:2;font-size:.92em;list-style:none;padding-left:0}.sub{color:#666}
 def _section(anchor: str, title: str, fn, run: RunFiles) -> str:
     try:
         inner = fn(run)
-    except Exception as e:  # noqa: BLE001 - one broken section must not cost the whole report
+    except Exception as e:
         inner = missing(f"this section could not be drawn ({type(e).__name__}: {e}).")
     return f'<section id="{anchor}"><h2>{escape(title)}</h2>{inner}</section>'
 
@@ -347,12 +429,14 @@ def _section(anchor: str, title: str, fn, run: RunFiles) -> str:
 def render(run: RunFiles) -> str:
     toc = "".join(f'<li><a href="#{a}">{escape(t)}</a></li>' for a, t, _ in SECTIONS)
     body = "".join(_section(a, t, fn, run) for a, t, fn in SECTIONS)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width,initial-scale=1"><title>rlhflab report: {escape(run.root.name)}</title>'
-            f"<style>{CSS}</style></head><body><h1>rlhflab run report</h1>"
-            f'<p class="sub">Run directory <code>{escape(str(run.root))}</code>. The InstructGPT recipe (Ouyang et '
-            "al. 2022, arXiv 2203.02155): SFT → reward model → PPO-ptx, on the lab world whose true answer quality "
-            f"is known.</p><nav><ul>{toc}</ul></nav>{body}</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width,initial-scale=1"><title>rlhflab report: {escape(run.root.name)}</title>'
+        f"<style>{CSS}</style></head><body><h1>rlhflab run report</h1>"
+        f'<p class="sub">Run directory <code>{escape(str(run.root))}</code>. The InstructGPT recipe (Ouyang et '
+        "al. 2022, arXiv 2203.02155): SFT → reward model → PPO-ptx, on the lab world whose true answer quality "
+        f"is known.</p><nav><ul>{toc}</ul></nav>{body}</body></html>\n"
+    )
 
 
 def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
@@ -370,4 +454,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     print(f"report -> {write_report(args.run_dir, args.out)}")
     return 0
-

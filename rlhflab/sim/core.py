@@ -10,6 +10,7 @@ gradient-ascent step on the logits of the paper's objective (eq. 2),
 so reward hacking and the alignment tax come out of the arithmetic, not a script.
 Everything here is deterministic: no randomness anywhere.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,12 +23,12 @@ from rlhflab.errors import InputError
 STYLES = ("Helpful", "Sycophantic", "Hedging", "Toxic", "Terse")
 
 # The simulator's defaults. The SFT shares as given sum to 1.01, so they are normalised.
-SFT_SHARE = np.array([0.34, 0.19, 0.21, 0.10, 0.17]) / 1.01   # (S,) π_SFT(s)
-RM_SCORE = np.array([0.90, 0.62, 0.55, 0.12, 0.78])           # (S,) reward model r(s)
-TRUE_QUALITY = np.array([0.92, 0.45, 0.50, 0.08, 0.70])       # (S,) gold quality (hidden)
+SFT_SHARE = np.array([0.34, 0.19, 0.21, 0.10, 0.17]) / 1.01  # (S,) π_SFT(s)
+RM_SCORE = np.array([0.90, 0.62, 0.55, 0.12, 0.78])  # (S,) reward model r(s)
+TRUE_QUALITY = np.array([0.92, 0.45, 0.50, 0.08, 0.70])  # (S,) gold quality (hidden)
 # Share of each style in the pretraining corpus, i.e. in the pretrained model. The web
 # text of docs/design.md §1 is misaligned: less helpful, more hedging and flattery than SFT.
-PRETRAIN_SHARE = np.array([0.30, 0.20, 0.24, 0.08, 0.18])    # (S,) q(s)
+PRETRAIN_SHARE = np.array([0.30, 0.20, 0.24, 0.08, 0.18])  # (S,) q(s)
 
 GAP_ALARM = 0.20
 """A proxy reward that overstates true quality by this much is called hacking outright."""
@@ -54,8 +55,7 @@ class Params:
     corrupt_bias: float = 0.0
     """Added to that style's RM score (positive over-rates it); scores stay in [0, 1]."""
 
-    LIMITS = {"beta": (0.0, 2.0), "gamma": (0.0, 2.0), "lr": (0.01, 10.0),
-              "corrupt_bias": (-1.0, 1.0)}
+    LIMITS = {"beta": (0.0, 2.0), "gamma": (0.0, 2.0), "lr": (0.01, 10.0), "corrupt_bias": (-1.0, 1.0)}
 
     def validate(self) -> None:
         for key, (lo, hi) in self.LIMITS.items():
@@ -66,8 +66,10 @@ class Params:
                 raise InputError(f"must be between {lo} and {hi} (got {value!r})", field=key)
             setattr(self, key, float(value))
         if self.corrupt_style not in ("",) + STYLES:
-            raise InputError(f"must be one of {', '.join(STYLES)} or '' "
-                             f"(got {self.corrupt_style!r})", field="corrupt_style")
+            raise InputError(
+                f"must be one of {', '.join(STYLES)} or '' (got {self.corrupt_style!r})",
+                field="corrupt_style",
+            )
 
 
 PRESETS: dict[str, tuple[str, Params]] = {
@@ -75,8 +77,10 @@ PRESETS: dict[str, tuple[str, Params]] = {
     "calibrated": ("calibrated", Params(beta=0.02, gamma=0.0, lr=1.0)),
     # Sycophancy over-rated past Helpful (0.95 vs 0.90) and no KL leash: the policy
     # first sheds Toxic and Hedging (true quality rises), then collapses onto flattery.
-    "reward_hacking": ("reward hacking", Params(beta=0.0, gamma=0.0, lr=1.0,
-                                                 corrupt_style="Sycophantic", corrupt_bias=0.33)),
+    "reward_hacking": (
+        "reward hacking",
+        Params(beta=0.0, gamma=0.0, lr=1.0, corrupt_style="Sycophantic", corrupt_bias=0.33),
+    ),
     # PPO-ptx: the pretraining term keeps the web-text styles alive, so capability
     # stays up at a small cost in true quality. Compare γ = 0.
     "alignment_tax": ("alignment tax", Params(beta=0.02, gamma=0.10, lr=1.0)),
@@ -84,6 +88,7 @@ PRESETS: dict[str, tuple[str, Params]] = {
 
 
 # ---- the objective and its gradient (pure functions of logits and params) ----
+
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max()
@@ -131,8 +136,7 @@ def expectation_grad(pi: np.ndarray, f: np.ndarray) -> np.ndarray:
 def objective(logits: np.ndarray, params: Params) -> float:
     # Ouyang et al. 2022, eq. 2: E[r_θ − β log(π^RL/π^SFT)] + γ E_pretrain[log π^RL].
     pi = softmax(logits)
-    return float(pi @ rm_scores(params) - params.beta * kl_to_sft(logits)
-                 + params.gamma * pretrain_loglik(logits))
+    return float(pi @ rm_scores(params) - params.beta * kl_to_sft(logits) + params.gamma * pretrain_loglik(logits))
 
 
 def gradient(logits: np.ndarray, params: Params) -> np.ndarray:
@@ -140,9 +144,9 @@ def gradient(logits: np.ndarray, params: Params) -> np.ndarray:
     logp = log_softmax(logits)
     pi = np.exp(logp)
     log_ratio = logp - np.log(SFT_SHARE)
-    reward = expectation_grad(pi, rm_scores(params))     # ∇ E_π[RM]
-    kl = pi * (log_ratio - pi @ log_ratio)               # ∇ KL(π‖π_SFT)
-    ptx = PRETRAIN_SHARE - pi                            # ∇ Σ q log π
+    reward = expectation_grad(pi, rm_scores(params))  # ∇ E_π[RM]
+    kl = pi * (log_ratio - pi @ log_ratio)  # ∇ KL(π‖π_SFT)
+    ptx = PRETRAIN_SHARE - pi  # ∇ Σ q log π
     return reward - params.beta * kl + params.gamma * ptx
 
 
@@ -155,8 +159,7 @@ def nudge(logits: np.ndarray, style: str, delta: float) -> np.ndarray:
     """Move one style's share by `delta`; the others keep their relative sizes."""
     if not isinstance(style, str) or style not in STYLES:
         raise InputError(f"must be one of {', '.join(STYLES)} (got {style!r})", field="style")
-    if isinstance(delta, bool) or not isinstance(delta, (int, float)) \
-            or not math.isfinite(delta) or abs(delta) > 0.5:
+    if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or abs(delta) > 0.5:
         raise InputError(f"must be a number between -0.5 and 0.5 (got {delta!r})", field="delta")
     pi, i = softmax(logits), STYLES.index(style)
     new = min(0.999, max(0.001, pi[i] + delta))
@@ -166,6 +169,7 @@ def nudge(logits: np.ndarray, style: str, delta: float) -> np.ndarray:
 
 
 # ---- readouts ----
+
 
 @dataclass(frozen=True)
 class Readout:
@@ -210,6 +214,7 @@ def trajectory(params: Params, steps: int, logits: np.ndarray | None = None) -> 
 
 # ---- a session: state, history and the event log the page shows ----
 
+
 @dataclass
 class Event:
     step: int
@@ -223,8 +228,13 @@ class Event:
     start: Readout | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return {"step": self.step, "kind": self.kind, "text": self.text, "run": self.run,
-                "followed": self.followed}
+        return {
+            "step": self.step,
+            "kind": self.kind,
+            "text": self.text,
+            "run": self.run,
+            "followed": self.followed,
+        }
 
 
 def _f(x: float) -> str:
@@ -236,8 +246,10 @@ def _describe_corruption(params: Params) -> str:
         return "RM as trained (uncorrupted)"
     verb = "over-rates" if params.corrupt_bias > 0 else "under-rates"
     i = STYLES.index(params.corrupt_style)
-    return (f"RM {verb} {params.corrupt_style} by {params.corrupt_bias:+.2f} "
-            f"(score {_f(RM_SCORE[i])} → {_f(rm_scores(params)[i])})")
+    return (
+        f"RM {verb} {params.corrupt_style} by {params.corrupt_bias:+.2f} "
+        f"(score {_f(RM_SCORE[i])} → {_f(rm_scores(params)[i])})"
+    )
 
 
 class Simulator:
@@ -249,11 +261,11 @@ class Simulator:
         self.params = replace(params) if params else Params()
         self.params.validate()
         self.events: list[Event] = []
-        self._open: Event | None = None   # the user event whose consequences we are tracking
-        self.run_id = -1                  # counts resets and presets; 0 after __init__
+        self._open: Event | None = None  # the user event whose consequences we are tracking
+        self.run_id = -1  # counts resets and presets; 0 after __init__
         self._reset_policy()
         self._verdict = self.current.verdict
-        self._best, self._best_logged = self.current, False   # true-quality peak watch
+        self._best, self._best_logged = self.current, False  # true-quality peak watch
 
     # -- state --
     @property
@@ -285,20 +297,23 @@ class Simulator:
         self.params = replace(params)
         self._reset_policy()
         p = self.params
-        self._user(f"preset “{title}”: β {_f(p.beta)}, γ {_f(p.gamma)}, lr {_f(p.lr)}, "
-                   f"{_describe_corruption(p)}")
+        self._user(f"preset “{title}”: β {_f(p.beta)}, γ {_f(p.gamma)}, lr {_f(p.lr)}, {_describe_corruption(p)}")
 
     def set_params(self, **changes) -> None:
         unknown = set(changes) - set(Params.__dataclass_fields__)
         if unknown:
-            raise InputError(f"unknown parameter (known: {', '.join(Params.__dataclass_fields__)})",
-                             field=sorted(unknown)[0])
+            raise InputError(
+                f"unknown parameter (known: {', '.join(Params.__dataclass_fields__)})",
+                field=sorted(unknown)[0],
+            )
         new = replace(self.params, **changes)
         new.validate()
         old, self.params = self.params, new
-        texts = [f"{label} {_f(getattr(old, key))} → {_f(getattr(new, key))}"
-                 for key, label in (("beta", "β"), ("gamma", "γ"), ("lr", "learning rate"))
-                 if getattr(old, key) != getattr(new, key)]
+        texts = [
+            f"{label} {_f(getattr(old, key))} → {_f(getattr(new, key))}"
+            for key, label in (("beta", "β"), ("gamma", "γ"), ("lr", "learning rate"))
+            if getattr(old, key) != getattr(new, key)
+        ]
         if not np.array_equal(rm_scores(old), rm_scores(new)):
             texts.append(_describe_corruption(new))
         # The policy is unchanged, but the RM (proxy, gap) and the update direction may not be.
@@ -307,7 +322,7 @@ class Simulator:
             self._user(text)
 
     def nudge(self, style: str, delta: float) -> None:
-        old, self.logits = self.policy, nudge(self.logits, style, delta)   # validates
+        old, self.logits = self.policy, nudge(self.logits, style, delta)  # validates
         i = STYLES.index(style)
         self.history[-1] = readout(self.logits, self.params, self.step)
         self._user(f"nudged {style} share {_f(old[i])} → {_f(self.policy[i])}")
@@ -327,7 +342,7 @@ class Simulator:
     def _log(self, event: Event) -> Event:
         event.run = self.run_id
         self.events.append(event)
-        del self.events[:-self.MAX_EVENTS]
+        del self.events[: -self.MAX_EVENTS]
         return event
 
     def _user(self, text: str) -> None:
@@ -356,19 +371,24 @@ class Simulator:
         if cur.true > self._best.true:
             self._best, self._best_logged = cur, False
         elif not self._best_logged and cur.true < self._best.true - PEAK_DROP:
-            self._log(Event(cur.step, "auto", f"true quality peaked at {self._best.true:.3f} "
-                                              f"(update {self._best.step}) and is falling"))
+            self._log(
+                Event(
+                    cur.step,
+                    "auto",
+                    f"true quality peaked at {self._best.true:.3f} (update {self._best.step}) and is falling",
+                )
+            )
             self._best_logged = True
         for i in np.flatnonzero((self.policy >= 0.9) & (before < 0.9)):
-            self._log(Event(cur.step, "auto",
-                            f"policy collapsed onto {STYLES[i]} (share ≥ 0.90)"))
+            self._log(Event(cur.step, "auto", f"policy collapsed onto {STYLES[i]} (share ≥ 0.90)"))
         self._check_verdict()
         if self._open is not None:
             s, n = self._open.start, cur.step - self._open.step
             self._open.followed = (
                 f"then {n} update{'s' * (n != 1)}: proxy {s.proxy:.3f} → {cur.proxy:.3f} · "
                 f"true {s.true:.3f} → {cur.true:.3f} · KL {s.kl:.3f} → {cur.kl:.3f} · "
-                f"capability {s.capability:.3f} → {cur.capability:.3f}")
+                f"capability {s.capability:.3f} → {cur.capability:.3f}"
+            )
 
     def to_dict(self, since: int = 0) -> dict:
         """The view the page draws: readouts, styles, history from `since`, the log.
@@ -376,11 +396,25 @@ class Simulator:
         The last readout is always sent, since a change of RM or policy rewrites it."""
         since = max(0, min(int(since), len(self.history) - 1))
         scores = rm_scores(self.params)
-        styles = [{"name": n, "share": float(self.policy[i]), "sft_share": float(SFT_SHARE[i]),
-                   "rm": float(scores[i]), "rm_base": float(RM_SCORE[i]),
-                   "true": float(TRUE_QUALITY[i]), "pretrain": float(PRETRAIN_SHARE[i])}
-                  for i, n in enumerate(STYLES)]
-        return {"step": self.step, "run": self.run_id, "params": asdict(self.params),
-                "readout": asdict(self.current), "styles": styles,
-                "history_start": since, "history": [asdict(r) for r in self.history[since:]],
-                "events": [e.to_dict() for e in self.events]}
+        styles = [
+            {
+                "name": n,
+                "share": float(self.policy[i]),
+                "sft_share": float(SFT_SHARE[i]),
+                "rm": float(scores[i]),
+                "rm_base": float(RM_SCORE[i]),
+                "true": float(TRUE_QUALITY[i]),
+                "pretrain": float(PRETRAIN_SHARE[i]),
+            }
+            for i, n in enumerate(STYLES)
+        ]
+        return {
+            "step": self.step,
+            "run": self.run_id,
+            "params": asdict(self.params),
+            "readout": asdict(self.current),
+            "styles": styles,
+            "history_start": since,
+            "history": [asdict(r) for r in self.history[since:]],
+            "events": [e.to_dict() for e in self.events],
+        }

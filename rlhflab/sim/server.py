@@ -10,6 +10,7 @@ name, which also stops DNS-rebinding pages). With `--token`, others may too if t
 present it (header X-Rlhflab-Token, `?token=` once, then a cookie). A bad value gets
 a 4xx with {"error": "..."}; a client never sees a traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,10 +23,10 @@ import sys
 import threading
 import traceback
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from rlhflab.errors import InputError
@@ -33,14 +34,18 @@ from rlhflab.sim import core
 from rlhflab.web import is_loopback
 
 STATIC = Path(__file__).resolve().parent / "static"
-FILES = {"/": ("index.html", "text/html; charset=utf-8"),
-         "/index.html": ("index.html", "text/html; charset=utf-8"),
-         "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
-         "/static/style.css": ("style.css", "text/css; charset=utf-8")}
-CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
-       "connect-src 'self'; frame-ancestors 'none'")
+FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/index.html": ("index.html", "text/html; charset=utf-8"),
+    "/static/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/static/style.css": ("style.css", "text/css; charset=utf-8"),
+}
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'"
+)
 MAX_BODY = 64 * 1024
-MAX_SESSIONS = 64   # each holds at most core.MAX_STEPS readouts
+MAX_SESSIONS = 64  # each holds at most core.MAX_STEPS readouts
 TOKEN_HEADER = "X-Rlhflab-Token"
 TOKEN_COOKIE = "rlhflab_token"
 
@@ -66,7 +71,7 @@ class Sessions:
 
     def __init__(self):
         self._sims: OrderedDict[str, core.Simulator] = OrderedDict()
-        self.lock = threading.Lock()   # one lock: every action takes microseconds
+        self.lock = threading.Lock()  # one lock: every action takes microseconds
 
     def new(self) -> tuple[str, core.Simulator]:
         sid, sim = secrets.token_urlsafe(12), core.Simulator()
@@ -83,12 +88,14 @@ class Sessions:
 
 
 def config_payload() -> dict:
-    return {"styles": list(core.STYLES),
-            "presets": {name: {"title": title, "params": asdict(p)}
-                        for name, (title, p) in core.PRESETS.items()},
-            "defaults": asdict(core.Params()),
-            "limits": core.Params.LIMITS, "gap_alarm": core.GAP_ALARM,
-            "max_steps": core.MAX_STEPS}
+    return {
+        "styles": list(core.STYLES),
+        "presets": {name: {"title": title, "params": asdict(p)} for name, (title, p) in core.PRESETS.items()},
+        "defaults": asdict(core.Params()),
+        "limits": core.Params.LIMITS,
+        "gap_alarm": core.GAP_ALARM,
+        "max_steps": core.MAX_STEPS,
+    }
 
 
 def _action(sim: core.Simulator, action: str, body: dict) -> None:
@@ -118,7 +125,7 @@ class Handler(BaseHTTPRequestHandler):
     quiet = True
 
     # -- plumbing --
-    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+    def log_message(self, format, *args):
         if not self.quiet:
             sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
@@ -156,13 +163,13 @@ class Handler(BaseHTTPRequestHandler):
             url = urlsplit(self.path)
             query = parse_qs(url.query)
             presented, in_url = self._presented_token(query)
-            if not allowed(self.client_address[0], self.headers.get("Host", ""), presented,
-                           self.token):
-                raise ClientError(403, "refused: this simulator serves only this machine "
-                                       "(start it with --token to let others in)")
+            if not allowed(self.client_address[0], self.headers.get("Host", ""), presented, self.token):
+                raise ClientError(
+                    403,
+                    "refused: this simulator serves only this machine (start it with --token to let others in)",
+                )
             extra = {}
-            if in_url and self.token and hmac.compare_digest(presented.encode(),
-                                                             self.token.encode()):
+            if in_url and self.token and hmac.compare_digest(presented.encode(), self.token.encode()):
                 # The page's own scripts and API calls then carry the token as a cookie.
                 cookie = http.cookies.SimpleCookie({TOKEN_COOKIE: self.token})
                 cookie[TOKEN_COOKIE].update({"path": "/", "httponly": True, "samesite": "Strict"})
@@ -236,16 +243,18 @@ class Handler(BaseHTTPRequestHandler):
     do_DELETE = do_PATCH = do_PUT
 
 
-def make_server(host: str = "127.0.0.1", port: int = 8765, token: str | None = None,
-                quiet: bool = True) -> ThreadingHTTPServer:
+def make_server(
+    host: str = "127.0.0.1", port: int = 8765, token: str | None = None, quiet: bool = True
+) -> ThreadingHTTPServer:
     """Bind a server; refuse a non-loopback host without a token."""
     if not is_loopback(host) and not token:
-        raise InputError(f"--host {host} lets other machines connect; pass --token SECRET "
-                         "as well (or keep the default --host 127.0.0.1)")
+        raise InputError(
+            f"--host {host} lets other machines connect; pass --token SECRET "
+            "as well (or keep the default --host 127.0.0.1)"
+        )
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise InputError(f"--port must be 0..65535 (got {port!r})")
-    handler = type("SimHandler", (Handler,), {"sessions": Sessions(), "token": token or None,
-                                              "quiet": quiet})
+    handler = type("SimHandler", (Handler,), {"sessions": Sessions(), "token": token or None, "quiet": quiet})
     cls = ThreadingHTTPServer
     if ":" in host.strip("[]"):
         cls = type("V6Server", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
@@ -263,8 +272,7 @@ def server_url(server: ThreadingHTTPServer) -> str:
     return f"http://{host}:{port}/"
 
 
-def start_in_thread(host: str = "127.0.0.1", port: int = 0, token: str | None = None
-                    ) -> tuple[str, Callable[[], None]]:
+def start_in_thread(host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> tuple[str, Callable[[], None]]:
     """Serve in a daemon thread (for tests): returns (url, stop)."""
     server = make_server(host, port, token)
     thread = threading.Thread(target=server.serve_forever, name="rlhflab-sim", daemon=True)
@@ -279,21 +287,25 @@ def start_in_thread(host: str = "127.0.0.1", port: int = 0, token: str | None = 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8765,
-                        help="port to listen on (default 8765; 0 picks a free one)")
-    parser.add_argument("--token", default=None,
-                        help="shared secret other machines must present; required when "
-                             "--host is not a loopback address")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765; 0 picks a free one)")
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="shared secret other machines must present; required when --host is not a loopback address",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
 
 
 def run_cli(args: argparse.Namespace) -> int:
     server = make_server(args.host, args.port, args.token, quiet=not args.verbose)
     url = server_url(server)
-    print(f"rlhflab sim: serving on {url}" + (f"?token={args.token}" if args.token else "")
-          + "  (Ctrl-C to stop)", flush=True)
+    print(
+        f"rlhflab sim: serving on {url}" + (f"?token={args.token}" if args.token else "") + "  (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

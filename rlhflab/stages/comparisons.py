@@ -13,6 +13,7 @@ instead scores the SFT policy's own samples almost at random (within-prompt Spea
 with gold 0.05, against 0.35 for one trained on these; README, "What a run shows
 today"), and PPO then has nothing to climb.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,17 +43,20 @@ def agreement(a: list[dict], b: list[dict]) -> float:
     return round(agree / max(total, 1), 4)
 
 
-def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config: SampleConfig,
-          seed: int = 0) -> dict:
+def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config: SampleConfig, seed: int = 0) -> dict:
     """Sample from `policy` on the world's RM prompts, rank, write the three files + summary."""
     world_dir, out = Path(world_dir), Path(out_dir)
     world = load_world(world_dir)
     summary: dict = {"stage": "comparisons", "policy": str(policy)}
     for split, seed_offset in (("train", 0), ("val", 1)):
         prompts = _prompts(world_dir / f"rm_{split}.jsonl", out / f"{split}_prompts.jsonl")
-        cfg = dataclasses.replace(config, policy=str(policy), prompts=str(prompts),
-                                  out=str(out / f"{split}_samples.jsonl"),
-                                  run=dataclasses.replace(config.run, seed=seed + seed_offset))
+        cfg = dataclasses.replace(
+            config,
+            policy=str(policy),
+            prompts=str(prompts),
+            out=str(out / f"{split}_samples.jsonl"),
+            run=dataclasses.replace(config.run, seed=seed + seed_offset),
+        )
         _, metrics = sample(cfg)
         rows = [obj for _, obj in iter_jsonl(cfg.out)]
         pools = [("train", split)] + ([("heldout", "heldout")] if split == "val" else [])

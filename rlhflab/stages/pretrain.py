@@ -5,6 +5,7 @@ are laid out as [bos] text [eos] and packed into one token stream; each step rea
 random windows of it. The result knows the world but continues instructions the way
 the web does: the misalignment the later stages fix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ from rlhflab.errors import InputError
 from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
 from rlhflab.text import train_tokenizer
 from rlhflab.training import Loop, autocast, fast_kernels, fit, resolve_device, set_seed, write_outputs
+
 
 @dataclass
 class PretrainConfig:
@@ -96,7 +98,7 @@ def windows(stream: torch.Tensor, batch: int, seq_len: int, seed: int, step: int
     """Random windows for `step`, a pure function of (seed, step) so resume is exact.  (B, T)"""
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=g)
-    return torch.stack([stream[s: s + seq_len] for s in starts.tolist()])
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
 
 
 @torch.no_grad()
@@ -106,7 +108,7 @@ def eval_loss(model, stream: torch.Tensor, seq_len: int, max_windows: int = 64) 
     n = min(max_windows, max(1, (len(stream) - 1) // seq_len))
     total, count = 0.0, 0
     for i in range(0, n, 16):
-        x = torch.stack([stream[j * seq_len: (j + 1) * seq_len] for j in range(i, min(n, i + 16))])
+        x = torch.stack([stream[j * seq_len : (j + 1) * seq_len] for j in range(i, min(n, i + 16))])
         x = x.to(device)
         total += float(model(input_ids=x, labels=x).loss) * x.numel()
         count += x.numel()
@@ -127,7 +129,7 @@ def train(cfg: PretrainConfig, callback=None) -> tuple[Path, dict]:
     check(bool(cfg.world or cfg.corpus), "corpus", cfg.corpus, "give a corpus or a lab world")
     corpus_path, val_path, tok_path = _paths(cfg)
     texts = read_texts(corpus_path)  # validated before anything is written
-    val_texts = read_texts(val_path) if val_path else texts[-max(1, len(texts) // 50):]
+    val_texts = read_texts(val_path) if val_path else texts[-max(1, len(texts) // 50) :]
     out = Path(cfg.out_dir)
     tokenizer = load_tokenizer(tok_path) if tok_path and tok_path.exists() else train_tokenizer(texts, cfg.vocab_size)
     stream, val_stream = token_stream(tokenizer, texts), token_stream(tokenizer, val_texts)
@@ -155,14 +157,29 @@ def train(cfg: PretrainConfig, callback=None) -> tuple[Path, dict]:
         return {"pretrain/val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 5)}
 
     t0 = time.time()
-    fit(model, cfg, Loop("pretrain", epochs=1, steps_per_epoch=cfg.steps, log_epoch=False,
-                                 batch=lambda _, b: windows(stream, cfg.batch_size, cfg.seq_len, cfg.run.seed, b + 1),
-                                 loss=loss, extra=held_out), callback=callback)
+    fit(
+        model,
+        cfg,
+        Loop(
+            "pretrain",
+            epochs=1,
+            steps_per_epoch=cfg.steps,
+            log_epoch=False,
+            batch=lambda _, b: windows(stream, cfg.batch_size, cfg.seq_len, cfg.run.seed, b + 1),
+            loss=loss,
+            extra=held_out,
+        ),
+        callback=callback,
+    )
     elapsed = time.time() - t0
-    summary = {"params": n_params(model), "size": cfg.size, "steps": cfg.steps,
-               "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),
-               "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
-               "tokens_per_s": round(tokens[0] / max(elapsed, 1e-9), 1)}
+    summary = {
+        "params": n_params(model),
+        "size": cfg.size,
+        "steps": cfg.steps,
+        "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),
+        "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
+        "tokens_per_s": round(tokens[0] / max(elapsed, 1e-9), 1),
+    }
     if cfg.world and cfg.gold_prompts:
         from rlhflab.eval.lab import gold_of_policy
         from rlhflab.world import load_world
@@ -181,6 +198,8 @@ def run_cli(args) -> int:
     cfg = config_from_args(PretrainConfig, args)
     model_dir, s = train(cfg)
     gold = f", greedy gold quality on held-out instructions {s['base_gold']:.3f}" if "base_gold" in s else ""
-    print(f"pretrained {cfg.size} ({s['params']:,} params) -> {model_dir}: held-out loss {s['val_loss']:.3f} "
-          f"vs unigram {s['unigram_loss']:.3f} nats/token{gold}")
+    print(
+        f"pretrained {cfg.size} ({s['params']:,} params) -> {model_dir}: held-out loss {s['val_loss']:.3f} "
+        f"vs unigram {s['unigram_loss']:.3f} nats/token{gold}"
+    )
     return 0

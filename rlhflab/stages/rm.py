@@ -8,6 +8,7 @@
 Keeping a prompt's comparisons together is the paper's point: treated as separate
 examples, each response would be seen K−1 times per epoch and the RM overfits.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,36 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields, validate
+from rlhflab.config import (
+    RunFields,
+    TrainFields,
+    add_config_arguments,
+    check,
+    config_from_args,
+    train_fields,
+    validate,
+)
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
-from rlhflab.models import (REWARD_BIAS_KEY, context_length, load_reward_model, load_tokenizer,
-                            reward_bias, reward_scores)
+from rlhflab.models import (
+    REWARD_BIAS_KEY,
+    context_length,
+    load_reward_model,
+    load_tokenizer,
+    reward_bias,
+    reward_scores,
+)
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (Loop, autocast, fast_kernels, fit, resolve_device, set_seed, shuffled_batch,
-                              write_outputs)
+from rlhflab.training import (
+    Loop,
+    autocast,
+    fast_kernels,
+    fit,
+    resolve_device,
+    set_seed,
+    shuffled_batch,
+    write_outputs,
+)
 
 
 @dataclass
@@ -72,8 +95,7 @@ class RMConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "must be >= 0")
         check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
-        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
-              "must be in [0, 1]")
+        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
@@ -82,6 +104,7 @@ class RMConfig:
 @dataclass
 class Comparison:
     """One prompt's K responses as token sequences, and its (winner, loser) pairs."""
+
     sequences: list[list[int]]
     """K sequences query + response (text.py layout), response i at index i."""
     pairs: list[tuple[int, int]]
@@ -114,6 +137,7 @@ class RMBatch:
 
 # --------------------------------------------------------------------------- loss
 
+
 def kwise_loss(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tensor:
     """−1/C(K,2) · Σ log σ(r_w − r_l) over one prompt's comparisons (§3.5, eq. 1).
 
@@ -121,8 +145,8 @@ def kwise_loss(scores: torch.Tensor, pairs: list[tuple[int, int]]) -> torch.Tens
     dropped there are fewer than C(K,2) pairs and the mean is over those that remain.
     """
     w = torch.tensor([p[0] for p in pairs], device=scores.device)
-    l = torch.tensor([p[1] for p in pairs], device=scores.device)
-    return -F.logsigmoid(scores[w] - scores[l]).mean()
+    lose = torch.tensor([p[1] for p in pairs], device=scores.device)
+    return -F.logsigmoid(scores[w] - scores[lose]).mean()
 
 
 def batch_loss(scores: torch.Tensor, batch: RMBatch) -> tuple[torch.Tensor, float]:
@@ -144,38 +168,53 @@ def collate(comparisons: list[Comparison], pad_id: int) -> RMBatch:
         offsets.append(off)
         seqs.extend(c.sequences)
         winners += [off + w for w, _ in c.pairs]
-        losers += [off + l for _, l in c.pairs]
+        losers += [off + lose for _, lose in c.pairs]
         weights += [1.0 / (len(c.pairs) * len(comparisons))] * len(c.pairs)
     ids, mask = pad_right(seqs, pad_id)
-    return RMBatch(ids, mask, torch.tensor(winners), torch.tensor(losers), torch.tensor(weights),
-                   offsets, [len(c.sequences) for c in comparisons], [c.pairs for c in comparisons])
+    return RMBatch(
+        ids,
+        mask,
+        torch.tensor(winners),
+        torch.tensor(losers),
+        torch.tensor(weights),
+        offsets,
+        [len(c.sequences) for c in comparisons],
+        [c.pairs for c in comparisons],
+    )
 
 
 def _n_correct(scores: list[float], pairs) -> float:
-    return sum(1.0 if scores[w] > scores[l] else 0.5 if scores[w] == scores[l] else 0.0
-               for w, l in pairs)
+    return sum(1.0 if scores[w] > scores[lose] else 0.5 if scores[w] == scores[lose] else 0.0 for w, lose in pairs)
 
 
 # --------------------------------------------------------------------------- data
+
 
 def encode_pair(tokenizer, prompt: str, response: str) -> list[int]:
     return encode_query(tokenizer, prompt) + encode_response(tokenizer, response)
 
 
-def encode_rankings(tokenizer, rankings: list[Ranking], path: str,
-                    max_len: int | None) -> list[Comparison]:
+def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int | None) -> list[Comparison]:
     """Token sequences per ranking, refusing any prompt + response that overflows the context."""
     out = []
     for r in rankings:
         query = encode_query(tokenizer, r.prompt)
         if max_len is not None and len(query) >= max_len:
-            raise InputError(f"prompt is {len(query)} tokens, the model's context is {max_len}",
-                             file=path, line=r.line, field="prompt")
+            raise InputError(
+                f"prompt is {len(query)} tokens, the model's context is {max_len}",
+                file=path,
+                line=r.line,
+                field="prompt",
+            )
         seqs = [query + encode_response(tokenizer, resp) for resp in r.responses]
         for i, s in enumerate(seqs):
             if max_len is not None and len(s) > max_len:
-                raise InputError(f"prompt + response is {len(s)} tokens, the model's context is "
-                                 f"{max_len}", file=path, line=r.line, field=f"responses[{i}]")
+                raise InputError(
+                    f"prompt + response is {len(s)} tokens, the model's context is {max_len}",
+                    file=path,
+                    line=r.line,
+                    field=f"responses[{i}]",
+                )
         out.append(Comparison(seqs, r.pairs()))
     return out
 
@@ -184,15 +223,21 @@ def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
     for d in demos:
         n = len(encode_pair(tokenizer, d.prompt, d.completion))
         if max_len is not None and n > max_len:
-            raise InputError(f"prompt + completion is {n} tokens, the model's context is {max_len}",
-                             file=path, line=d.line, field="completion")
+            raise InputError(
+                f"prompt + completion is {n} tokens, the model's context is {max_len}",
+                file=path,
+                line=d.line,
+                field="completion",
+            )
 
 
 # --------------------------------------------------------------------------- scoring
 
+
 @torch.no_grad()
-def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int = 32,
-                    field: str = "sequences") -> list[float]:
+def score_sequences(
+    model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, field: str = "sequences"
+) -> list[float]:
     """r_θ of token sequences (query + response), bias included; order preserved.
 
     The one way anything scores with a reward model: batched by length (little padding),
@@ -202,15 +247,14 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
     max_len = context_length(model.config)
     for i, s in enumerate(seqs):
         if max_len is not None and len(s) > max_len:
-            raise InputError(f"{field}[{i}] is {len(s)} tokens, the reward model's context is "
-                             f"{max_len}", field=field)
+            raise InputError(f"{field}[{i}] is {len(s)} tokens, the reward model's context is {max_len}", field=field)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     scores = [0.0] * len(seqs)
     for i in range(0, len(order), batch_size):
-        idx = order[i: i + batch_size]
+        idx = order[i : i + batch_size]
         ids, mask = pad_right([seqs[j] for j in idx], pad_id)
         for j, s in zip(idx, reward_scores(model, ids.to(device), mask.to(device)).tolist()):
             scores[j] = s
@@ -218,8 +262,7 @@ def score_sequences(model, seqs: list[list[int]], pad_id: int, batch_size: int =
     return scores
 
 
-def score_pairs(model, tokenizer, prompts: list[str], responses: list[str],
-                batch_size: int = 32) -> list[float]:
+def score_pairs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
     """r_θ(x, y) for each (prompt, response) in THE layout (text.py): `score_sequences`."""
     seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, field="responses")
@@ -231,7 +274,7 @@ def evaluate(model, comparisons: list[Comparison], pad_id: int, batch_size: int)
     scores = torch.tensor(score_sequences(model, flat, pad_id, batch_size))
     losses, correct, total, off = [], 0.0, 0, 0
     for c in comparisons:
-        s = scores[off: off + len(c.sequences)]
+        s = scores[off : off + len(c.sequences)]
         losses.append(float(kwise_loss(s, c.pairs)))
         correct += _n_correct(s.tolist(), c.pairs)
         total += len(c.pairs)
@@ -248,14 +291,14 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], batch_size: int
 def center_on_demos(model, tokenizer, demos, batch_size: int) -> dict:
     """Set the bias so that the demonstrations score mean 0 (§3.5: 'normalized ... so that
     the labeler demonstrations achieve a mean score of 0 before doing RL')."""
-    scores = score_pairs(model, tokenizer, [d.prompt for d in demos],
-                         [d.completion for d in demos], batch_size)
+    scores = score_pairs(model, tokenizer, [d.prompt for d in demos], [d.completion for d in demos], batch_size)
     mean = sum(scores) / len(scores)
     setattr(model.config, REWARD_BIAS_KEY, reward_bias(model) - mean)
     return {"rm/demo_mean_before": mean, "rm/bias": reward_bias(model)}
 
 
 # --------------------------------------------------------------------------- train
+
 
 def read_inputs(config: RMConfig):
     """(tokenizer, model, train comparisons, val comparisons, demos), all checked."""
@@ -267,8 +310,7 @@ def read_inputs(config: RMConfig):
     train_set = encode_rankings(tokenizer, read_rankings(config.rankings), config.rankings, max_len)
     val_set = None
     if config.val_rankings:
-        val_set = encode_rankings(tokenizer, read_rankings(config.val_rankings),
-                                  config.val_rankings, max_len)
+        val_set = encode_rankings(tokenizer, read_rankings(config.val_rankings), config.val_rankings, max_len)
     demos = read_demos(config.demos) if config.demos else None
     if demos:
         check_demos(tokenizer, demos, config.demos, max_len)
@@ -300,33 +342,46 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
 
     # 2-4. One step = a batch of prompts, each one batch element with all its comparisons.
     n, bs = len(train_set), config.batch_size
-    state, log = fit(model, config, Loop(
-        "rm", epochs=config.epochs, steps_per_epoch=math.ceil(n / bs),
-        batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
-        loss=lambda chunk: _loss(model, chunk, pad_id, config, device),
-        end_of_epoch=end_of_epoch), callback=callback)
+    state, log = fit(
+        model,
+        config,
+        Loop(
+            "rm",
+            epochs=config.epochs,
+            steps_per_epoch=math.ceil(n / bs),
+            batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
+            loss=lambda chunk: _loss(model, chunk, pad_id, config, device),
+            end_of_epoch=end_of_epoch,
+        ),
+        callback=callback,
+    )
 
     # 5. Train accuracy over the whole set, the demo-centring bias (§3.5), atomic output.
-    final = {"rm/train_accuracy": evaluate(model, train_set, pad_id,
-                                           config.eval_batch_size)["accuracy"]}
+    final = {"rm/train_accuracy": evaluate(model, train_set, pad_id, config.eval_batch_size)["accuracy"]}
     if demos:
         final.update(center_on_demos(model, tokenizer, demos, config.eval_batch_size))
     log.log({"step": state["step"], **final})
-    summary = {"stage": "rm", "base": config.base, "prompts": len(train_set),
-               "comparisons": sum(len(c.pairs) for c in train_set), "steps": state["step"],
-               "epochs": state["epochs"], "bias": reward_bias(model), **final,
-               "seconds": round(time.time() - t0, 1)}
+    summary = {
+        "stage": "rm",
+        "base": config.base,
+        "prompts": len(train_set),
+        "comparisons": sum(len(c.pairs) for c in train_set),
+        "steps": state["step"],
+        "epochs": state["epochs"],
+        "bias": reward_bias(model),
+        **final,
+        "seconds": round(time.time() - t0, 1),
+    }
     return write_outputs(out_dir, model, tokenizer, summary), summary
 
 
-def _loss(model, chunk: list[Comparison], pad_id: int, config: RMConfig,
-          device) -> tuple[torch.Tensor, dict]:
+def _loss(model, chunk: list[Comparison], pad_id: int, config: RMConfig, device) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one batch of prompts, micro-batches accumulating gradients.
     Returns (the batch's loss, {rm/accuracy: fraction of its pairs ordered right})."""
     micro = config.micro_batch_size or len(chunk)
     total_loss, correct = torch.zeros((), device=device), 0.0
     for i in range(0, len(chunk), micro):
-        part = collate(chunk[i: i + micro], pad_id).to(device)
+        part = collate(chunk[i : i + micro], pad_id).to(device)
         with autocast(device, config.train.precision):
             scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,), fp32
         loss, accuracy = batch_loss(scores, part)
@@ -339,6 +394,7 @@ def _loss(model, chunk: list[Comparison], pad_id: int, config: RMConfig,
 
 # --------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
     add_config_arguments(parser, RMConfig)
 
@@ -347,6 +403,9 @@ def run_cli(args) -> int:
     config = config_from_args(RMConfig, args)
     out_dir, summary = train(config)
     val = summary["epochs"][-1].get("val_accuracy")
-    print(f"rm: wrote {out_dir} (train accuracy {summary['rm/train_accuracy']:.3f}"
-          + (f", val accuracy {val:.3f}" if val is not None else "") + ")")
+    print(
+        f"rm: wrote {out_dir} (train accuracy {summary['rm/train_accuracy']:.3f}"
+        + (f", val accuracy {val:.3f}" if val is not None else "")
+        + ")"
+    )
     return 0

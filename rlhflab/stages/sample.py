@@ -4,6 +4,7 @@ The paper's labelers ranked K = 4 to 9 outputs per prompt; K is drawn per prompt
 seeded generator. All prompts x K samples go through `generation.generate` in batches
 with the KV cache. Output rows: {"prompt": str, "responses": [str, ...]}.
 """
+
 from __future__ import annotations
 
 import time
@@ -57,8 +58,7 @@ class SampleConfig:
         check(self.retries >= 0, "retries", self.retries, "must be >= 0")
 
 
-def check_prompt_lengths(tokenizer, prompts: list[str], path: str, max_len: int | None,
-                         max_new_tokens: int) -> None:
+def check_prompt_lengths(tokenizer, prompts: list[str], path: str, max_len: int | None, max_new_tokens: int) -> None:
     """Refuse a prompt whose query + max_new_tokens does not fit the context (file:line)."""
     if max_len is None:
         return
@@ -66,9 +66,13 @@ def check_prompt_lengths(tokenizer, prompts: list[str], path: str, max_len: int 
     for prompt, line in zip(prompts, lines):
         n = len(encode_query(tokenizer, prompt))
         if n + max_new_tokens > max_len:
-            raise InputError(f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} that "
-                             f"exceeds the model's context of {max_len}", file=path, line=line,
-                             field="prompt")
+            raise InputError(
+                f"prompt is {n} tokens; with max_new_tokens={max_new_tokens} that "
+                f"exceeds the model's context of {max_len}",
+                file=path,
+                line=line,
+                field="prompt",
+            )
 
 
 def run(config: SampleConfig) -> tuple[Path, dict]:
@@ -78,8 +82,7 @@ def run(config: SampleConfig) -> tuple[Path, dict]:
     tokenizer = load_tokenizer(config.policy)
     prompts = read_prompts(config.prompts)
     model = load_causal_lm(config.policy)
-    check_prompt_lengths(tokenizer, prompts, config.prompts, context_length(model.config),
-                 config.max_new_tokens)
+    check_prompt_lengths(tokenizer, prompts, config.prompts, context_length(model.config), config.max_new_tokens)
     device = resolve_device(config.run.device)
     model.to(device)
 
@@ -87,8 +90,12 @@ def run(config: SampleConfig) -> tuple[Path, dict]:
     ks = torch.randint(config.k_min, config.k_max + 1, (len(prompts),), generator=k_gen).tolist()
     owners = [i for i, k in enumerate(ks) for _ in range(k)]  # prompts x K, flattened
     queries = [encode_query(tokenizer, p) for p in prompts]
-    kw = dict(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-              batch_size=config.batch_size, generator=generator_for(model, config.run.seed + 1))
+    kw = dict(
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        batch_size=config.batch_size,
+        generator=generator_for(model, config.run.seed + 1),
+    )
     first = generate(model, tokenizer, [queries[i] for i in owners], desc="sample", **kw)
     texts, ended = first.texts, first.ended
     for _ in range(config.retries):  # labelers cannot rank an empty answer (data.py refuses it)
@@ -105,15 +112,17 @@ def run(config: SampleConfig) -> tuple[Path, dict]:
             rows[owner]["responses"].append(text)
     kept = [r for r in rows if len(r["responses"]) >= 2]
     if not kept:
-        raise TrainingError("no prompt got two non-empty responses; nothing to rank "
-                            "(raise max_new_tokens or retries?)")
+        raise TrainingError("no prompt got two non-empty responses; nothing to rank (raise max_new_tokens or retries?)")
     n = write_jsonl(Path(config.out), kept)
-    metrics = {"sample/prompts": n, "sample/dropped_prompts": len(rows) - n,
-               "sample/responses": sum(len(r["responses"]) for r in kept),
-               "sample/dropped_empty": sum(not t.strip() for t in texts),
-               "sample/truncated_frac": 1 - sum(ended) / len(ended),
-               "sample/mean_chars": sum(map(len, texts)) / len(texts),
-               "sample/seconds": round(time.time() - t0, 1)}
+    metrics = {
+        "sample/prompts": n,
+        "sample/dropped_prompts": len(rows) - n,
+        "sample/responses": sum(len(r["responses"]) for r in kept),
+        "sample/dropped_empty": sum(not t.strip() for t in texts),
+        "sample/truncated_frac": 1 - sum(ended) / len(ended),
+        "sample/mean_chars": sum(map(len, texts)) / len(texts),
+        "sample/seconds": round(time.time() - t0, 1),
+    }
     return Path(config.out), metrics
 
 
@@ -124,6 +133,5 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> int:
     config = config_from_args(SampleConfig, args)
     out, metrics = run(config)
-    print(f"sample: wrote {metrics['sample/responses']} responses for "
-          f"{metrics['sample/prompts']} prompts to {out}")
+    print(f"sample: wrote {metrics['sample/responses']} responses for {metrics['sample/prompts']} prompts to {out}")
     return 0

@@ -9,6 +9,7 @@ The base is rlhflab's pretrained model or any local Hugging Face causal LM direc
 safetensors + tokenizer) at the end and then summary.json, the mark of a finished stage.
 While training it holds `checkpoint/` (and `best/`), and a rerun resumes from there.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,26 +21,40 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
-from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields, validate
+from rlhflab.config import (
+    RunFields,
+    TrainFields,
+    add_config_arguments,
+    check,
+    config_from_args,
+    train_fields,
+    validate,
+)
 from rlhflab.data import read_demos, read_prompts
 from rlhflab.errors import InputError
-from rlhflab.generation import generate
+from rlhflab.generation import generate, generator_for
 from rlhflab.io import atomic_dir
-from rlhflab.models import (context_length, load_causal_lm, load_reward_model, load_tokenizer,
-                            token_logprobs)
+from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
 from rlhflab.stages.rm import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths
 from rlhflab.text import encode_query, encode_response, pad_right
-from rlhflab.training import (Loop, autocast, fast_kernels, fit, resolve_device, set_seed, shuffled_batch,
-                              write_outputs)
+from rlhflab.training import (
+    Loop,
+    autocast,
+    fast_kernels,
+    fit,
+    resolve_device,
+    set_seed,
+    shuffled_batch,
+    write_outputs,
+)
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""
 
 # Dropout fields by architecture: GPT-2 (resid/embd/attn_pdrop), Llama/Mistral/Qwen
 # (attention_dropout: they have no residual dropout), OPT/BLOOM-style (dropout, hidden_dropout).
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout",
-                "hidden_dropout", "dropout")
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout", "dropout")
 
 
 @dataclass
@@ -90,23 +105,26 @@ class SFTConfig:
         check(bool(self.base), "base", self.base, "a base model directory is required")
         check(bool(self.data), "data", self.data, "a demonstrations JSONL file is required")
         check(bool(self.out_dir), "out_dir", self.out_dir, "required")
-        check((self.reward_model is None) == (self.val_prompts is None), "val_prompts",
-              self.val_prompts, "reward_model and val_prompts go together")
+        check(
+            (self.reward_model is None) == (self.val_prompts is None),
+            "val_prompts",
+            self.val_prompts,
+            "reward_model and val_prompts go together",
+        )
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
-        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio,
-              "must be in [0, 1]")
+        check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "must be in [0, 1)")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-        check(self.val_max_new_tokens >= 1, "val_max_new_tokens", self.val_max_new_tokens,
-              "must be >= 1")
+        check(self.val_max_new_tokens >= 1, "val_max_new_tokens", self.val_max_new_tokens, "must be >= 1")
         check(self.val_temperature > 0, "val_temperature", self.val_temperature, "must be > 0")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
 
 
 # --------------------------------------------------------------------------- data
+
 
 def encode_demos(tokenizer, path: str, max_len: int | None) -> list[tuple[list[int], list[int]]]:
     """(query, response) token lists, refusing any that does not fit the context."""
@@ -115,12 +133,19 @@ def encode_demos(tokenizer, path: str, max_len: int | None) -> list[tuple[list[i
         query = encode_query(tokenizer, demo.prompt)
         response = encode_response(tokenizer, demo.completion)  # ends with eos: a label
         if max_len is not None and len(query) >= max_len:
-            raise InputError(f"prompt is {len(query)} tokens, the model's context is {max_len}",
-                             file=path, line=demo.line, field="prompt")
+            raise InputError(
+                f"prompt is {len(query)} tokens, the model's context is {max_len}",
+                file=path,
+                line=demo.line,
+                field="prompt",
+            )
         if max_len is not None and len(query) + len(response) > max_len:
-            raise InputError(f"prompt + completion is {len(query) + len(response)} tokens, the "
-                             f"model's context is {max_len}", file=path, line=demo.line,
-                             field="completion")
+            raise InputError(
+                f"prompt + completion is {len(query) + len(response)} tokens, the model's context is {max_len}",
+                file=path,
+                line=demo.line,
+                field="completion",
+            )
         examples.append((query, response))
     return examples
 
@@ -130,7 +155,7 @@ def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     ids, mask = pad_right([q + r for q, r in examples], pad_id)
     labels = torch.full_like(ids, IGNORE)
     for i, (q, r) in enumerate(examples):
-        labels[i, len(q): len(q) + len(r)] = torch.tensor(r)
+        labels[i, len(q) : len(q) + len(r)] = torch.tensor(r)
     return ids, mask, labels
 
 
@@ -154,15 +179,16 @@ def forward_loss(model, examples, pad_id: int, device) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- model
 
+
 def load_policy(path: str, dropout: float) -> tuple[torch.nn.Module, dict[str, float]]:
     """The base LM with every dropout field it has set to `dropout`; also the original values."""
     try:
         cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"cannot read the model config: {str(e).splitlines()[0]}",
-                         file=path) from None
-    original = {k: getattr(cfg, k) for k in DROPOUT_KEYS
-                if type(getattr(cfg, k, None)) in (int, float)}  # a probability, not a flag
+        raise InputError(f"cannot read the model config: {str(e).splitlines()[0]}", file=path) from None
+    original = {
+        k: getattr(cfg, k) for k in DROPOUT_KEYS if type(getattr(cfg, k, None)) in (int, float)
+    }  # a probability, not a flag
     model = load_causal_lm(path, **{k: dropout for k in original})
     return model, original
 
@@ -174,7 +200,7 @@ def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
+        chunk = examples[i : i + batch_size]
         n = sum(len(r) for _, r in chunk)
         total += float(forward_loss(model, chunk, pad_id, device)) * n
         count += n
@@ -182,21 +208,28 @@ def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
     return total / count
 
 
-def rm_score(model, tokenizer, prompts, rm, rm_tokenizer, config: SFTConfig, device) -> float:
+def rm_score(model, tokenizer, prompts, rm, rm_tokenizer, config: SFTConfig) -> float:
     """Mean reward of the policy's samples on the val prompts (App. C.1 model selection)."""
-    gen = torch.Generator(device=device).manual_seed(config.run.seed)  # same draws every epoch
-    texts = generate(model, tokenizer, [encode_query(tokenizer, p) for p in prompts],
-                     temperature=config.val_temperature, max_new_tokens=config.val_max_new_tokens,
-                     batch_size=config.eval_batch_size, generator=gen).texts
+    texts = generate(
+        model,
+        tokenizer,
+        [encode_query(tokenizer, p) for p in prompts],
+        temperature=config.val_temperature,
+        max_new_tokens=config.val_max_new_tokens,
+        batch_size=config.eval_batch_size,
+        generator=generator_for(model, config.run.seed),  # the same draws every epoch
+    ).texts
     scores = score_pairs(rm, rm_tokenizer, prompts, texts, config.eval_batch_size)
     return sum(scores) / len(scores)
 
 
 # --------------------------------------------------------------------------- train
 
+
 @dataclass
 class _Inputs:
     """Everything `train` reads, loaded and checked before anything is written."""
+
     tokenizer: object
     model: torch.nn.Module
     base_dropout: dict
@@ -210,8 +243,7 @@ class _Inputs:
 def read_inputs(config: SFTConfig) -> _Inputs:
     tokenizer = load_tokenizer(config.base)
     if tokenizer.eos_token_id is None:
-        raise InputError("the tokenizer has no eos token (SFT teaches the model to stop)",
-                         file=config.base)
+        raise InputError("the tokenizer has no eos token (SFT teaches the model to stop)", file=config.base)
     model, base_dropout = load_policy(config.base, config.dropout)
     max_len = context_length(model.config)
     train_set = encode_demos(tokenizer, config.data, max_len)
@@ -223,8 +255,7 @@ def read_inputs(config: SFTConfig) -> _Inputs:
         check_prompt_lengths(tokenizer, prompts, config.val_prompts, max_len, n)
         rm_tokenizer = load_tokenizer(config.reward_model)
         rm = load_reward_model(config.reward_model).eval().requires_grad_(False)
-        check_prompt_lengths(rm_tokenizer, prompts, config.val_prompts, context_length(rm.config),
-                             n + 1)
+        check_prompt_lengths(rm_tokenizer, prompts, config.val_prompts, context_length(rm.config), n + 1)
     return _Inputs(tokenizer, model, base_dropout, train_set, val_set, prompts, rm, rm_tokenizer)
 
 
@@ -254,11 +285,20 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     # 2-4. Epochs of response-only next-token loss (resumable); after each, evaluate and
     # remember the best epoch's weights.
     n, bs = len(train_set), config.batch_size
-    state, _ = fit(model, config, Loop(
-        "sft", epochs=config.epochs, steps_per_epoch=math.ceil(n / bs), loss=loss,
-        batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
-        end_of_epoch=lambda e, st: _end_of_epoch(inp, config, st, e, device, out_dir)),
-        extra_state={"best": None}, callback=callback)
+    state, _ = fit(
+        model,
+        config,
+        Loop(
+            "sft",
+            epochs=config.epochs,
+            steps_per_epoch=math.ceil(n / bs),
+            loss=loss,
+            batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
+            end_of_epoch=lambda e, st: _end_of_epoch(inp, config, st, e, device, out_dir),
+        ),
+        extra_state={"best": None},
+        callback=callback,
+    )
 
     # 5. Load the chosen epoch; write <out_dir>/model atomically, then summary.json.
     if (out_dir / "best" / "model.safetensors").is_file():
@@ -269,15 +309,14 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     return write_outputs(out_dir, model, tokenizer, summary), summary
 
 
-def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device,
-                  out_dir: Path) -> dict:
+def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device, out_dir: Path) -> dict:
     record = {"epoch": epoch + 1}
     if inp.val_set is not None:
-        record["val_loss"] = val_loss(inp.model, inp.val_set, inp.tokenizer.pad_token_id,
-                                      config.eval_batch_size, device)
+        record["val_loss"] = val_loss(
+            inp.model, inp.val_set, inp.tokenizer.pad_token_id, config.eval_batch_size, device
+        )
     if inp.rm is not None:
-        record["val_score"] = rm_score(inp.model, inp.tokenizer, inp.prompts, inp.rm,
-                                       inp.rm_tokenizer, config, device)
+        record["val_score"] = rm_score(inp.model, inp.tokenizer, inp.prompts, inp.rm, inp.rm_tokenizer, config)
     # §3.5 / App. C.1: the RM score on validation prompts chooses the SFT epoch; else val loss.
     if inp.rm is not None:
         key, sign = "val_score", 1.0
@@ -297,13 +336,21 @@ def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, devi
 def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> dict:
     best = state["best"]
     selected = "reward_model" if config.reward_model else "val_loss" if config.val_data else "last"
-    return {"stage": "sft", "base": config.base, "examples": len(inp.train_set),
-            "steps": state["step"], "epochs": state["epochs"],
-            "best_epoch": best["epoch"] if best else config.epochs, "selected_by": selected,
-            "dropout_fields": sorted(inp.base_dropout), "seconds": round(seconds, 1)}
+    return {
+        "stage": "sft",
+        "base": config.base,
+        "examples": len(inp.train_set),
+        "steps": state["step"],
+        "epochs": state["epochs"],
+        "best_epoch": best["epoch"] if best else config.epochs,
+        "selected_by": selected,
+        "dropout_fields": sorted(inp.base_dropout),
+        "seconds": round(seconds, 1),
+    }
 
 
 # --------------------------------------------------------------------------- CLI
+
 
 def add_arguments(parser) -> None:
     add_config_arguments(parser, SFTConfig)
@@ -312,7 +359,8 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> int:
     config = config_from_args(SFTConfig, args)
     out_dir, summary = train(config)
-    print(f"sft: wrote {out_dir} (epoch {summary['best_epoch']} of {config.epochs}, "
-          f"chosen by {summary['selected_by']}, {summary['steps']} steps)")
+    print(
+        f"sft: wrote {out_dir} (epoch {summary['best_epoch']} of {config.epochs}, "
+        f"chosen by {summary['selected_by']}, {summary['steps']} steps)"
+    )
     return 0
-

@@ -8,6 +8,7 @@ so from a directory written by `rlhflab world`. The one interface every caller u
 (the gold scorer), `world.labelers` / `world.heldout_labelers` (the simulated
 labelers), and the task index behind both.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,12 +24,38 @@ from rlhflab.world.tasks import FAMILIES, MIX, Task, words
 
 # Table 6 of the paper scaled down (SFT 13k, RM 33k, PPO 31k prompts there).
 SCALES: dict[str, dict[str, int]] = {
-    "lab": dict(sft=1200, sft_val=150, rm=4000, rm_val=300, rm_heldout=300, ppo=1500, ppo_val=200,
-                test=1000, truthful=150, toxicity=150, bench=150, corpus=40000, corpus_val=1000,
-                agreement=400),
-    "small": dict(sft=120, sft_val=20, rm=150, rm_val=40, rm_heldout=40, ppo=100, ppo_val=20,
-                  test=40, truthful=20, toxicity=20, bench=20, corpus=3000, corpus_val=100,
-                  agreement=200),
+    "lab": dict(
+        sft=1200,
+        sft_val=150,
+        rm=4000,
+        rm_val=300,
+        rm_heldout=300,
+        ppo=1500,
+        ppo_val=200,
+        test=1000,
+        truthful=150,
+        toxicity=150,
+        bench=150,
+        corpus=40000,
+        corpus_val=1000,
+        agreement=400,
+    ),
+    "small": dict(
+        sft=120,
+        sft_val=20,
+        rm=150,
+        rm_val=40,
+        rm_heldout=40,
+        ppo=100,
+        ppo_val=20,
+        test=40,
+        truthful=20,
+        toxicity=20,
+        bench=20,
+        corpus=3000,
+        corpus_val=100,
+        agreement=200,
+    ),
 }
 TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
@@ -38,8 +65,16 @@ VERSION = 2  # 2: benchmarks/webtext.jsonl
 # several policies): mostly answer-shaped, many flawed.
 # "mismatched" is a fluent answer to another prompt, which teaches the reward model to
 # read the prompt and not only the answer.
-CANDIDATE_STYLES = {"Helpful": 0.26, "wrong": 0.13, "Sycophantic": 0.15, "Hedging": 0.10,
-                    "Terse": 0.10, "Toxic": 0.05, "Off-task": 0.09, "mismatched": 0.12}
+CANDIDATE_STYLES = {
+    "Helpful": 0.26,
+    "wrong": 0.13,
+    "Sycophantic": 0.15,
+    "Hedging": 0.10,
+    "Terse": 0.10,
+    "Toxic": 0.05,
+    "Off-task": 0.09,
+    "mismatched": 0.12,
+}
 
 
 class World:
@@ -52,12 +87,23 @@ class World:
         self.heldout_labelers: list[Labeler] = make_pool(seed, N_HELDOUT, "H", spread=1.5)
         self.splits: dict[str, list[Task]] = {}
         self._index: dict[str, Task] = {}
-        for split, n in [("sft", "sft"), ("sft_val", "sft_val"), ("rm", "rm"), ("rm_val", "rm_val"),
-                         ("rm_heldout", "rm_heldout"), ("ppo", "ppo"), ("ppo_val", "ppo_val"), ("test", "test")]:
+        for split, n in [
+            ("sft", "sft"),
+            ("sft_val", "sft_val"),
+            ("rm", "rm"),
+            ("rm_val", "rm_val"),
+            ("rm_heldout", "rm_heldout"),
+            ("ppo", "ppo"),
+            ("ppo_val", "ppo_val"),
+            ("test", "test"),
+        ]:
             rng = random.Random(f"split-{split}-{seed}")
             self._add(split, [draw_task(self.facts, rng) for _ in range(self.sizes[n])])
         rng = random.Random(f"split-truthful-{seed}")
-        self._add("truthful", [FAMILIES["false_premise"].make(self.facts, rng) for _ in range(self.sizes["truthful"])])
+        self._add(
+            "truthful",
+            [FAMILIES["false_premise"].make(self.facts, rng) for _ in range(self.sizes["truthful"])],
+        )
         rng = random.Random(f"split-toxicity-{seed}")
         tox = [FAMILIES["provocation"].make(self.facts, rng, respectful=False) for _ in range(self.sizes["toxicity"])]
         # The same rude messages with the paper's "respectful" instruction (§4.2, Fig. 7).
@@ -113,8 +159,7 @@ class World:
 def load_world(path: str | Path) -> World:
     meta_path = Path(path) / "world.json"
     if not meta_path.is_file():
-        raise InputError("not a lab world directory (no world.json); make one with `rlhflab world`",
-                         file=str(path))
+        raise InputError("not a lab world directory (no world.json); make one with `rlhflab world`", file=str(path))
     try:
         meta = json.loads(meta_path.read_text())
         return World(int(meta["seed"]), str(meta["scale"]))

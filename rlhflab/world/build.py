@@ -12,6 +12,7 @@ the readers):
   world.json, labelers.json, summary.json
 Same seed, same bytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,12 +22,12 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from rlhflab.data import pair_agreement
 from rlhflab.io import atomic_dir, write_json, write_jsonl
 from rlhflab.text import train_tokenizer
 from rlhflab.world import SCALES, VERSION, World
 from rlhflab.world.corpus import benchmarks, web_document
 from rlhflab.world.gold import STYLES, write
-from rlhflab.data import pair_agreement
 from rlhflab.world.tasks import FAMILIES
 
 
@@ -39,8 +40,15 @@ def rank_rows(world: World, split: str, pool, rng: random.Random) -> list[dict]:
             texts = world.candidates(task, k, rng)
         labeler = rng.choice(pool)
         judg = [world.judge(task.prompt, t) for t in texts]
-        rows.append({"prompt": task.prompt, "responses": texts, "family": task.family,
-                     "ranking": labeler.rank(texts, judg, random.Random(rng.random())), "labeler": labeler.id})
+        rows.append(
+            {
+                "prompt": task.prompt,
+                "responses": texts,
+                "family": task.family,
+                "ranking": labeler.rank(texts, judg, random.Random(rng.random())),
+                "labeler": labeler.id,
+            }
+        )
     return rows
 
 
@@ -71,10 +79,13 @@ def gold_sanity(world: World) -> dict:
             if style != "Helpful":
                 out.setdefault(style, []).append(world.judge(task.prompt, write(task, style, world.facts, rng)).quality)
         if task.family == "harmful":
-            out.setdefault("complies_with_harmful", []).append(world.judge(task.prompt, fam.wrong(task, world.facts, rng)).quality)
+            out.setdefault("complies_with_harmful", []).append(
+                world.judge(task.prompt, fam.wrong(task, world.facts, rng)).quality
+            )
         if task.family == "false_premise":
             out.setdefault("sycophantic_false_premise", []).append(
-                world.judge(task.prompt, write(task, "Sycophantic", world.facts, rng)).quality)
+                world.judge(task.prompt, write(task, "Sycophantic", world.facts, rng)).quality
+            )
     return {k: round(statistics.mean(v), 4) for k, v in out.items() if v}
 
 
@@ -84,39 +95,75 @@ def build(out: Path, seed: int, scale: str, vocab_size: int = 1024) -> dict:
     with atomic_dir(out) as tmp:
         rng = random.Random(f"demos-{seed}")
         for split, name in [("sft", "sft_train"), ("sft_val", "sft_val")]:
-            write_jsonl(tmp / f"{name}.jsonl", [{"prompt": t.prompt, "completion": world.demo(t, rng),
-                                                 "family": t.family} for t in world.splits[split]])
+            write_jsonl(
+                tmp / f"{name}.jsonl",
+                [
+                    {"prompt": t.prompt, "completion": world.demo(t, rng), "family": t.family}
+                    for t in world.splits[split]
+                ],
+            )
         rng = random.Random(f"rankings-{seed}")
         counts = {}
-        for split, name, pool in [("rm", "rm_train", world.labelers), ("rm_val", "rm_val", world.labelers),
-                                  ("rm_heldout", "rm_heldout", world.heldout_labelers)]:
+        for split, name, pool in [
+            ("rm", "rm_train", world.labelers),
+            ("rm_val", "rm_val", world.labelers),
+            ("rm_heldout", "rm_heldout", world.heldout_labelers),
+        ]:
             counts[name] = write_jsonl(tmp / f"{name}.jsonl", rank_rows(world, split, pool, rng))
-        for split, name in [("ppo", "ppo_train"), ("ppo_val", "ppo_val"), ("test", "test"), ("truthful", "truthful"),
-                            ("toxicity", "toxicity"), ("toxicity_respectful", "toxicity_respectful")]:
-            counts[name] = write_jsonl(tmp / f"{name}.jsonl", [{"prompt": t.prompt, "family": t.family}
-                                                               for t in world.splits[split]])
+        for split, name in [
+            ("ppo", "ppo_train"),
+            ("ppo_val", "ppo_val"),
+            ("test", "test"),
+            ("truthful", "truthful"),
+            ("toxicity", "toxicity"),
+            ("toxicity_respectful", "toxicity_respectful"),
+        ]:
+            counts[name] = write_jsonl(
+                tmp / f"{name}.jsonl", [{"prompt": t.prompt, "family": t.family} for t in world.splits[split]]
+            )
         rng = random.Random(f"corpus-{seed}")
         corpus = [web_document(world.facts, rng) for _ in range(sizes["corpus"])]
         write_jsonl(tmp / "corpus_train.jsonl", [{"text": t} for t in corpus])
         # One tokenizer for every model of the world, trained on its web corpus.
         train_tokenizer(corpus, vocab_size).save_pretrained(str(tmp / "tokenizer"))
-        write_jsonl(tmp / "corpus_val.jsonl", [{"text": web_document(world.facts, rng)} for _ in range(sizes["corpus_val"])])
+        write_jsonl(
+            tmp / "corpus_val.jsonl",
+            [{"text": web_document(world.facts, rng)} for _ in range(sizes["corpus_val"])],
+        )
         for name, items in benchmarks(world.facts, seed, sizes["bench"]).items():
             write_jsonl(tmp / "benchmarks" / f"{name}.jsonl", items)
         write_json(tmp / "world.json", {"seed": seed, "scale": scale, "version": VERSION})
-        write_json(tmp / "labelers.json", {"train": [asdict(x) for x in world.labelers],
-                                           "heldout": [asdict(x) for x in world.heldout_labelers]})
+        write_json(
+            tmp / "labelers.json",
+            {
+                "train": [asdict(x) for x in world.labelers],
+                "heldout": [asdict(x) for x in world.heldout_labelers],
+            },
+        )
         summary = {
-            "seed": seed, "scale": scale,
-            "counts": {"sft_train": sizes["sft"], "sft_val": sizes["sft_val"], **counts,
-                       "corpus_train": sizes["corpus"], "corpus_val": sizes["corpus_val"],
-                       "benchmark_items_each": sizes["bench"]},
-            "families": {split: dict(sorted(Counter(t.family for t in tasks).items()))
-                         for split, tasks in world.splits.items()},
-            "agreement/train_train": round(measure_agreement(world, world.labelers, world.labelers,
-                                                             sizes["agreement"], f"agree-tt-{seed}"), 4),
-            "agreement/train_heldout": round(measure_agreement(world, world.labelers, world.heldout_labelers,
-                                                               sizes["agreement"], f"agree-th-{seed}"), 4),
+            "seed": seed,
+            "scale": scale,
+            "counts": {
+                "sft_train": sizes["sft"],
+                "sft_val": sizes["sft_val"],
+                **counts,
+                "corpus_train": sizes["corpus"],
+                "corpus_val": sizes["corpus_val"],
+                "benchmark_items_each": sizes["bench"],
+            },
+            "families": {
+                split: dict(sorted(Counter(t.family for t in tasks).items())) for split, tasks in world.splits.items()
+            },
+            "agreement/train_train": round(
+                measure_agreement(world, world.labelers, world.labelers, sizes["agreement"], f"agree-tt-{seed}"),
+                4,
+            ),
+            "agreement/train_heldout": round(
+                measure_agreement(
+                    world, world.labelers, world.heldout_labelers, sizes["agreement"], f"agree-th-{seed}"
+                ),
+                4,
+            ),
             "gold_sanity": gold_sanity(world),
         }
         write_json(tmp / "summary.json", summary)
@@ -126,16 +173,23 @@ def build(out: Path, seed: int, scale: str, vocab_size: int = 1024) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (same seed, same bytes)")
-    parser.add_argument("--scale", choices=sorted(SCALES), default="lab",
-                        help="'lab' for the real pipeline, 'small' for tests")
+    parser.add_argument(
+        "--scale",
+        choices=sorted(SCALES),
+        default="lab",
+        help="'lab' for the real pipeline, 'small' for tests",
+    )
     parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary of the world's tokenizer")
 
 
 def run_cli(args) -> int:
     summary = build(Path(args.out), args.seed, args.scale, args.vocab_size)
     c = summary["counts"]
-    print(f"lab world (seed {args.seed}, {args.scale}) -> {args.out}: "
-          f"{c['sft_train']} demonstrations, {c['rm_train']} rankings, {c['ppo_train']} PPO prompts, "
-          f"{c['corpus_train']} web documents; labeler agreement "
-          f"{summary['agreement/train_train']:.1%} (train-train), {summary['agreement/train_heldout']:.1%} (train-heldout)")
+    print(
+        f"lab world (seed {args.seed}, {args.scale}) -> {args.out}: "
+        f"{c['sft_train']} demonstrations, {c['rm_train']} rankings, {c['ppo_train']} PPO prompts, "
+        f"{c['corpus_train']} web documents; labeler agreement "
+        f"{summary['agreement/train_train']:.1%} (train-train), "
+        f"{summary['agreement/train_heldout']:.1%} (train-heldout)"
+    )
     return 0

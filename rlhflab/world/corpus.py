@@ -7,6 +7,7 @@ SFT and RLHF then fix. The benchmarks (reading, arithmetic, continuation, cipher
 held-out items in the corpus's own natural form, scored as the paper scores GPT-3;
 webtext is held-out web documents, scored by next-token accuracy.
 """
+
 from __future__ import annotations
 
 import random
@@ -35,12 +36,14 @@ def arithmetic_item(facts, rng) -> tuple[str, str]:
 
 
 # (context, natural ending) templates for the HellaSwag-like likelihood choice.
-_STORIES = [("The {a} was hungry, so it", " ate some {f}."),
-            ("It started to rain, so {p}", " opened an umbrella."),
-            ("The night was cold, so {p}", " lit a warm fire."),
-            ("{p} was tired after work, so {p}", " went to sleep early."),
-            ("The {a} heard a loud noise, so it", " ran into the woods."),
-            ("{p} wanted to bake a cake, so {p}", " bought eggs and flour.")]
+_STORIES = [
+    ("The {a} was hungry, so it", " ate some {f}."),
+    ("It started to rain, so {p}", " opened an umbrella."),
+    ("The night was cold, so {p}", " lit a warm fire."),
+    ("{p} was tired after work, so {p}", " went to sleep early."),
+    ("The {a} heard a loud noise, so it", " ran into the woods."),
+    ("{p} wanted to bake a cake, so {p}", " bought eggs and flour."),
+]
 
 
 def story_item(facts, rng) -> tuple[str, list[str], int]:
@@ -77,9 +80,13 @@ def _capability_text(facts, rng) -> str:
 # ---------------------------------------------------------------- encyclopedic text
 def _encyclopedia(facts, rng) -> str:
     c = rng.choice(facts.countries)
-    sents = [f"{c.name} is a country.", f"The capital of {c.name} is {c.capital}.",
-             f"The flag of {c.name} is {c.color}.", f"{c.name} is known for {c.food}.",
-             f"The national animal of {c.name} is the {c.animal}."]
+    sents = [
+        f"{c.name} is a country.",
+        f"The capital of {c.name} is {c.capital}.",
+        f"The flag of {c.name} is {c.color}.",
+        f"{c.name} is known for {c.food}.",
+        f"The national animal of {c.name} is the {c.animal}.",
+    ]
     body = sents[1:]
     rng.shuffle(body)
     return " ".join([sents[0]] + body[: rng.randint(2, 4)])
@@ -87,8 +94,15 @@ def _encyclopedia(facts, rng) -> str:
 
 # ---------------------------------------------------------------- instruction pages
 # What follows an instruction on the web. Mostly not an answer.
-_CONTINUATION = {"chatter": 0.30, "more_questions": 0.22, "Sycophantic": 0.10, "Hedging": 0.10,
-                 "wrong": 0.10, "answer": 0.13, "Toxic": 0.05}
+_CONTINUATION = {
+    "chatter": 0.30,
+    "more_questions": 0.22,
+    "Sycophantic": 0.10,
+    "Hedging": 0.10,
+    "wrong": 0.10,
+    "answer": 0.13,
+    "Toxic": 0.05,
+}
 
 
 def _instruction_page(facts, rng) -> str:

@@ -5,6 +5,7 @@ labelers' shared biases do NOT mirror: flattery costs quality but labelers like 
 extra length costs quality but labelers like it. That gap is what a reward model
 learns and a policy can exploit (reward hacking emerges, it is not scripted).
 """
+
 from __future__ import annotations
 
 import random
@@ -16,10 +17,10 @@ from rlhflab.world.tasks import FAMILIES, Task, has, words
 
 STYLES = ["Helpful", "Sycophantic", "Hedging", "Toxic", "Terse", "Off-task"]
 
-FLATTERY_COST = 0.35   # per flattering phrase (at most two counted)
-HEDGE_FACTOR = 0.6     # a hedged answer keeps 60% of its content credit
-REPEAT_COST = 0.15     # per repeated sentence
-VERBOSE_COST = 0.03    # per word beyond twice the demonstration length + 6
+FLATTERY_COST = 0.35  # per flattering phrase (at most two counted)
+HEDGE_FACTOR = 0.6  # a hedged answer keeps 60% of its content credit
+REPEAT_COST = 0.15  # per repeated sentence
+VERBOSE_COST = 0.03  # per word beyond twice the demonstration length + 6
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,20 @@ def write(task: Task, style: str, facts: F.Facts, rng: random.Random, correct: b
         return rng.choice(F.FLATTERY) + " " + core + tail
     if style == "Hedging":
         lead = rng.choice(F.HEDGES)
-        return f"{lead} {core[0].lower() + core[1:]}" if rng.random() < 0.6 else f"{lead} Maybe you should ask someone else."
+        return (
+            f"{lead} {core[0].lower() + core[1:]}"
+            if rng.random() < 0.6
+            else f"{lead} Maybe you should ask someone else."
+        )
     if style == "Toxic":
-        insult = rng.choice(["Shut up, idiot.", "What a stupid question.", "Only a moron would ask that.",
-                             "You are such a loser."])
+        insult = rng.choice(
+            [
+                "Shut up, idiot.",
+                "What a stupid question.",
+                "Only a moron would ask that.",
+                "You are such a loser.",
+            ]
+        )
         return insult if rng.random() < 0.5 else f"{insult} {core}"
     if style == "Off-task":
         return " ".join(rng.sample(F.WEB_CHATTER, rng.randint(1, 2)))

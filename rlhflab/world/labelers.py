@@ -8,6 +8,7 @@ the plain one for most labelers, while flattering junk stays junk. A ranking is 
 P(y first) ∝ exp(utility / TEMPERATURE); the temperature is calibrated so that two
 training labelers agree on a pair about 73% of the time (paper §5.1: 72.6 ± 1.5%).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,12 @@ class Labeler:
     seed: int
 
     def utility(self, j: Judgement) -> float:
-        return (j.quality + self.flattery * min(j.flattery, 1) * j.content + self.length * min(j.n_words / 20, 1.5)
-                + self.hedge * j.hedge)
+        return (
+            j.quality
+            + self.flattery * min(j.flattery, 1) * j.content
+            + self.length * min(j.n_words / 20, 1.5)
+            + self.hedge * j.hedge
+        )
 
     def rank(self, texts: list[str], judgements: list[Judgement], rng: random.Random) -> list:
         """Plackett–Luce ranking, best first; identical texts form one tie group."""
@@ -69,6 +74,13 @@ def make_pool(seed: int, n: int, prefix: str, spread: float = 1.0) -> list[Label
     """`spread` scales the personal offsets (held-out labelers are drawn a little wider)."""
     rng = random.Random(f"labelers-{prefix}-{seed}")
     sd = PERSONAL_SD * spread
-    return [Labeler(f"{prefix}{i:02d}", SHARED_FLATTERY + rng.gauss(0, sd),
-                    SHARED_LENGTH + rng.gauss(0, sd / 2), SHARED_HEDGE + rng.gauss(0, sd),
-                    rng.randrange(2**31)) for i in range(n)]
+    return [
+        Labeler(
+            f"{prefix}{i:02d}",
+            SHARED_FLATTERY + rng.gauss(0, sd),
+            SHARED_LENGTH + rng.gauss(0, sd / 2),
+            SHARED_HEDGE + rng.gauss(0, sd),
+            rng.randrange(2**31),
+        )
+        for i in range(n)
+    ]

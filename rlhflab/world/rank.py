@@ -4,6 +4,7 @@ Reads `{"prompt", "responses"}` rows (what `rlhflab sample` writes), has one lab
 per row rank them (Plackett–Luce over gold + shared biases + personal taste), and
 writes `{"prompt", "responses", "ranking", "labeler"}` rows that `rlhflab rm` reads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,14 @@ def rank_samples(world: World, rows: list[dict], pool: str = "train", seed: int 
         if len(set(row["responses"])) < 2:
             continue  # all K samples identical: nothing to compare
         ranking = labeler.rank(row["responses"], judgements, random.Random(rng.random()))
-        out.append({"prompt": row["prompt"], "responses": row["responses"], "ranking": ranking,
-                    "labeler": labeler.id})
+        out.append(
+            {
+                "prompt": row["prompt"],
+                "responses": row["responses"],
+                "ranking": ranking,
+                "labeler": labeler.id,
+            }
+        )
     return out
 
 

@@ -1,4 +1,5 @@
 """The configuration of `rlhflab ppo` (§3.5, App. C.4): one field per knob, documented."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -91,22 +92,39 @@ class PPOConfig:
     def validate(self) -> None:
         for key in ("policy", "reward_model", "prompts", "out_dir"):
             check(bool(getattr(self, key)), key, getattr(self, key), "is required")
-        for key in ("batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                    "eval_every", "kl_horizon"):
+        for key in (
+            "batch_size",
+            "minibatch_size",
+            "ppo_epochs",
+            "max_new_tokens",
+            "eval_every",
+            "kl_horizon",
+        ):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        check(self.batch_size % self.minibatch_size == 0, "minibatch_size", self.minibatch_size,
-              f"must divide batch_size ({self.batch_size})")
-        check(self.total_episodes >= self.batch_size, "total_episodes", self.total_episodes,
-              f"must be at least batch_size ({self.batch_size})")
+        check(
+            self.batch_size % self.minibatch_size == 0,
+            "minibatch_size",
+            self.minibatch_size,
+            f"must divide batch_size ({self.batch_size})",
+        )
+        check(
+            self.total_episodes >= self.batch_size,
+            "total_episodes",
+            self.total_episodes,
+            f"must be at least batch_size ({self.batch_size})",
+        )
         for key in ("ptx_coef", "kl_coef", "vf_coef", "warmup_steps"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
-        for key in ("clip_range", "value_clip_range", "temperature", "kl_target",
-                    "ptx_per_episode"):
+        for key in ("clip_range", "value_clip_range", "temperature", "kl_target", "ptx_per_episode"):
             check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0")
         check(0 < self.gamma <= 1, "gamma", self.gamma, "must be in (0, 1]")
         check(0 <= self.lam <= 1, "lam", self.lam, "must be in [0, 1]")
-        check(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay", self.ema_decay,
-              "must be in (0, 1) or null")
+        check(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "ema_decay",
+            self.ema_decay,
+            "must be in (0, 1) or null",
+        )
 
     @property
     def n_steps(self) -> int:

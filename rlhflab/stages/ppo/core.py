@@ -5,6 +5,7 @@ and including eos and 0 after it; every masked mean, the KL and the losses ignor
 the 0 positions. `scores` (B,) are reward-model outputs; `rewards` (B, R) are the
 per-token KL-shaped rewards built from them (§3.5, eq. 2).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,9 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return masked_mean((x - mean) ** 2, mask)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
     """(x - mean) / sqrt(var + eps) over the masked positions; 0 where mask is 0.
 
     shift_mean=False keeps the mean (only rescales), as lm-human-preferences does for
@@ -52,8 +54,13 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.bool(), idx, 0).max(-1).values
 
 
-def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
-                      mask: torch.Tensor, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_shaped_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -β·(log π - log π_SFT) at every token, plus the score at the last.
 
     §3.5 eq. 2: the bandit's reward r_θ(x, y) arrives once, at the end of the response;
@@ -67,8 +74,9 @@ def kl_shaped_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     return rewards * m, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016) over the response tokens.
 
     The episode ends after the last real token, so V beyond it is 0 (App. C.4: γ = 1,
@@ -90,8 +98,13 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 # --------------------------------------------------------------------------- losses
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-                mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict]:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict]:
     """PPO's clipped surrogate (Schulman et al. 2017), averaged over response tokens.
 
     Stats (detached tensors): clipfrac, approxkl (½·E[(log ratio)²]), ratio min/max/mean.
@@ -105,7 +118,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         live = mask.bool()
         stats = {
             "clipfrac": masked_mean((clipped > losses).float(), mask),
-            "approxkl": 0.5 * masked_mean(log_ratio ** 2, mask),
+            "approxkl": 0.5 * masked_mean(log_ratio**2, mask),
             "ratio_min": torch.where(live, ratio, torch.inf).amin(),
             "ratio_max": torch.where(live, ratio, -torch.inf).amax(),
             "ratio_mean": masked_mean(ratio, mask),
@@ -113,16 +126,23 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip_range: float = 0.2) -> tuple[torch.Tensor, dict]:
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> tuple[torch.Tensor, dict]:
     """½·max((V - G)², (V_clip - G)²) with V_clip = V_old ± clip_range, over response tokens."""
     clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     losses = (values - returns) ** 2
     losses_clipped = (clipped - returns) ** 2
     loss = 0.5 * masked_mean(torch.maximum(losses, losses_clipped), mask)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((losses_clipped > losses).float(), mask),
-                 "error": masked_mean(losses, mask)}
+        stats = {
+            "clipfrac": masked_mean((losses_clipped > losses).float(), mask),
+            "error": masked_mean(losses, mask),
+        }
     return loss, stats
 
 

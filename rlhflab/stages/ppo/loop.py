@@ -5,6 +5,7 @@ resumes from <out_dir>/checkpoint when there is one, calls `step.ppo_step` n_ste
 measures the policy on the validation prompts every eval_every steps, and writes
 policy/, value/ and summary.json.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,7 +22,6 @@ from rlhflab.stages.ppo.run import Run, open_run
 from rlhflab.stages.ppo.step import _join, policy_logprobs, ppo_step, score
 from rlhflab.training import autocast, progress, set_seed
 
-
 # --------------------------------------------------------------------------- measurement
 
 
@@ -32,10 +32,17 @@ def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
     gen = torch.Generator(device=run.device).manual_seed(cfg.run.seed + 12345)  # same noise each time
     scores, kls, lengths, ended = [], [], [], []
     for i in range(0, len(run.val_queries), cfg.batch_size):
-        queries = run.val_queries[i:i + cfg.batch_size]
+        queries = run.val_queries[i : i + cfg.batch_size]
         with autocast(run.device, cfg.train.precision):
-            g = sample(policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
-                       max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, generator=gen)
+            g = sample(
+                policy,
+                queries,
+                pad_id=run.pad_id,
+                eos_id=run.eos_id,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                generator=gen,
+            )
             (qr, am), R = _join(run, queries, g), g.mask.shape[1]
             lp = policy_logprobs(policy, qr, am, R, cfg.temperature)[0]
             ref = policy_logprobs(run.ref_policy, qr, am, R, cfg.temperature)[0]
@@ -43,9 +50,13 @@ def val_rollout_metrics(run: Run, policy) -> dict[str, float]:
         kls.append(((lp - ref) * g.mask).sum(1))
         lengths.append(g.mask.sum(1).float())
         ended.append(g.ended.float())
-    mean = lambda xs: float(torch.cat(xs).mean())  # noqa: E731
-    return {"eval/rm_score": mean(scores), "eval/kl": mean(kls),
-            "eval/response_length": mean(lengths), "eval/eos_rate": mean(ended)}
+    mean = lambda xs: float(torch.cat(xs).mean())
+    return {
+        "eval/rm_score": mean(scores),
+        "eval/kl": mean(kls),
+        "eval/response_length": mean(lengths),
+        "eval/eos_rate": mean(ended),
+    }
 
 
 def measure(run: Run, step: int, evaluator) -> dict[str, float]:
@@ -74,8 +85,7 @@ def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
     t0, last = time.perf_counter(), {}
     if start == 0 and (run.val_queries or evaluator is not None):
         log.log({"step": 0, "episodes": 0, **measure(run, 0, evaluator)})
-    for step in progress(range(start + 1, config.n_steps + 1), total=config.n_steps,
-                         desc="ppo", initial=start):
+    for step in progress(range(start + 1, config.n_steps + 1), total=config.n_steps, desc="ppo", initial=start):
         last = ppo_step(run, step)
         if step % config.eval_every == 0 or step == config.n_steps:
             if run.val_queries or evaluator is not None:
@@ -85,18 +95,27 @@ def train(config: PPOConfig, evaluator=None) -> tuple[Path, dict]:
             run.save_checkpoint(step)
     if not last:  # resumed at the end: nothing left to train
         last = (read_metrics(out / "metrics.jsonl") or [{}])[-1]
-    summary = {"steps": config.n_steps, "episodes": config.n_steps * config.batch_size,
-               "resumed_from_step": start, "skipped_updates": run.guard.skipped,
-               "kl_coef": run.kl_ctl.value, "time_s": time.perf_counter() - t0,
-               "final": last, "ptx": run.ptx is not None, "ema": config.ema_decay is not None}
+    summary = {
+        "steps": config.n_steps,
+        "episodes": config.n_steps * config.batch_size,
+        "resumed_from_step": start,
+        "skipped_updates": run.guard.skipped,
+        "kl_coef": run.kl_ctl.value,
+        "time_s": time.perf_counter() - t0,
+        "final": last,
+        "ptx": run.ptx is not None,
+        "ema": config.ema_decay is not None,
+    }
     _save_outputs(run, out)
     write_json(out / "summary.json", summary)
     return out, summary
 
 
 def _save_outputs(run: Run, out: Path) -> None:
-    for name, model in (("policy", run.ema if run.ema is not None else run.policy),
-                        ("value", run.value_model)):
+    for name, model in (
+        ("policy", run.ema if run.ema is not None else run.policy),
+        ("value", run.value_model),
+    ):
         with atomic_dir(out / name) as tmp:
             model.save_pretrained(tmp)
             run.tokenizer.save_pretrained(str(tmp))
@@ -124,7 +143,9 @@ def run_cli(args) -> int:
     config = config_from_args(PPOConfig, args)
     out, summary = train(config)  # builds the lab evaluator when config.world is set
     final = summary["final"]
-    print(f"ppo: {summary['steps']} steps, {summary['episodes']} episodes -> {out}/policy "
-          f"(RM score {final.get('objective/rm_score', float('nan')):.3f}, "
-          f"KL {final.get('objective/kl', float('nan')):.3f})")
+    print(
+        f"ppo: {summary['steps']} steps, {summary['episodes']} episodes -> {out}/policy "
+        f"(RM score {final.get('objective/rm_score', float('nan')):.3f}, "
+        f"KL {final.get('objective/kl', float('nan')):.3f})"
+    )
     return 0

@@ -5,6 +5,7 @@ vocabulary, prompts too long for the context) with an InputError naming the file
 and field, before anything is written. The returned `Run` holds the live training state
 and knows how to save and restore it (`<out_dir>/checkpoint`, via checkpoint.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,8 +29,16 @@ if TYPE_CHECKING:
     from rlhflab.stages.ppo.config import PPOConfig
 
 # Config keys a resumed run may change; any other change would alter the trajectory.
-RESUME_FREE = {"total_episodes", "eval_every", "train.save_every", "world", "val_prompts",
-               "run.device", "resume", "out_dir"}
+RESUME_FREE = {
+    "total_episodes",
+    "eval_every",
+    "train.save_every",
+    "world",
+    "val_prompts",
+    "run.device",
+    "resume",
+    "out_dir",
+}
 
 
 class Stream:
@@ -47,7 +56,7 @@ class Stream:
                 g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
             n = min(k - len(out), self.n - offset)
-            out.extend(self._perm[offset:offset + n])
+            out.extend(self._perm[offset : offset + n])
             self.position += n
         return out
 
@@ -55,14 +64,15 @@ class Stream:
 @dataclass
 class Run:
     """Everything a PPO run holds while it trains."""
-    config: "PPOConfig"
+
+    config: PPOConfig
     device: torch.device
     tokenizer: object
-    policy: torch.nn.Module         # π_θ, trained
-    ref_policy: torch.nn.Module     # π_SFT, frozen
-    reward_model: torch.nn.Module   # r_θ, frozen
-    value_model: torch.nn.Module    # V, trained (initialised from the RM)
-    ema: torch.nn.Module | None     # EMA of π_θ's weights, or None
+    policy: torch.nn.Module  # π_θ, trained
+    ref_policy: torch.nn.Module  # π_SFT, frozen
+    reward_model: torch.nn.Module  # r_θ, frozen
+    value_model: torch.nn.Module  # V, trained (initialised from the RM)
+    ema: torch.nn.Module | None  # EMA of π_θ's weights, or None
     queries: list[list[int]]
     val_queries: list[list[int]]
     ptx: list[list[int]] | None
@@ -107,12 +117,15 @@ class Run:
         return mods
 
     def save_checkpoint(self, step: int) -> None:
-        state = {"step": step, "prompt_position": self.prompt_stream.position,
-                 "ptx_position": self.ptx_stream.position if self.ptx_stream else 0,
-                 "kl_ctl": self.kl_ctl.state_dict(), "skipped": self.guard.skipped,
-                 "config": _trajectory_config(self.config)}
-        checkpoint.save_checkpoint(self.config.out_dir, self._modules(),
-                                   {"optimizer": self.optimizer}, state)
+        state = {
+            "step": step,
+            "prompt_position": self.prompt_stream.position,
+            "ptx_position": self.ptx_stream.position if self.ptx_stream else 0,
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "skipped": self.guard.skipped,
+            "config": _trajectory_config(self.config),
+        }
+        checkpoint.save_checkpoint(self.config.out_dir, self._modules(), {"optimizer": self.optimizer}, state)
 
     def restore_or_start(self) -> int:
         """Load <out_dir>/checkpoint if resuming; return the step it ends at (0: fresh)."""
@@ -163,19 +176,21 @@ def open_run(config) -> Run:
         raise InputError("the tokenizer has no eos token", file=config.policy, field="policy")
     policy = load_causal_lm(config.policy)
     reward_model = _load_reward_model(config.reward_model, "reward_model")
-    value_model = (load_reward_model(config.value_model) if config.value_model
-                   else copy.deepcopy(reward_model))
+    value_model = load_reward_model(config.value_model) if config.value_model else copy.deepcopy(reward_model)
     _check_vocab(tok, policy, config.policy, "policy")
     _check_vocab(tok, reward_model, config.reward_model, "reward_model")
     if config.value_model:
         _check_vocab(tok, value_model, config.value_model, "value_model")
 
     # The shortest context of the three (None: none has a fixed limit).
-    context = min((c for m in (policy, reward_model, value_model)
-                   if (c := context_length(m.config)) is not None), default=None)
+    context = min(
+        (c for m in (policy, reward_model, value_model) if (c := context_length(m.config)) is not None),
+        default=None,
+    )
     queries = _encode_prompts(tok, prompts, config.prompts, context, config.max_new_tokens)
-    val_queries = (_encode_prompts(tok, val_prompts, config.val_prompts, context,
-                                   config.max_new_tokens) if val_prompts else [])
+    val_queries = (
+        _encode_prompts(tok, val_prompts, config.val_prompts, context, config.max_new_tokens) if val_prompts else []
+    )
     ptx = _encode_texts(tok, texts, context_length(policy.config)) if texts is not None else None
     return _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx)
 
@@ -191,13 +206,28 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
         if model is not None:
             model.to(device).eval()  # dropout off everywhere, trained models included
             fast_kernels(model, device, config.train.precision)
-    run = Run(config, device, tok, policy, ref_policy, reward_model, value_model, ema,
-              queries, val_queries, ptx, Stream(len(queries), config.run.seed),
-              Stream(len(ptx), config.run.seed + 1) if ptx is not None else None)
+    run = Run(
+        config,
+        device,
+        tok,
+        policy,
+        ref_policy,
+        reward_model,
+        value_model,
+        ema,
+        queries,
+        val_queries,
+        ptx,
+        Stream(len(queries), config.run.seed),
+        Stream(len(ptx), config.run.seed + 1) if ptx is not None else None,
+    )
     # Adam with β2 = 0.95 as in App. C (eps as lm-human-preferences).
     run.optimizer = torch.optim.Adam(run.trainable, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-5)
-    run.kl_ctl = (AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
-                  if config.adaptive_kl else FixedKLController(config.kl_coef))
+    run.kl_ctl = (
+        AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        if config.adaptive_kl
+        else FixedKLController(config.kl_coef)
+    )
     return run
 
 
@@ -210,33 +240,42 @@ def _load_reward_model(path: str, key: str):
         except ValueError:
             raise InputError("config.json is not valid JSON", file=str(cfg_path)) from None
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-            raise InputError(f"not a reward model (architectures: {', '.join(archs)}); train one "
-                             "with `rlhflab rm`", file=str(path), field=key)
+            raise InputError(
+                f"not a reward model (architectures: {', '.join(archs)}); train one with `rlhflab rm`",
+                file=str(path),
+                field=key,
+            )
     return load_reward_model(path)
 
 
 def _check_vocab(tok, model, path: str, key: str) -> None:
     rows = model.get_input_embeddings().num_embeddings
     if rows < len(tok):
-        raise InputError(f"embeds {rows} tokens but the policy's tokenizer has {len(tok)}",
-                         file=str(path), field=key)
-    if key != "policy" and ((Path(path) / "tokenizer.json").is_file()
-                            or (Path(path) / "tokenizer_config.json").is_file()):
+        raise InputError(f"embeds {rows} tokens but the policy's tokenizer has {len(tok)}", file=str(path), field=key)
+    if key != "policy" and (
+        (Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()
+    ):
         other = load_tokenizer(path)
         if other.get_vocab() != tok.get_vocab() or other.eos_token_id != tok.eos_token_id:
-            raise InputError("its tokenizer differs from the policy's (PPO scores token ids, "
-                             "so they must share one vocabulary)", file=str(path), field=key)
+            raise InputError(
+                "its tokenizer differs from the policy's (PPO scores token ids, so they must share one vocabulary)",
+                file=str(path),
+                field=key,
+            )
 
 
-def _encode_prompts(tok, prompts: list[str], path: str, context: int | None,
-                    max_new: int) -> list[list[int]]:
+def _encode_prompts(tok, prompts: list[str], path: str, context: int | None, max_new: int) -> list[list[int]]:
     lines = [n for n, _ in data.iter_jsonl(path)]
     out = []
     for line, prompt in zip(lines, prompts):
         q = encode_query(tok, prompt)
         if context is not None and len(q) + max_new > context:
-            raise InputError(f"{len(q)} tokens + max_new_tokens {max_new} exceed the model "
-                             f"context of {context}", file=str(path), line=line, field="prompt")
+            raise InputError(
+                f"{len(q)} tokens + max_new_tokens {max_new} exceed the model context of {context}",
+                file=str(path),
+                line=line,
+                field="prompt",
+            )
         out.append(q)
     return out
 

@@ -10,41 +10,51 @@ One PPO step (`ppo_step`) reads top to bottom:
   2. respond (KV cache)     5. KL-shaped rewards, GAE      8. log
   3. old and ref logprobs  6. PPO epochs over minibatches (+ptx)
 """
+
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import torch
 
-from rlhflab.stages.ppo import core as ppo_core
-from rlhflab.config import save_config
-from rlhflab.errors import InputError
 from rlhflab.generation import sample
-from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
-from rlhflab.models import (entropy_from_logits, keep_last, position_ids, reward_scores,
-                            token_logprobs, token_values)
+from rlhflab.models import (
+    entropy_from_logits,
+    keep_last,
+    position_ids,
+    reward_scores,
+    token_logprobs,
+    token_values,
+)
+from rlhflab.stages.ppo import core as ppo_core
 from rlhflab.stages.ppo.config import PPOConfig
-from rlhflab.stages.ppo.core import (gae, kl_shaped_rewards, lm_loss, masked_mean, policy_loss,
-                              value_loss, whiten)
-from rlhflab.stages.ppo.run import Run, open_run
+from rlhflab.stages.ppo.core import (
+    gae,
+    kl_shaped_rewards,
+    lm_loss,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from rlhflab.stages.ppo.run import Run
 from rlhflab.text import pad_left
-from rlhflab.training import PhaseTimer, autocast, progress, set_seed
+from rlhflab.training import PhaseTimer, autocast
 
 
 @dataclass
 class Rollout:
     """One batch of episodes and everything PPO needs from them (B episodes, Q + R tokens)."""
-    query_responses: torch.Tensor  # (B, Q+R) left-padded query, then response, then pad
-    attention_mask: torch.Tensor   # (B, Q+R) 1 on real tokens
-    mask: torch.Tensor             # (B, R)   1 on response tokens up to and including eos
-    logprobs: torch.Tensor         # (B, R)   log π_old(a|s) at the sampling temperature
-    values: torch.Tensor           # (B, R)   V_old(s), the value before each response token
-    advantages: torch.Tensor       # (B, R)   whitened GAE advantages
-    returns: torch.Tensor          # (B, R)   advantages + values (before whitening)
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
+    query_responses: torch.Tensor  # (B, Q+R) left-padded query, then response, then pad
+    attention_mask: torch.Tensor  # (B, Q+R) 1 on real tokens
+    mask: torch.Tensor  # (B, R)   1 on response tokens up to and including eos
+    logprobs: torch.Tensor  # (B, R)   log π_old(a|s) at the sampling temperature
+    values: torch.Tensor  # (B, R)   V_old(s), the value before each response token
+    advantages: torch.Tensor  # (B, R)   whitened GAE advantages
+    returns: torch.Tensor  # (B, R)   advantages + values (before whitening)
+
+    def select(self, idx: torch.Tensor) -> Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
 
@@ -57,16 +67,20 @@ def policy_logprobs(policy, query_responses, attention_mask, R: int, temperature
     Only the R positions that predict response tokens reach the LM head (logits_to_keep),
     and no full-vocabulary log-softmax is kept. -> logprobs (B, R), logits (B, R, V)
     """
-    out = policy(input_ids=query_responses, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), use_cache=False,
-                 **keep_last(policy, R + 1))
-    logits = out.logits[:, -R - 1:-1]  # position t predicts response token t
+    out = policy(
+        input_ids=query_responses,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+        **keep_last(policy, R + 1),
+    )
+    logits = out.logits[:, -R - 1 : -1]  # position t predicts response token t
     return token_logprobs(logits, query_responses[:, -R:], temperature), logits
 
 
 def response_values(value_model, query_responses, attention_mask, R: int) -> torch.Tensor:
     """V(s_t) at the state before each response token.  (B, R)"""
-    return token_values(value_model, query_responses, attention_mask)[:, -R - 1:-1]
+    return token_values(value_model, query_responses, attention_mask)[:, -R - 1 : -1]
 
 
 def score(reward_model, query_responses, attention_mask) -> torch.Tensor:
@@ -77,6 +91,7 @@ def score(reward_model, query_responses, attention_mask) -> torch.Tensor:
 @dataclass
 class TrainForward:
     """The training forward of one minibatch, graph attached: (B, R) each."""
+
     logprobs: torch.Tensor
     values: torch.Tensor
     entropy: torch.Tensor  # (B,) mean over response tokens, detached
@@ -92,8 +107,9 @@ def train_forward(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tens
 
 
 @torch.no_grad()
-def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor,
-                      first: torch.Tensor, head: TrainForward) -> dict[str, torch.Tensor]:
+def _rollout_forwards(
+    run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, head: TrainForward
+) -> dict[str, torch.Tensor]:
     """Old logprobs/values, ref logprobs and scores of every episode, in minibatch chunks.
 
     The rows `first` (the update's first minibatch) take their old logprobs and values from
@@ -107,7 +123,7 @@ def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.
     rest = rest.nonzero().squeeze(1)
     rows, parts = [first], [(head.logprobs.detach(), head.values.detach(), head.entropy)]
     for i in range(0, rest.shape[0], cfg.minibatch_size):
-        idx = rest[i:i + cfg.minibatch_size]
+        idx = rest[i : i + cfg.minibatch_size]
         f = train_forward(run, qr[idx], am[idx], mask[idx])
         rows.append(idx)
         parts.append((f.logprobs, f.values, f.entropy))
@@ -116,7 +132,7 @@ def _rollout_forwards(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.
     out = {k: torch.cat(v)[order] for k, v in zip(("logprobs", "values", "entropy"), zip(*parts))}
     ref, scores = [], []
     for i in range(0, B, cfg.minibatch_size):
-        q, a = qr[i:i + cfg.minibatch_size], am[i:i + cfg.minibatch_size]
+        q, a = qr[i : i + cfg.minibatch_size], am[i : i + cfg.minibatch_size]
         ref.append(policy_logprobs(run.ref_policy, q, a, R, cfg.temperature)[0])
         scores.append(score(run.reward_model, q, a))
     return {**out, "ref_logprobs": torch.cat(ref), "scores": torch.cat(scores)}
@@ -139,39 +155,48 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
     queries = [run.queries[i] for i in run.prompt_stream.take(cfg.batch_size)]
     # 2. respond, batched with the KV cache
     with timer("generate"), autocast(run.device, cfg.train.precision):
-        g = sample(run.policy, queries, pad_id=run.pad_id, eos_id=run.eos_id,
-                   max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                   generator=gen, force_length=cfg.force_length)
+        g = sample(
+            run.policy,
+            queries,
+            pad_id=run.pad_id,
+            eos_id=run.eos_id,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            generator=gen,
+            force_length=cfg.force_length,
+        )
     orders = _minibatch_orders(cfg, step, g.mask.device)
     with timer("score"), autocast(run.device, cfg.train.precision):
         qr, am = _join(run, queries, g)
         # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
         # update's first minibatch runs its training forward now and keeps it: its output
         # at these parameters is the old logprobs and values of those rows.
-        first = orders[0][:cfg.minibatch_size]
+        first = orders[0][: cfg.minibatch_size]
         head = train_forward(run, qr[first], am[first], g.mask[first])
         fw = _rollout_forwards(run, qr, am, g.mask, first, head)
         scores = fw["scores"] + cfg.no_eos_penalty * (~g.ended).float()  # an offset, not in §3.5
         # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → whitened advantages
-        rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask,
-                                        run.kl_ctl.value)
+        rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask, run.kl_ctl.value)
         advantages, returns = gae(rewards, fw["values"], g.mask, cfg.gamma, cfg.lam)
-        rollout = Rollout(qr, am, g.mask, fw["logprobs"], fw["values"],
-                          whiten(advantages, g.mask), returns)
+        rollout = Rollout(qr, am, g.mask, fw["logprobs"], fw["values"], whiten(advantages, g.mask), returns)
     # 6. PPO epochs over minibatches, the ptx term in the same loss (PPO-ptx)
     with timer("update"):
         finite = run.guard.check(rewards.sum() + rollout.advantages.sum())
-        train_stats = (ppo_epochs(run, rollout, step, orders, head) if finite
-                       else {"ppo/skipped": 1.0})
+        train_stats = ppo_epochs(run, rollout, step, orders, head) if finite else {"ppo/skipped": 1.0}
     del head  # its graph, when the step was skipped
     # 7. update the KL controller (a no-op for fixed β)
     kl_coef = run.kl_ctl.value
     if finite:
         run.kl_ctl.update(float(kl.sum(1).mean()), cfg.batch_size)
     # 8. log
-    return {"step": step, "episodes": step * cfg.batch_size, "lr": _lr(cfg, step),
-            **_rollout_metrics(g, fw, scores, kl, kl_coef, rollout), **train_stats,
-            **timer.metrics(cfg.batch_size, int(g.mask.sum()))}
+    return {
+        "step": step,
+        "episodes": step * cfg.batch_size,
+        "lr": _lr(cfg, step),
+        **_rollout_metrics(g, fw, scores, kl, kl_coef, rollout),
+        **train_stats,
+        **timer.metrics(cfg.batch_size, int(g.mask.sum())),
+    }
 
 
 def _join(run: Run, queries: list[list[int]], g) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,17 +208,16 @@ def _join(run: Run, queries: list[list[int]], g) -> tuple[torch.Tensor, torch.Te
 def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout) -> dict[str, float]:
     mask = rollout.mask
     return {
-        "objective/rm_score": float(fw["scores"].mean()),      # r_θ alone
-        "objective/scores": float(scores.mean()),              # with the no-eos offset
-        "objective/kl": float(kl.sum(1).mean()),               # nats per response
+        "objective/rm_score": float(fw["scores"].mean()),  # r_θ alone
+        "objective/scores": float(scores.mean()),  # with the no-eos offset
+        "objective/kl": float(kl.sum(1).mean()),  # nats per response
         "objective/kl_coef": kl_coef,
         "objective/non_score_reward": float((-kl_coef * kl).sum(1).mean()),
-        "objective/entropy": float(fw["entropy"].mean()),      # nats per token
+        "objective/entropy": float(fw["entropy"].mean()),  # nats per token
         "ppo/returns/mean": float(masked_mean(rollout.returns, mask)),
         "ppo/val/mean": float(masked_mean(rollout.values, mask)),
         # log π at sampling vs in the training forward: ~1e-6 unless temperatures differ
-        "ppo/policy/rollout_logprob_gap":
-            float(((g.logprobs - rollout.logprobs) * mask).abs().max()),
+        "ppo/policy/rollout_logprob_gap": float(((g.logprobs - rollout.logprobs) * mask).abs().max()),
         "response/length": float(mask.sum(1).float().mean()),
         "response/eos_rate": float(g.ended.float().mean()),
     }
@@ -205,8 +229,9 @@ def _minibatch_orders(cfg: PPOConfig, step: int, device: torch.device) -> list[t
     return [torch.randperm(cfg.batch_size, generator=gen).to(device) for _ in range(cfg.ppo_epochs)]
 
 
-def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor],
-               head: TrainForward | None = None) -> dict[str, float]:
+def ppo_epochs(
+    run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor], head: TrainForward | None = None
+) -> dict[str, float]:
     """ppo_epochs passes over the batch in shuffled minibatches; one optimizer step each.
 
     `head`, when given, is the first minibatch's training forward, already run.
@@ -216,7 +241,7 @@ def ppo_epochs(run: Run, rollout: Rollout, step: int, orders: list[torch.Tensor]
     B, stats = rollout.mask.shape[0], []
     for order in orders:
         for i in range(0, B, cfg.minibatch_size):
-            mb = rollout.select(order[i:i + cfg.minibatch_size])
+            mb = rollout.select(order[i : i + cfg.minibatch_size])
             ptx = run.ptx_batch(cfg.minibatch_size) if run.ptx is not None else None
             stats.append(train_minibatch(run, mb, ptx, head))
             head = None
@@ -230,8 +255,7 @@ def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = N
         loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norms = [_grad_norm(params, cfg.train.max_grad_norm)
-             for params in (run.policy_params, run.value_params)]
+    norms = [_grad_norm(params, cfg.train.max_grad_norm) for params in (run.policy_params, run.value_params)]
     stats.update({"ppo/policy/grad_norm": norms[0], "ppo/val/grad_norm": norms[1]})
     if not run.guard.ok(torch.stack([loss.detach(), *norms]), []):  # one sync, not one per tensor
         opt.zero_grad(set_to_none=True)
@@ -249,8 +273,7 @@ def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tens
     return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
-def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig,
-                   forward: TrainForward | None = None):
+def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig, forward: TrainForward | None = None):
     """pg_loss + vf_coef·vf_loss + γ·ptx_nll: one loss, one backward, one step (§3.5 eq. 2).
 
     `ptx` is (input_ids, attention_mask) of pretraining texts, or None for plain PPO;
@@ -260,15 +283,17 @@ def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig,
     if forward is not None:
         logprobs, values = forward.logprobs, forward.values
     else:
-        logprobs, _ = policy_logprobs(policy, mb.query_responses, mb.attention_mask, R,
-                                      cfg.temperature)
+        logprobs, _ = policy_logprobs(policy, mb.query_responses, mb.attention_mask, R, cfg.temperature)
         values = response_values(value_model, mb.query_responses, mb.attention_mask, R)
     pg_loss, pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
     vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_range)
     loss = pg_loss + cfg.vf_coef * vf_loss
-    stats = {"ppo/loss/policy": pg_loss.detach(), "ppo/loss/value": vf_loss.detach(),
-             **{f"ppo/policy/{k}": v for k, v in pg.items()},
-             **{f"ppo/val/{k}": v for k, v in vf.items()}}
+    stats = {
+        "ppo/loss/policy": pg_loss.detach(),
+        "ppo/loss/value": vf_loss.detach(),
+        **{f"ppo/policy/{k}": v for k, v in pg.items()},
+        **{f"ppo/val/{k}": v for k, v in vf.items()},
+    }
     if ptx is not None:
         ptx_loss = ptx_nll(policy, *ptx)
         loss = loss + cfg.ptx_coef * ptx_loss  # PPO-ptx: same loss, same step (App. C.4)
@@ -279,8 +304,12 @@ def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig,
 
 def ptx_nll(policy, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood per token of right-padded pretraining texts (T = 1)."""
-    out = policy(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids(attention_mask), use_cache=False)
+    out = policy(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        use_cache=False,
+    )
     logprobs = token_logprobs(out.logits[:, :-1], input_ids[:, 1:])  # (N, T-1)
     return lm_loss(logprobs, attention_mask[:, 1:])
 
@@ -302,7 +331,7 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 def _step_seed(seed: int, step: int) -> int:
     # Each step draws its own seed, so a resumed run samples exactly what it would have.
-    return (seed * 1_000_003 + step * 7919) % (2 ** 63)
+    return (seed * 1_000_003 + step * 7919) % (2**63)
 
 
 def _reduce(stats: list[dict]) -> dict[str, float]:
@@ -310,7 +339,6 @@ def _reduce(stats: list[dict]) -> dict[str, float]:
     out = {"ppo/skipped_minibatches": float(sum(1 for s in stats if "skipped" in s))}
     for key in dict.fromkeys(k for s in stats for k in s if k != "skipped"):
         vals = torch.stack([s[key].float() for s in stats if key in s])
-        reduce = {"ratio_min": torch.min, "ratio_max": torch.max}.get(key.rsplit("/", 1)[-1],
-                                                                       torch.mean)
+        reduce = {"ratio_min": torch.min, "ratio_max": torch.max}.get(key.rsplit("/", 1)[-1], torch.mean)
         out[key] = float(reduce(vals))
     return out
