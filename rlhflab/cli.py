@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rank": ("rlhflab.world.rank", "simulated labelers rank sampled responses (lab world)"),
     "rm": ("rlhflab.stages.rm", "stage 2: reward model on K-wise rankings"),
     "ppo": ("rlhflab.stages.ppo.loop", "stage 3: PPO / PPO-ptx against the reward model"),
-    "eval": ("rlhflab.eval.evaluate", "the paper's evaluations on held-out prompts"),
+    "eval": ("rlhflab.eval.evaluate", "the paper's evaluations (lab world), or RM win rates and KL of your models"),
     "bench": ("rlhflab.bench.main", "time fixed PPO workloads, optionally against TRL (--vs trl)"),
     "report": ("rlhflab.report.sections", "write the self-contained HTML report of a run directory"),
     "sim": ("rlhflab.sim.server", "the interactive policy simulator (web page)"),

@@ -23,9 +23,10 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from rlhflab.errors import ConfigError
-from rlhflab.io import atomic_write_text
+from rlhflab.io import TRACKERS, atomic_write_text, tracker_installed, tracker_names
 
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("auto", "ddp", "fsdp")
 
 
 @dataclass
@@ -37,10 +38,20 @@ class RunFields:
     """Seed of everything random in the stage: initialisation, dropout, data order, sampling."""
     device: str = "auto"
     """Where to run: 'auto' (CUDA when present, else the CPU), 'cpu', 'cuda', 'cuda:1', ..."""
+    report_to: str | list[str] = "none"
+    """Experiment trackers that get every metrics.jsonl row too: 'none', 'tensorboard' (event
+    files in <out_dir>/tensorboard), 'wandb' (<out_dir>/wandb, offline unless WANDB_MODE is
+    set), or both: 'tensorboard,wandb' or a list; pip extras rlhflab[tensorboard], rlhflab[wandb]."""
 
     def validate(self) -> None:
         check(self.seed >= 0, "seed", self.seed, "must be >= 0")
         check(bool(self.device), "device", self.device, "must name a device (auto, cpu, cuda, ...)")
+        names = tracker_names(self.report_to)
+        known = ", ".join(("none", *TRACKERS))
+        check(all(n in TRACKERS for n in names), "report_to", self.report_to, f"must name trackers among {known}")
+        for name in names:
+            why = f"{name} is not installed: pip install 'rlhflab[{name}]'"
+            check(tracker_installed(name), "report_to", self.report_to, why)
 
 
 @dataclass
@@ -60,6 +71,16 @@ class TrainFields:
     """'fp32', or 'bf16': forwards under bfloat16 autocast while weights, optimizer state,
     log-softmax and losses stay fp32. Pays on a GPU or a CPU with fast bf16 matmuls
     (BENCHMARKS.md); `rlhflab run --precision auto` picks it where it does."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input in the forward and recompute the rest in the
+    backward (HF's activation checkpointing, non-reentrant): activation memory stops growing
+    with depth, for about one more forward per step; the same losses and weights. PPO: the
+    policy and the value model."""
+    parallel: str = "auto"
+    """Under torchrun (more than one process): 'ddp' (every rank holds the whole model and
+    its optimizer state; gradients all-reduced), 'fsdp' (FSDP2: weights, gradients and
+    Adam state sharded over the ranks; each block all-gathered for its forward and
+    backward), or 'auto' (DDP). One process ignores it; the steps are the same either way."""
 
     def validate(self) -> None:
         check(self.lr >= 0 and math.isfinite(self.lr), "lr", self.lr, "must be >= 0 and finite")
@@ -71,6 +92,7 @@ class TrainFields:
         )
         check(self.save_every >= 1, "save_every", self.save_every, "must be >= 1")
         check(self.precision in PRECISIONS, "precision", self.precision, f"must be one of {list(PRECISIONS)}")
+        check(self.parallel in PARALLEL, "parallel", self.parallel, f"must be one of {list(PARALLEL)}")
 
 
 def train_fields(**defaults) -> Any:

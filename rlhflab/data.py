@@ -1,19 +1,26 @@
 """The data formats of docs/design.md §3, read and validated before any work starts.
 
-JSON Lines, UTF-8, one object per line:
-  prompts         {"prompt": str}
-  demonstrations  {"prompt": str, "completion": str}
-  rankings        {"prompt": str, "responses": [str, ...], "ranking": [int | [int, ...], ...]}
+Rows come from JSON Lines (UTF-8, one object per line), a parquet file, or a directory
+written by `datasets.Dataset.save_to_disk` (parquet and Arrow need pyarrow). Each row is
+a plain-string row or a conversational one (TRL's formats); a conversation is a list of
+{"role": "system" | "user" | "assistant", "content": str}:
+  prompts         {"prompt": str} | {"prompt": [messages]} | {"messages": [...]} (ends before an answer)
+  demonstrations  {"prompt": str, "completion": str} | {"messages": [...]} (ends with the
+                  assistant's answer) | {"prompt": [messages], "completion": [assistant messages]}
+  rankings        {"prompt", "responses": [str | assistant message, ...], "ranking": [int | [int, ...], ...]}
                   indices best first; an inner list is a tie group. Pairwise rows
-                  {"prompt", "chosen", "rejected"} are read as K = 2.
+                  {"prompt", "chosen", "rejected"} are read as K = 2; with no "prompt", chosen
+                  and rejected are whole conversations and their shared prefix is the prompt.
   pretraining     {"text": str} rows, or a plain .txt file (one document per line)
-A bad row raises InputError naming the file, the line and the field.
+Anthropic HH-style transcripts ("\n\nHuman: … \n\nAssistant: …") in any string field are
+read as conversations. A bad row raises InputError naming the file, the row and the field.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +28,31 @@ from pathlib import Path
 from rlhflab.errors import InputError
 
 MAX_K = 16  # the paper ranks 4-9; user data may go a little wider
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+Prompt = str | tuple[Message, ...]
+"""A plain-string prompt, or a conversation to be rendered by the tokenizer's chat template."""
 
 
 @dataclass(frozen=True)
 class Demo:
-    prompt: str
+    prompt: Prompt
     completion: str
     line: int = 0
+    conversation: tuple[Message, ...] | None = None
+    """The whole conversation of a conversational row (prompt + the answer); None for strings."""
 
 
 @dataclass(frozen=True)
 class Ranking:
-    prompt: str
+    prompt: Prompt
     responses: tuple[str, ...]
     groups: tuple[tuple[int, ...], ...]
     """Indices into `responses`, best group first; responses in one group are tied."""
@@ -48,6 +68,62 @@ class Ranking:
     @property
     def order(self) -> list[int]:
         return [i for g in self.groups for i in g]
+
+
+def iter_rows(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (row number, object) from JSONL, parquet or a `save_to_disk` directory; for
+    JSONL the row number is the line number."""
+    path = Path(path)
+    if path.is_dir() or path.suffix in (".parquet", ".arrow"):
+        yield from _iter_arrow(path)
+    else:
+        yield from iter_jsonl(path)
+
+
+def _iter_arrow(path: Path) -> Iterator[tuple[int, dict]]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(
+            "reading parquet or Arrow needs pyarrow: pip install 'rlhflab[data]'", file=str(path)
+        ) from None
+    if path.is_dir():
+        files = sorted(path.glob("*.arrow"))
+        if not files or not (path / "state.json").is_file():
+            raise InputError(
+                "not a directory written by datasets' save_to_disk (no state.json, *.arrow)", file=str(path)
+            )
+    elif not path.is_file():
+        raise InputError("file not found", file=str(path))
+    else:
+        files = [path]
+    n = 0
+    for f in files:
+        try:
+            if f.suffix == ".parquet":
+                table = pq.read_table(f)
+            else:
+                with pa.memory_map(str(f)) as source:
+                    try:
+                        table = pa.ipc.open_stream(source).read_all()
+                    except pa.ArrowInvalid:
+                        source.seek(0)
+                        table = pa.ipc.open_file(source).read_all()
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"cannot read: {str(e).splitlines()[0]}", file=str(f)) from None
+        for row in table.to_pylist():
+            n += 1
+            yield n, _present(row)
+
+
+def _present(value):
+    """A columnar row without the None a column holds where this row had no such key."""
+    if isinstance(value, dict):
+        return {k: _present(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_present(v) for v in value]
+    return value
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -75,7 +151,10 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 def _text(obj: dict, field: str, path, line: int) -> str:
     if field not in obj:
         raise InputError("missing", file=str(path), line=line, field=field)
-    value = obj[field]
+    return _string(obj[field], field, path, line)
+
+
+def _string(value, field: str, path, line: int) -> str:
     if not isinstance(value, str):
         raise InputError(f"must be a string, got {type(value).__name__}", file=str(path), line=line, field=field)
     if not value.strip():
@@ -89,25 +168,191 @@ def _nonempty(rows: list, path) -> list:
     return rows
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    return _nonempty([_text(o, "prompt", path, n) for n, o in iter_jsonl(path)], path)
+# --------------------------------------------------------------------------- conversations
+
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def is_hh(text: str) -> bool:
+    """An Anthropic HH-style transcript: '\n\nHuman: …\n\nAssistant: …'."""
+    return text.startswith("\n\nHuman:")
+
+
+def parse_hh(text: str) -> tuple[Message, ...]:
+    """The turns of an HH transcript; a trailing empty 'Assistant:' (the cue to answer) is dropped."""
+    parts = HH_TURN.split(text)[1:]  # [role, content, role, content, ...]
+    turns = [
+        Message("user" if role == "Human" else "assistant", content.strip())
+        for role, content in zip(parts[::2], parts[1::2])
+    ]
+    if turns and turns[-1].role == "assistant" and not turns[-1].content:
+        turns.pop()
+    return tuple(turns)
+
+
+def _conversation(value, field: str, path, line: int) -> tuple[Message, ...]:
+    """A list of {"role", "content"} messages (or an HH transcript), checked message by message."""
+    if isinstance(value, str) and is_hh(value):
+        value = [{"role": m.role, "content": m.content} for m in parse_hh(value)]
+    if not isinstance(value, list):
+        raise InputError(
+            f"must be a string or a list of messages, got {type(value).__name__}",
+            file=str(path),
+            line=line,
+            field=field,
+        )
+    if not value:
+        raise InputError("empty conversation", file=str(path), line=line, field=field)
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict):
+            raise InputError("must be a {'role', 'content'} object", file=str(path), line=line, field=where)
+        if m.get("role") is None:
+            raise InputError("missing", file=str(path), line=line, field=f"{where}.role")
+        if m["role"] not in ROLES:
+            raise InputError(
+                f"unknown role {m['role']!r} (known: {', '.join(ROLES)})",
+                file=str(path),
+                line=line,
+                field=f"{where}.role",
+            )
+        if "content" not in m:
+            raise InputError("missing", file=str(path), line=line, field=f"{where}.content")
+        if not isinstance(m["content"], str):
+            raise InputError(
+                f"must be a string, got {type(m['content']).__name__}",
+                file=str(path),
+                line=line,
+                field=f"{where}.content",
+            )
+        out.append(Message(m["role"], m["content"]))
+    return tuple(out)
+
+
+def _prompt(obj: dict, path, line: int, field: str = "prompt") -> Prompt:
+    """A prompt field: a string, an HH transcript or a conversation that awaits an answer."""
+    if field not in obj:
+        raise InputError("missing", file=str(path), line=line, field=field)
+    value = obj[field]
+    if isinstance(value, str) and not is_hh(value):
+        return _string(value, field, path, line)
+    conv = _conversation(value, field, path, line)
+    if conv[-1].role == "assistant":
+        raise InputError(
+            "a prompt must end before the assistant's answer (its last message is the assistant's)",
+            file=str(path),
+            line=line,
+            field=f"{field}[{len(conv) - 1}].role",
+        )
+    return conv
+
+
+def _answer(value, field: str, path, line: int) -> str:
+    """One response: a string, an assistant message, or a list holding one assistant message."""
+    if isinstance(value, str):
+        return _string(value, field, path, line)
+    if isinstance(value, dict):
+        value = [value]
+    return _one_answer(_conversation(value, field, path, line), field, 0, path, line)
+
+
+def _one_answer(messages: tuple[Message, ...], field: str, offset: int, path, line: int) -> str:
+    """The content of `messages`, which must be exactly one assistant message (at `offset`)."""
+    if len(messages) != 1 or messages[0].role != "assistant":
+        raise InputError(
+            "must be one assistant message (an assistant turn is missing or there are several)",
+            file=str(path),
+            line=line,
+            field=field,
+        )
+    return _string(messages[0].content, f"{field}[{offset}].content", path, line)
+
+
+def _demo(obj: dict, path, line: int) -> Demo:
+    prompt = obj.get("prompt")
+    if "messages" in obj:
+        field, conv = "messages", _conversation(obj["messages"], "messages", path, line)
+    elif prompt is not None and (not isinstance(prompt, str) or is_hh(prompt)):
+        head = _prompt(obj, path, line)
+        if "completion" not in obj:
+            raise InputError("missing", file=str(path), line=line, field="completion")
+        completion = obj["completion"]
+        if isinstance(completion, str):
+            completion = [{"role": "assistant", "content": completion.strip()}]
+        field, conv = "completion", head + _conversation(completion, "completion", path, line)
+    else:
+        return Demo(_text(obj, "prompt", path, line), _text(obj, "completion", path, line), line)
+    if conv[-1].role != "assistant":
+        raise InputError(
+            "the assistant turn is missing: the last message must be the assistant's answer",
+            file=str(path),
+            line=line,
+            field=field,
+        )
+    _string(conv[-1].content, f"{field}: the last message's content", path, line)
+    return Demo(conv[:-1], conv[-1].content, line, conv)
+
+
+def prompt_json(prompt: Prompt):
+    """A prompt as it is written back to JSONL: the string, or the list of messages."""
+    return prompt if isinstance(prompt, str) else [{"role": m.role, "content": m.content} for m in prompt]
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    return [p for _, p in read_prompt_rows(path)]
+
+
+def read_prompt_rows(path: str | Path) -> list[tuple[int, Prompt]]:
+    """(row number, prompt) of every row; {"messages": [...]} is read as a prompt too."""
+    rows = []
+    for n, o in iter_rows(path):
+        field = "messages" if "messages" in o and "prompt" not in o else "prompt"
+        rows.append((n, _prompt(o, path, n, field)))
+    return _nonempty(rows, path)
 
 
 def read_demos(path: str | Path) -> list[Demo]:
-    return _nonempty(
-        [Demo(_text(o, "prompt", path, n), _text(o, "completion", path, n), n) for n, o in iter_jsonl(path)],
-        path,
-    )
+    return _nonempty([_demo(o, path, n) for n, o in iter_rows(path)], path)
 
 
 def read_rankings(path: str | Path) -> list[Ranking]:
-    return _nonempty([parse_ranking(o, path, n) for n, o in iter_jsonl(path)], path)
+    return _nonempty([parse_ranking(o, path, n) for n, o in iter_rows(path)], path)
+
+
+def _implicit_pair(obj: dict, path, line: int) -> Ranking:
+    """{"chosen": conversation, "rejected": conversation}: the shared prefix is the prompt."""
+    for key in ("chosen", "rejected"):
+        if key not in obj:
+            raise InputError("missing", file=str(path), line=line, field=key)
+    chosen = _conversation(obj["chosen"], "chosen", path, line)
+    rejected = _conversation(obj["rejected"], "rejected", path, line)
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise InputError(
+            "chosen and rejected share no prefix, so there is no prompt", file=str(path), line=line, field="rejected"
+        )
+    answers = [_one_answer(conv[n:], key, n, path, line) for key, conv in (("chosen", chosen), ("rejected", rejected))]
+    prompt = chosen[:n]
+    if prompt[-1].role == "assistant":
+        raise InputError("the shared prefix ends with an assistant message", file=str(path), line=line, field="chosen")
+    return Ranking(prompt, tuple(answers), ((0,), (1,)), line)
 
 
 def parse_ranking(obj: dict, path="<input>", line: int = 0) -> Ranking:
-    prompt = _text(obj, "prompt", path, line)
+    if "prompt" not in obj and ("chosen" in obj or "rejected" in obj):
+        return _implicit_pair(obj, path, line)
+    prompt = _prompt(obj, path, line)
     if "chosen" in obj or "rejected" in obj:
-        chosen, rejected = _text(obj, "chosen", path, line), _text(obj, "rejected", path, line)
+        for key in ("chosen", "rejected"):
+            if key not in obj:
+                raise InputError("missing", file=str(path), line=line, field=key)
+        chosen, rejected = (
+            _answer(obj["chosen"], "chosen", path, line),
+            _answer(obj["rejected"], "rejected", path, line),
+        )
         return Ranking(prompt, (chosen, rejected), ((0,), (1,)), line)
     if "responses" not in obj:
         raise InputError("missing (or give chosen/rejected)", file=str(path), line=line, field="responses")
@@ -117,9 +362,7 @@ def parse_ranking(obj: dict, path="<input>", line: int = 0) -> Ranking:
     k = len(responses)
     if not 2 <= k <= MAX_K:
         raise InputError(f"needs 2 to {MAX_K} responses, got {k}", file=str(path), line=line, field="responses")
-    for i, r in enumerate(responses):
-        if not isinstance(r, str) or not r.strip():
-            raise InputError("must be a non-empty string", file=str(path), line=line, field=f"responses[{i}]")
+    responses = [_answer(r, f"responses[{i}]", path, line) for i, r in enumerate(responses)]
     if "ranking" not in obj:
         raise InputError("missing", file=str(path), line=line, field="ranking")
     ranking = obj["ranking"]
@@ -161,7 +404,7 @@ def read_texts(path: str | Path) -> list[str]:
             line = path.read_bytes()[: e.start].count(b"\n") + 1
             raise InputError("not valid UTF-8", file=str(path), line=line) from None
         return _nonempty([t for t in text.splitlines() if t.strip()], path)
-    return _nonempty([_text(o, "text", path, n) for n, o in iter_jsonl(path)], path)
+    return _nonempty([_text(o, "text", path, n) for n, o in iter_rows(path)], path)
 
 
 def ranking_positions(ranking: list) -> dict[int, int]:

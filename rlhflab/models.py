@@ -9,6 +9,7 @@ each sequence (§3.5). Nothing here downloads: paths are local directories, and
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +31,9 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 REWARD_BIAS_KEY = "rlhflab_reward_bias"
-"""Config attribute holding the offset that makes demonstrations score mean 0 (§3.5)."""
+"""Config attribute holding the part of the demo-centring offset (§3.5) that is not in the
+weights: rlhflab adds it to every score, other tools do not see it. 0 once
+`fold_reward_bias` has moved it into the weights; set in RMs from older rlhflab versions."""
 
 # Two GPT-2-shaped sizes about 10x apart in parameters, both trainable on 2 CPU cores.
 LAB_SIZES = {
@@ -156,20 +159,114 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 
 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The scalar head at every position (the value function's per-token output).  (B, T)"""
+    """The scalar head at every position (the value function's per-token output), plus
+    whatever bias is left in the config (`reward_bias`).  (B, T)"""
     h = hidden_states(model, input_ids, attention_mask)
     with torch.autocast(h.device.type, enabled=False):  # the scalar head in fp32 under bf16 autocast
         return model.score(h.float()).squeeze(-1) + reward_bias(model)
 
 
 def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """r_θ(x, y): the scalar head at the last real token, plus the demo-centring bias.  (B,)"""
+    """r_θ(x, y): the scalar head at the last real token, plus the config's bias.  (B,)
+
+    The same number as a plain `AutoModelForSequenceClassification(...).logits[:, 0]` of an
+    RM saved by rlhflab, when the bias is folded (`fold_reward_bias`) and the config's pad
+    differs from eos (`hf_pad_token_id`), on right-padded input: HF numbers positions from
+    0 whatever the mask, so left padding needs `position_ids(mask)` passed to it.
+    """
     values = token_values(model, input_ids, attention_mask)  # (B, T)
     return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
 
 
 def reward_bias(model) -> float:
+    """The demo-centring offset still held in the config (0: none, or folded into the weights)."""
     return float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
+
+
+def fold_reward_bias(model, bias: float) -> str:
+    """Add `bias` to every score and token value of `model`, in its weights where that is exact.
+
+    Then a plain `AutoModelForSequenceClassification` scores as `reward_scores` does: into
+    the head's own bias where it has one; else into the bias of the LayerNorm whose output
+    IS the last hidden state (GPT-2's `ln_f`): shifting it by δ = b·w/|w|² shifts w·h by
+    exactly b, and in a sequence-classification model that state feeds only the head. A
+    bias already in REWARD_BIAS_KEY moves too; the key is left 0, so nothing counts twice.
+
+    Where no exact fold exists (RMSNorm without a bias and a bias-free head, as in Llama;
+    a head that is not an fp32 `Linear`) the bias stays in REWARD_BIAS_KEY: rlhflab adds it,
+    other tools do NOT (their scores are rlhflab's minus it), and a warning says so.
+    Returns where the bias went: a parameter name, or REWARD_BIAS_KEY.
+    """
+    total = reward_bias(model) + float(bias)
+    target = _bias_fold_target(model) if total else None
+    if target is None:
+        setattr(model.config, REWARD_BIAS_KEY, total)
+        if total:
+            warnings.warn(
+                f"reward model: the bias {total:+.6g} stays in config.json as {REWARD_BIAS_KEY} "
+                f"({type(model).__name__} has no bias it folds into exactly); rlhflab adds it, "
+                "other tools loading the directory as AutoModelForSequenceClassification will not",
+                UserWarning,
+                stacklevel=2,
+            )
+        return REWARD_BIAS_KEY
+    name, param, unit = target
+    with torch.no_grad():
+        param += unit * total
+    setattr(model.config, REWARD_BIAS_KEY, 0.0)
+    return name
+
+
+def _bias_fold_target(model) -> tuple[str, torch.nn.Parameter, torch.Tensor] | None:
+    """(name, parameter, u): `parameter += u·b` adds exactly b to every score; None: no such one."""
+    exact = (torch.float32, torch.float64)  # a bf16 bias would round the offset away
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Linear) or head.out_features != 1 or head.weight.dtype not in exact:
+        return None
+    if head.bias is not None:
+        return "score.bias", head.bias, torch.ones_like(head.bias)
+    norm = _last_norm(model)
+    if norm is None or norm.bias.dtype not in exact:
+        return None
+    w = head.weight[0].detach().to(norm.bias.dtype)
+    name = next(n for n, m in model.named_modules() if m is norm)
+    return f"{name}.bias", norm.bias, w / w.dot(w)
+
+
+def _last_norm(model) -> torch.nn.LayerNorm | None:
+    """The LayerNorm (with a bias) whose output is the backbone's last hidden state itself,
+    found by one forward of a single token; None where the state comes from anything else."""
+    norms = [m for m in model.base_model.modules() if isinstance(m, torch.nn.LayerNorm) and m.bias is not None]
+    if not norms:
+        return None
+    outputs: dict[torch.nn.Module, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out: outputs.__setitem__(mod, out)) for m in norms]
+    try:
+        ids = torch.zeros((1, 1), dtype=torch.long, device=norms[0].bias.device)
+        with torch.no_grad():
+            h = hidden_states(model, ids, torch.ones_like(ids))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # The same storage and shape: h is that output (a view at most), not a function of it.
+    same = [m for m, out in outputs.items() if out.data_ptr() == h.data_ptr() and out.shape == h.shape]
+    return same[0] if len(same) == 1 else None
+
+
+def hf_pad_token_id(tokenizer) -> int | None:
+    """The `pad_token_id` a saved RM's config needs for transformers' own pooling to read the
+    token `reward_scores` reads (the last real one, the response's eos).
+
+    transformers 5.24 (`GPT2ForSequenceClassification`, `GenericForSequenceClassification`)
+    pools at the rightmost token != `config.pad_token_id`, ignoring the attention mask; with
+    no pad id it reads the last position and refuses a batch of more than one row. So: the
+    tokenizer's pad where it differs from eos. Where pad IS eos (Llama-style tokenizers,
+    `load_tokenizer`) no id works, since HF would skip the response's own eos and read the
+    token before it: None, so HF scores one unpadded sequence as rlhflab does and refuses a
+    padded batch (ValueError) rather than silently reading another token.
+    """
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    return None if pad is None or pad == eos else pad
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

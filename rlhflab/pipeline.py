@@ -157,13 +157,14 @@ class RunConfig:
 
 class Pipeline:
     def __init__(self, cfg: RunConfig):
-        from rlhflab.training import native_bf16, resolve_device
+        from rlhflab.training import choose_precision, resolve_device
 
         self.cfg, self.root = cfg, Path(cfg.out_dir)
         self.timings: dict[str, float] = {}
-        self.precision = cfg.precision
+        self.precision, self.precision_reason = cfg.precision, "asked for"
         if cfg.precision == "auto":
-            self.precision = "bf16" if native_bf16(resolve_device("auto")) else "fp32"
+            choice = choose_precision(resolve_device("auto"))
+            self.precision, self.precision_reason = choice.precision, choice.reason
 
     def _seeded(self, cfg):
         """A stage's config with the run's seed and, for a training stage, its precision."""
@@ -312,7 +313,7 @@ class Pipeline:
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
-        print(f"[run] precision: {self.precision}", flush=True)
+        print(f"[run] precision: {self.precision} ({self.precision_reason})", flush=True)
         world = self.world()
         results = {f"pretrain_{s}": self.pretrain(s, world) for s in SIZES}
         models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}

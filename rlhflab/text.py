@@ -1,20 +1,27 @@
 """How a (prompt, response) pair becomes tokens, the same way in every stage.
 
-query    = [bos] + tokens(prompt + SEP)
-response = tokens(completion) + [eos]
-Every stage (SFT, sampling, RM, PPO, eval) goes through these two functions so that a
-model never sees one layout in training and another in use. `train_tokenizer` makes the
-lab's byte-level BPE tokenizer (pad, bos and eos three distinct special tokens, so a padded
-position is never mistaken for the end of a response).
+A prompt is a string or a conversation (a tuple of `data.Message`).
+  string        query    = [bos] + tokens(prompt + SEP)
+                response = tokens(completion) + [eos]
+  conversation  query    = the tokenizer's chat template of the prompt, with its generation prompt
+                response = what the template adds for the assistant's answer, up to and including
+                           the first eos ([eos] appended where the template writes none)
+Every stage (SFT, sampling, RM, PPO, eval) goes through `encode_query` and `encode_pair`
+so that a model never sees one layout in training and another in use. `train_tokenizer`
+makes the lab's byte-level BPE tokenizer (pad, bos and eos three distinct special tokens,
+so a padded position is never mistaken for the end of a response) with a chat template
+that renders a one-turn conversation exactly as the string layout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from rlhflab.errors import InputError
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 """The lab tokenizer's special tokens."""
@@ -22,16 +29,98 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SEP = "\n"
 """Text between the prompt and the response."""
 
+LAB_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+    "{% else %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+)
+"""The lab tokenizer's chat template: [bos], then each system or user turn followed by SEP
+and each assistant turn followed by [eos]; the generation prompt adds nothing. A one-turn
+conversation is token for token the string layout."""
 
-def encode_query(tokenizer, prompt: str) -> list[int]:
+
+def is_conversation(prompt) -> bool:
+    return not isinstance(prompt, str)
+
+
+def encode_query(tokenizer, prompt, where: dict | None = None) -> list[int]:
+    """Token ids of a prompt, ready for the model to answer.  `where` (file, line, field)
+    names the row in the error a conversation raises when the tokenizer has no template."""
+    if is_conversation(prompt):
+        return render_chat(tokenizer, prompt, generation_prompt=True, where=where)
     ids = tokenizer(prompt + SEP, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
 
 
 def encode_response(tokenizer, completion: str, eos: bool = True) -> list[int]:
+    """Token ids of a string prompt's response (for a conversation use `encode_pair`)."""
     ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     return ids + ([tokenizer.eos_token_id] if eos else [])
+
+
+def encode_pair(tokenizer, prompt, completion: str, where: dict | None = None) -> tuple[list[int], list[int]]:
+    """(query, response) token ids of a prompt and one answer, in the layout of the prompt's
+    kind (module docstring); the response ends with eos."""
+    if not is_conversation(prompt):
+        return encode_query(tokenizer, prompt), encode_response(tokenizer, completion)
+    from rlhflab.data import Message
+
+    full = (*prompt, Message("assistant", completion))
+    ids, spans = assistant_spans(tokenizer, full, where)
+    start, end = spans[-1]
+    return ids[:start], ids[start:end]
+
+
+def render_chat(tokenizer, messages: Sequence, generation_prompt: bool, where: dict | None = None) -> list[int]:
+    """The tokenizer's chat template of `messages` (data.Message), as token ids."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            "a conversational row needs a tokenizer with a chat template, and this one has none "
+            "(set tokenizer.chat_template, or give plain-string rows)",
+            **(where or {}),
+        )
+    ids = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in messages],
+        add_generation_prompt=generation_prompt,
+        tokenize=True,
+        return_dict=False,
+    )
+    return list(ids)
+
+
+def assistant_spans(tokenizer, conversation: Sequence, where: dict | None = None):
+    """Token ids of a whole conversation and the [start, end) span of each assistant turn.
+
+    A turn's span is what the template adds between the conversation before it (with the
+    generation prompt) and the conversation through it, cut after its first eos. The last
+    turn always ends with eos: appended where the template writes none, so the model learns
+    to stop. Refuses a template that does not render each prefix as a prefix of the whole.
+    -> (ids, [(start, end), ...]) one span per assistant message, in order.
+    """
+    eos = tokenizer.eos_token_id
+    ids = render_chat(tokenizer, conversation, generation_prompt=False, where=where)
+    turns = [i for i, m in enumerate(conversation) if m.role == "assistant"]
+    spans = []
+    for n, i in enumerate(turns):
+        before = render_chat(tokenizer, conversation[:i], generation_prompt=True, where=where) if i else []
+        through = ids if i == len(conversation) - 1 else render_chat(tokenizer, conversation[: i + 1], False, where)
+        if ids[: len(before)] != before or ids[: len(through)] != through or len(through) <= len(before):
+            raise InputError(
+                "the tokenizer's chat template does not render this conversation's turns as "
+                "prefixes of the whole, so the assistant's tokens cannot be found",
+                **(where or {}),
+            )
+        start, end = len(before), len(through)
+        if eos in ids[start:end]:
+            end = ids.index(eos, start) + 1
+        elif n == len(turns) - 1:
+            ids = ids[:end] + [eos] + ids[end:]
+            end += 1
+        spans.append((start, end))
+    if turns and turns[-1] == len(conversation) - 1:
+        ids = ids[: spans[-1][1]]  # nothing after the answer's eos (a template's trailing newline)
+    return ids, spans
 
 
 def decode_response(tokenizer, ids) -> str:
@@ -78,6 +167,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(
+    out = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, bos_token=BOS, eos_token=EOS, clean_up_tokenization_spaces=False
     )
+    out.chat_template = LAB_CHAT_TEMPLATE
+    return out

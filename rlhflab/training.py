@@ -1,5 +1,6 @@
 """The one training loop of pretrain, SFT and RM (`fit`), and what every stage shares:
-seeding, devices, precision, the schedule, the NaN guard, progress, checkpoints, outputs."""
+seeding, devices, precision, the schedule, the NaN guard, progress, checkpoints, outputs.
+Under torchrun the same loop runs on every rank (rlhflab.distributed)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.config import flat_dict, save_config
+from rlhflab.distributed import SINGLE, Dist, dump_point, local
 from rlhflab.errors import InputError, TrainingError
-from rlhflab.io import MetricsLog, atomic_dir, write_json
+from rlhflab.io import MetricsLog, atomic_dir, kill_point, write_json
 
 
 def set_seed(seed: int) -> torch.Generator:
@@ -38,11 +40,81 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+"""CPU flags (/proc/cpuinfo) of bf16 matrix instructions: AMX tiles, AVX-512 BF16 dot products."""
+
+BF16_MIN_SPEEDUP = 1.15
+"""`auto` takes bf16 on a CPU only where a bf16 matmul measured at least this much faster."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    precision: str
+    """'bf16' or 'fp32'."""
+    reason: str
+    """Why, in one line (printed by `rlhflab run` and the bench)."""
+
+
+def cpu_bf16_flags() -> list[str]:
+    """Which of BF16_CPU_FLAGS this CPU reports (Linux /proc/cpuinfo; [] where unreadable)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return [f for f in BF16_CPU_FLAGS if f in flags]
+
+
+def matmul_speedup(device: torch.device, rows: int = 2048, inner: int = 192, cols: int = 768, reps: int = 8) -> float:
+    """fp32 time / bf16 time of one (rows × inner) @ (inner × cols) matmul, the shape of the
+    lab-large model's MLP over a training batch; the median of `reps` after a warm-up."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(rows, inner, device=device, generator=g)
+    b = torch.randn(inner, cols, device=device, generator=g)
+
+    def median_time(x, y) -> float:
+        times = []
+        for i in range(reps + 2):
+            sync(device)
+            t0 = time.perf_counter()
+            x @ y
+            sync(device)
+            if i >= 2:  # warm-up: the first calls pick kernels
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
+
+    return median_time(a, b) / max(median_time(a.bfloat16(), b.bfloat16()), 1e-12)
+
+
+@functools.lru_cache(maxsize=8)
+def _choose(device: str) -> PrecisionChoice:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return PrecisionChoice("bf16" if ok else "fp32", f"CUDA {'with' if ok else 'without'} bf16")
+    if dev.type != "cpu":
+        return PrecisionChoice("fp32", f"{dev.type}: bf16 not measured there")
+    flags = cpu_bf16_flags()
+    speedup = matmul_speedup(dev)
+    measured = f"a bf16 matmul ran {speedup:.2f}x the speed of fp32"
+    if flags and speedup >= BF16_MIN_SPEEDUP:
+        return PrecisionChoice("bf16", f"CPU has {', '.join(flags)} and {measured}")
+    if not flags:
+        none = " or ".join(BF16_CPU_FLAGS)
+        return PrecisionChoice("fp32", f"CPU has no bf16 matrix instructions ({none}); {measured}")
+    return PrecisionChoice("fp32", f"CPU has {', '.join(flags)} but {measured} (< {BF16_MIN_SPEEDUP}x)")
+
+
+def choose_precision(device: torch.device) -> PrecisionChoice:
+    """What `precision=auto` runs on `device`: bf16 on a CUDA GPU with bf16; on a CPU, bf16
+    where it has bf16 matrix instructions (AMX or AVX-512 BF16) AND a short timed matmul
+    (~0.1 s, once per process) confirms they are faster; else fp32. With the reason."""
+    return _choose(str(torch.device(device)))
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether this device runs bf16 matmuls natively (a CUDA GPU with bf16, a CPU with AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    """Whether `precision=auto` picks bf16 on this device (`choose_precision`)."""
+    return choose_precision(device).precision == "bf16"
 
 
 def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
@@ -82,18 +154,21 @@ def cosine_schedule(
 
 
 def grads_finite(params) -> bool:
-    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+    """Whether this process's gradients are finite (its shards under FSDP: no collective)."""
+    return all(p.grad is None or bool(torch.isfinite(local(p.grad)).all()) for p in params)
 
 
 class NonFiniteGuard:
-    """Skip an update whose loss or gradient is not finite; stop after `patience` in a row."""
+    """Skip an update whose loss or gradient is not finite; stop after `patience` in a row.
+    With `dist`, the finiteness is all-reduced: every rank skips (or stops) together."""
 
-    def __init__(self, patience: int = 5, where: str = "training"):
+    def __init__(self, patience: int = 5, where: str = "training", dist: Dist = SINGLE):
         self.patience, self.where, self.streak, self.skipped = patience, where, 0, 0
+        self.dist = dist
 
     def ok(self, loss: torch.Tensor, params) -> bool:
         """Check one update: a finite one ends the streak of skipped ones."""
-        if bool(torch.isfinite(loss).all()) and grads_finite(params):
+        if self.dist.all_true(bool(torch.isfinite(loss).all()) and grads_finite(params)):
             self.streak = 0
             return True
         self._skip()
@@ -102,7 +177,7 @@ class NonFiniteGuard:
     def check(self, value: torch.Tensor) -> bool:
         """Check an input to updates (PPO's rollout rewards). A finite one is no update, so
         it must not end a streak: else NaN gradients in every minibatch would never stop."""
-        if bool(torch.isfinite(value).all()):
+        if self.dist.all_true(bool(torch.isfinite(value).all())):
             return True
         self._skip()
         return False
@@ -121,9 +196,10 @@ class NonFiniteGuard:
             )
 
 
-def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0):
-    """A tqdm bar on stderr, quiet when RLHFLAB_QUIET is set (tests)."""
-    disable = bool(os.environ.get("RLHFLAB_QUIET"))
+def progress(iterable=None, total: int | None = None, desc: str = "", initial: int = 0, show: bool = True):
+    """A tqdm bar on stderr, quiet when RLHFLAB_QUIET is set (tests) or `show` is false
+    (every rank but 0)."""
+    disable = bool(os.environ.get("RLHFLAB_QUIET")) or not show
     return tqdm(
         iterable,
         total=total,
@@ -157,9 +233,16 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise InputError(f"not a torch device: {name!r} (try auto, cpu, cuda)", field="run.device") from None
 
 
-def check_resumable(saved: dict, current: dict, where: str, ignore=("train.save_every", "run.device")) -> None:
+def check_resumable(
+    saved: dict,
+    current: dict,
+    where: str,
+    ignore=("train.save_every", "run.device", "run.report_to", "train.parallel", "train.gradient_checkpointing"),
+) -> None:
     """Refuse to resume a checkpoint made under another config (other data, lr, ...).
-    `saved` and `current` are flat ({dotted key: value}, config.flat_dict)."""
+    `saved` and `current` are flat ({dotted key: value}, config.flat_dict). DDP and FSDP
+    take the same steps, so train.parallel (like the number of processes) may change; so
+    may train.gradient_checkpointing, which changes memory, not the steps."""
     for key in sorted(set(saved) | set(current)):
         if key not in ignore and saved.get(key) != current.get(key):
             raise InputError(
@@ -182,17 +265,23 @@ class Loop:
     steps_per_epoch: int
     """Optimizer steps in one epoch."""
     batch: Callable[[int, int], object]
-    """(epoch, index in epoch) -> the step's batch; a pure function of them, so a resumed
-    run reads exactly what it would have."""
-    loss: Callable[[object], tuple[torch.Tensor, dict]]
-    """batch -> (loss, extra metrics): runs the forward AND the backward (a stage may
-    accumulate micro-batches); the loss is detached and only logged and checked."""
+    """(epoch, index in epoch) -> the step's GLOBAL batch; a pure function of them, so a
+    resumed run reads exactly what it would have, and every rank the same list."""
+    loss: Callable[[object, float], tuple[torch.Tensor, dict]]
+    """(this rank's part of the batch, scale) -> (loss, extra metrics): runs the forward
+    AND the backward of scale × loss (a stage may accumulate micro-batches); the loss, a
+    mean over the part, is detached and only logged and checked. scale is 1.0 in one
+    process (distributed.Dist.share). A metric given as (numerator, denominator) is
+    summed over ranks as such; any other is averaged like the loss."""
     end_of_epoch: Callable[[int, dict], dict] | None = None
     """(epoch, state) -> metrics row of that epoch's evaluation (may update `state`)."""
     extra: Callable[[int], dict] | None = None
     """step -> extra metrics for that step's row (pretraining's held-out loss)."""
     log_epoch: bool = True
     """Log <name>/epoch (fractional) on every row."""
+    weight: Callable[[object], float] = len
+    """A part of a batch -> what its loss is a mean over (SFT: labelled tokens; RM:
+    prompts): the ranks' losses are weighted by it so the step is the 1-process one."""
 
 
 def fit(
@@ -201,6 +290,7 @@ def fit(
     loop: Loop,
     extra_state: dict | None = None,
     callback: Callable[[int, dict], None] | None = None,
+    dist: Dist = SINGLE,
 ) -> tuple[dict, MetricsLog]:
     """Train `model` in place: AdamW + cosine schedule, resumable from <out_dir>/checkpoint.
 
@@ -210,11 +300,19 @@ def fit(
     weight_decay and final_lr_ratio. `callback(step, row)` runs after each step (tests
     raise from it to simulate a kill). Returns the loop state (step, epochs, extras) and
     the metrics log, for a stage's closing rows.
+
+    With `dist` (more than one process) every rank runs this: `model` is the plain or
+    FSDP-sharded module (the stage's loss trains through its DDP/FSDP wrapper), each rank
+    takes its share of each global batch, rows hold all-reduced values (rank 0 writes
+    them), the NaN guard decides for all, the gradient clip uses the global norm (DDP's
+    gradients are averaged already; FSDP's are DTensors, whose norm is global), and
+    checkpoints are sharded. Test hook: kill_point(f"step/rank{r}") after each step.
     """
     out_dir = Path(config.out_dir)
-    opt, sched, state, log = start_or_resume(model, config, loop.epochs * loop.steps_per_epoch, extra_state)
-    guard, params = NonFiniteGuard(where=loop.name), list(model.parameters())
-    bar = progress(total=loop.epochs * loop.steps_per_epoch, desc=loop.name, initial=state["step"])
+    total = loop.epochs * loop.steps_per_epoch
+    opt, sched, state, log = start_or_resume(model, config, total, extra_state, dist)
+    guard, params = NonFiniteGuard(where=loop.name, dist=dist), list(model.parameters())
+    bar = progress(total=total, desc=loop.name, initial=state["step"], show=dist.is_main)
     max_norm = config.train.max_grad_norm
 
     def save() -> None:
@@ -223,21 +321,24 @@ def fit(
             {"model": model},
             {"optimizer": opt},
             dict(state, scheduler=sched.state_dict(), metrics_rows=log.rows),
+            dist,
         )
 
     for epoch in range(state["epoch"], loop.epochs):
         for b in range(state["batch"], loop.steps_per_epoch):
             opt.zero_grad(set_to_none=True)
-            loss, stats = loop.loss(loop.batch(epoch, b))
+            part, scale = dist.share(loop.batch(epoch, b), loop.weight)
+            loss, stats = loop.loss(part, scale)
             if guard.ok(loss, params):
                 if max_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, max_norm)
                 opt.step()
             sched.step()
             state.update(step=state["step"] + 1, batch=b + 1)
+            loss_value, stats = dist.step_metrics(loss, stats, scale)
             row = {
                 "step": state["step"],
-                f"{loop.name}/loss": float(loss),
+                f"{loop.name}/loss": loss_value,
                 f"{loop.name}/lr": sched.get_last_lr()[0],
                 **stats,
             }
@@ -252,17 +353,22 @@ def fit(
                 save()
             if callback is not None:
                 callback(state["step"], row)
+            kill_point(f"step/rank{dist.rank}")
         if loop.end_of_epoch is not None:
             log.log({"step": state["step"], **loop.end_of_epoch(epoch, state)})
         state.update(epoch=epoch + 1, batch=0)
         save()
     bar.close()
+    dump_point(model, dist)
     return state, log
 
 
-def start_or_resume(model, config, total_steps: int, extra_state: dict | None = None):
+def start_or_resume(model, config, total_steps: int, extra_state: dict | None = None, dist: Dist = SINGLE):
     """AdamW + cosine schedule; restored from <out_dir>/checkpoint when one exists (refused
-    if it was made under another config). Returns (optimizer, scheduler, state, metrics log)."""
+    if it was made under another config). Returns (optimizer, scheduler, state, metrics log).
+    With `dist`: every rank calls it; only rank 0 touches config.yaml, summary.json,
+    best/ and metrics.jsonl (the others get a log that writes nothing), and a fresh run
+    gives each rank its own RNG stream (dropout) from run.seed and the rank."""
     out_dir = Path(config.out_dir)
     opt = torch.optim.AdamW(
         model.parameters(), lr=config.train.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -276,13 +382,17 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
         "config": flat_dict(config),
         **(extra_state or {}),
     }
-    resumed = has_checkpoint(out_dir)
+    resumed = has_checkpoint(out_dir, dist)
     if resumed:
-        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt})
+        saved = load_checkpoint(out_dir, {"model": model}, {"optimizer": opt}, dist)
         check_resumable(saved["config"], state["config"], str(out_dir / "checkpoint"))
         sched.load_state_dict(saved.pop("scheduler"))
         state = saved
-    else:
+    elif dist.enabled:
+        torch.manual_seed(config.run.seed * 1_000_003 + dist.rank)
+    if not dist.is_main:
+        return opt, sched, state, _NoLog()
+    if not resumed:
         shutil.rmtree(out_dir / "best", ignore_errors=True)  # left by an abandoned run
     (out_dir / "summary.json").unlink(missing_ok=True)  # not finished until written again
     save_config(config, out_dir / "config.yaml")
@@ -290,19 +400,36 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
         out_dir / "metrics.jsonl",
         keep_rows=state.get("metrics_rows"),
         truncate_after_step=state["step"] if resumed else None,
+        report_to=config.run.report_to,
     )
     return opt, sched, state, log
 
 
-def write_outputs(out_dir: Path, model, tokenizer, summary: dict) -> Path:
-    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage."""
-    with atomic_dir(out_dir / "model") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    write_json(out_dir / "summary.json", summary)
-    for name in ("checkpoint", "best"):  # resumable state is not needed any more
-        shutil.rmtree(out_dir / name, ignore_errors=True)
+def write_outputs(out_dir: Path, model, tokenizer, summary: dict, dist: Dist = SINGLE) -> Path:
+    """<out_dir>/model (atomically), then summary.json, the mark of a finished stage.
+    With `dist`: rank 0 writes (`model` a plain module with the full weights there:
+    distributed.full_model; None elsewhere) and every rank returns once it has."""
+    if dist.is_main:
+        with atomic_dir(out_dir / "model") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        write_json(out_dir / "summary.json", summary)
+        for name in ("checkpoint", "best"):  # resumable state is not needed any more
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+    dist.barrier()
     return out_dir / "model"
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0: they compute every row, rank 0 writes it."""
+
+    rows = 0
+
+    def log(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def sync(device) -> None:

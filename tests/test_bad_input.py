@@ -4,7 +4,6 @@ and leaves the output directory exactly as it was (a sha256 manifest before and 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from tiny import (
     dotted,
     gpt2_dir,
     llama_dir,
+    manifest,
     ranking_rows,
     tiny_tokenizer,
     write_jsonl,
@@ -49,16 +49,6 @@ def env(tmp_path_factory):
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def manifest(*roots: Path) -> dict[str, str]:
-    """relative path -> sha256 for every file (hidden ones too), '<dir>' for directories."""
-    out = {}
-    for root in roots:
-        for p in sorted(Path(root).rglob("*")):
-            key = f"{root.name}/{p.relative_to(root)}"
-            out[key] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def args(**kw) -> list[str]:
@@ -317,7 +307,7 @@ def c_rank_val_non_utf8(env, t):
 
 
 def c_rm_demos_wrong_type(env, t):
-    f = lines(t, "d.jsonl", {"prompt": ["say x"], "completion": "x"})
+    f = lines(t, "d.jsonl", {"prompt": 5, "completion": "x"})
     return rm(env, t, demos=f), f"{f}:1: field 'prompt'"
 
 

@@ -353,11 +353,11 @@ def test_kill_9_mid_submission_keeps_every_acknowledged_label(tmp_path):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
-    stop.set()
-    for t in threads:
+    for t in threads:  # each labeler's request in flight, or its next one, fails: no ack
         t.join(timeout=10)
+    stop.set()
     assert not refused, refused[:5]
-    assert len(acked) >= 200 and failures, "the kill should land while requests are in flight"
+    assert len(acked) >= 200 and len(failures) == len(names), "the kill should land before the labelers finish"
 
     conn = sqlite3.connect(tmp_path / "labels.db")  # recovers from the WAL
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

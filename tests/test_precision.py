@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from rlhflab import pipeline
+from rlhflab import pipeline, training
 from rlhflab.config import ConfigError, TrainFields, validate
 from rlhflab.models import load_causal_lm, load_reward_model, position_ids, token_logprobs, token_values
 from rlhflab.stages.ppo import PPOConfig
@@ -65,9 +67,38 @@ def test_precision_is_checked_and_auto_follows_the_hardware(tmp_path, monkeypatc
         validate(PPOConfig(policy="p", reward_model="r", prompts="x", train=TrainFields(precision="fp16")))
     assert isinstance(native_bf16(CPU), bool)
     cfg = pipeline.RunConfig(out_dir=str(tmp_path))
-    for native, expected in ((False, "fp32"), (True, "bf16")):
-        monkeypatch.setattr("rlhflab.training.native_bf16", lambda device, v=native: v)
-        assert pipeline.Pipeline(cfg).precision == expected
-    monkeypatch.setattr("rlhflab.training.native_bf16", lambda device: True)
+    for expected in ("fp32", "bf16"):
+        choice = training.PrecisionChoice(expected, "because")
+        monkeypatch.setattr("rlhflab.training.choose_precision", lambda device, c=choice: c)
+        run = pipeline.Pipeline(cfg)
+        assert (run.precision, run.precision_reason) == (expected, "because")
     cfg.precision = "fp32"
     assert pipeline.Pipeline(cfg).precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "flags,speedup,expected",
+    [
+        ([], 3.0, "fp32"),  # no bf16 instructions: never bf16, whatever one matmul says
+        (["avx512_bf16"], 1.6, "bf16"),  # a Zen 4: flags and a measured gain
+        (["amx_bf16"], 4.0, "bf16"),
+        (["avx512_bf16"], 1.05, "fp32"),  # flags, but no gain measured
+    ],
+)
+def test_auto_precision_needs_bf16_instructions_and_a_measured_gain(monkeypatch, flags, speedup, expected):
+    monkeypatch.setattr(training, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(training, "matmul_speedup", lambda device: speedup)
+    training._choose.cache_clear()
+    try:
+        choice = training.choose_precision(CPU)
+    finally:
+        training._choose.cache_clear()
+    assert choice.precision == expected
+    assert f"{speedup:.2f}x" in choice.reason and all(f in choice.reason for f in flags)
+
+
+def test_matmul_speedup_is_measured_on_this_cpu():
+    ratio = training.matmul_speedup(CPU, rows=256, reps=3)
+    assert math.isfinite(ratio) and ratio > 0
+    flags = training.cpu_bf16_flags()
+    assert set(flags) <= set(training.BF16_CPU_FLAGS)

@@ -81,7 +81,7 @@ def test_eval_and_the_rm_stage_score_with_one_function(reward_models):
     rm, tok = reward_models["gpt2"].eval(), reward_models["tok"]
     prompts, responses = ["say cat", "name a color"], ["cat .", "red blue green"]
     by_text = rm_stage.score_pairs(rm, tok, prompts, responses, batch_size=1)
-    seqs = [rm_stage.encode_pair(tok, p, r) for p, r in zip(prompts, responses)]
+    seqs = [rm_stage.encode_sequence(tok, p, r) for p, r in zip(prompts, responses)]
     by_tokens = rm_stage.score_sequences(rm, seqs, tok.pad_token_id)
     assert by_text == pytest.approx(by_tokens, abs=1e-5)
     too_long = r"responses\[1\] is \d+ tokens, the reward model's context is 128"

@@ -49,7 +49,7 @@ def test_loss_is_on_response_tokens_only_and_every_eos_is_a_label(world):
     tok = world["tok"]
     pairs = [("say cat", "cat ."), ("summarize this : birds fly south", "birds fly"), ("yes", "no")]
     examples = [(encode_query(tok, p), encode_response(tok, c)) for p, c in pairs]
-    ids, mask, labels = sft.sft_batch(examples, tok.pad_token_id)
+    ids, mask, labels = sft.sft_batch([sft.example(q, r) for q, r in examples], tok.pad_token_id)
     for i, (q, r) in enumerate(examples):
         assert (labels[i, : len(q)] == sft.IGNORE).all()  # prompt masked
         assert labels[i, len(q) : len(q) + len(r)].tolist() == r  # response labelled
@@ -85,7 +85,7 @@ def test_prompt_changes_reach_the_loss_only_through_conditioning(world):
     results = []
     for prompt in ("say cat", "summarize this : birds fly south in winter"):
         bias = torch.zeros(len(tok), requires_grad=True)
-        ids, _, labels = sft.sft_batch([(encode_query(tok, prompt), r)], tok.pad_token_id)
+        ids, _, labels = sft.sft_batch([sft.example(encode_query(tok, prompt), r)], tok.pad_token_id)
         loss = sft.sft_loss(bias.expand(*ids.shape, -1), labels)
         loss.backward()
         results.append((loss.detach(), bias.grad))

@@ -65,6 +65,18 @@ def llama_dir(path: Path, tok=None, max_positions: int = 128, seed: int = 0) -> 
     return Path(path)
 
 
+def manifest(*roots: Path) -> dict[str, str]:
+    """relative path -> sha256 for every file (hidden ones too), '<dir>' for directories."""
+    import hashlib
+
+    out = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")):
+            key = f"{root.name}/{p.relative_to(root)}"
+            out[key] = "<dir>" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return Path(path)

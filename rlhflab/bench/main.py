@@ -15,11 +15,17 @@ training tokens/s = epochs x batch x (prompt + response) over the update phase; 
 split of step wall time into generate, score (old/ref log-probs, values, RM, rewards,
 GAE), update (PPO epochs) and other; peak memory (RSS on CPU, max allocated on CUDA);
 the last measured step's KL and RM score, so speed is not bought by doing less.
+
+`--nproc N` also measures rlhflab at N processes: the same workload (the same global
+batch and minibatch) under `torchrun` (launched here as a subprocess; gloo on a CPU, one
+GPU each with nccl), DDP or FSDP2 (`--parallel`), the workload's CPU threads split
+between the processes; its figures sit beside the 1-process ones.
 """
 
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -43,8 +49,20 @@ from rlhflab.errors import InputError
 from rlhflab.training import sync
 
 
-def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: str = "fp32") -> dict:
-    """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload."""
+def run_rlhflab(
+    w: Workload,
+    inputs: dict,
+    steps: int,
+    out_dir: str,
+    precision: str = "fp32",
+    lora_r: int = 0,
+    gradient_checkpointing: bool = False,
+    parallel: str = "auto",
+) -> dict:
+    """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload; `lora_r` > 0: LoRA
+    adapters of that rank (peft) on policy and value model, the reference their shared base.
+    Under torchrun (bench/ranks.py) every rank runs it; `parallel` is train.parallel, and
+    the peak memory is the largest of the ranks'."""
     import torch
 
     from rlhflab.config import RunFields, TrainFields
@@ -52,7 +70,9 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
     from rlhflab.training import set_seed
 
     settings = dict(PPO_SETTINGS)
-    train = TrainFields(lr=settings.pop("lr"), precision=precision)
+    train = TrainFields(
+        lr=settings.pop("lr"), precision=precision, gradient_checkpointing=gradient_checkpointing, parallel=parallel
+    )
     config = PPOConfig(
         **inputs,
         batch_size=w.batch_size,
@@ -66,6 +86,7 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
         run=RunFields(seed=SEED, device=w.device),
         train=train,
         out_dir=out_dir,
+        lora_r=lora_r,
         **settings,
     )
     set_seed(SEED)
@@ -82,6 +103,7 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
             wall.append(time.perf_counter() - t0)
             phases.append({k: row.get(f"time/{k}_s", 0.0) for k in ("generate", "score", "update")})
     peak, kind = peak_memory(w.device)
+    peak = run.dist.max(peak)  # one process: its own
     return side_result(
         wall,
         phases,
@@ -92,7 +114,28 @@ def run_rlhflab(w: Workload, inputs: dict, steps: int, out_dir: str, precision: 
         kind,
         response_length=row["response/length"],
         threads=torch.get_num_threads(),
+        param_mb=param_mb(run),
     )
+
+
+def param_mb(run) -> dict[str, float]:
+    """MiB of the run's four models' parameters, each tensor once (the LoRA reference shares the
+    policy's), split trainable / frozen, and of Adam's state (two tensors per trainable one).
+    Under FSDP: this process's shards."""
+    import torch
+
+    from rlhflab.distributed import local
+
+    seen, sizes = set(), {"trainable": 0, "frozen": 0}
+    for model in (run.policy, run.ref_policy, run.reward_model, run.value_model, run.ema):
+        for p in model.parameters() if model is not None else ():
+            t = local(p)
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                sizes["trainable" if p.requires_grad else "frozen"] += t.numel() * t.element_size()
+    state = [local(t) for s in run.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    sizes["adam_state"] = sum(t.numel() * t.element_size() for t in state)
+    return {k: v / 2**20 for k, v in sizes.items()}
 
 
 def _child(side: str, w: Workload, inputs: dict, steps: int, options: dict) -> dict:
@@ -113,6 +156,27 @@ def measure(side: str, w: Workload, inputs: dict, steps: int, options: dict | No
     from rlhflab.training import in_fresh_process
 
     return in_fresh_process(_child, side, w, inputs, steps, options or {})
+
+
+def measure_nproc(nproc: int, w: Workload, inputs: dict, steps: int, options: dict, root: Path) -> dict:
+    """rlhflab at `nproc` processes: torchrun (as a subprocess) runs bench/ranks.py, whose
+    rank 0 writes the figures. The workload's threads are split between the processes."""
+    import subprocess
+    import sys
+
+    threads = max(1, (w.threads or os.cpu_count() or 1) // nproc)
+    spec = {"workload": asdict(replace(w, threads=threads)), "inputs": inputs, "steps": steps, "options": options}
+    spec.update(out_dir=str(root / "nproc-run"), result=str(root / "nproc.json"))
+    (root / "nproc-spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), RLHFLAB_QUIET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd += ["-m", "rlhflab.bench.ranks", str(root / "nproc-spec.json")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"bench at {nproc} processes failed (exit {done.returncode}):\n{tail}")
+    result = json.loads((root / "nproc.json").read_text())
+    return {**result, "processes": nproc, "threads_per_process": threads, "parallel": options.get("parallel", "auto")}
 
 
 # --------------------------------------------------------------------------- the bench
@@ -140,10 +204,28 @@ def bench(
     trl_fused_gelu: bool = False,
     log=print,
     precision: str = "auto",
+    lora_r: int = 0,
+    gradient_checkpointing: bool = False,
+    nproc: int = 1,
+    parallel: str = "ddp",
 ) -> dict:
-    """Run the workload with rlhflab (and TRL); return the report as a dict."""
+    """Run the workload with rlhflab (and TRL); return the report as a dict. `lora_r` and
+    `gradient_checkpointing` are rlhflab's memory savers (adapters.py), its side only.
+    `nproc` > 1: rlhflab also at that many processes (`parallel`: ddp or fsdp)."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
+    if nproc < 1:
+        raise InputError("must be >= 1", field="nproc")
+    if nproc > 1 and vs:
+        raise InputError("--nproc measures rlhflab alone: not with --vs", field="nproc")
+    if parallel not in ("ddp", "fsdp"):
+        raise InputError("must be ddp or fsdp", field="parallel")
+    if vs and (lora_r or gradient_checkpointing):
+        raise InputError("--lora-r and --gradient-checkpointing apply to rlhflab alone: not with --vs", field="vs")
+    if lora_r < 0:
+        raise InputError("must be >= 0 (0: full fine-tuning)", field="lora-r")
+    if lora_r and importlib.util.find_spec("peft") is None:
+        raise InputError("needs peft: pip install 'rlhflab[lora]'", field="lora-r")
     check_can_run(w, vs)
     precision = resolve_precision(precision, w)
     sides = ["rlhflab"] + ([vs] if vs else [])
@@ -154,16 +236,30 @@ def bench(
             "policy_params": n_params(w),
             "ppo": PPO_SETTINGS,
             "precision": precision,
+            "lora_r": lora_r,
+            "gradient_checkpointing": gradient_checkpointing,
+            "nproc": nproc,
         },
         "machine": machine_info(w),
         "date": datetime.date.today().isoformat(),
     }
+    if nproc > 1:
+        check_nproc(w, nproc)
     with tempfile.TemporaryDirectory(prefix="rlhflab-bench-") as root:
         inputs = build_inputs(w, Path(root))
         for side in sides:
             log(f"bench: {side} on workload {w.name} ({steps} PPO steps) ...")
-            options = {"precision": precision, **({"fused_gelu": trl_fused_gelu} if side == "trl" else {})}
+            options = {"precision": precision}
+            if side == "trl":
+                options["fused_gelu"] = trl_fused_gelu
+            else:
+                options.update(lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
             report[side] = measure(side, w, inputs, steps, options)
+        if nproc > 1:
+            log(f"bench: rlhflab at {nproc} processes ({parallel}) on workload {w.name} ...")
+            options = dict(precision=precision, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
+            report["nproc"] = measure_nproc(nproc, w, inputs, steps, dict(options, parallel=parallel), Path(root))
+            report["nproc"]["speedup"] = report["nproc"]["episodes_per_s"] / report["rlhflab"]["episodes_per_s"]
     if vs:
         a, b = report["rlhflab"], report[vs]
         report["ratio"] = {
@@ -178,6 +274,20 @@ def bench(
         }
         report["ratio"].update({f"time_{k}": a["time_s"][k] / max(b["time_s"][k], 1e-12) for k in a["time_s"]})
     return report
+
+
+def check_nproc(w: Workload, nproc: int) -> None:
+    """More processes than this machine has GPUs (a cuda workload: one GPU per process)
+    or cores is refused in one line."""
+    import torch
+
+    if w.device == "cuda" and torch.cuda.device_count() < nproc:
+        raise InputError(
+            f"--nproc {nproc} needs {nproc} GPUs (one per process); this machine has {torch.cuda.device_count()}",
+            field="nproc",
+        )
+    if w.device == "cpu" and nproc > (os.cpu_count() or 1):
+        raise InputError(f"--nproc {nproc} is more processes than this machine's {os.cpu_count()} cores", field="nproc")
 
 
 def resolve_precision(precision: str, w: Workload) -> str:
@@ -223,14 +333,16 @@ def _cpu_name() -> str:
 
 
 def format_report(r: dict) -> str:
-    w, m, vs = r["workload"], r["machine"], "trl" in r
-    sides = ["rlhflab"] + (["trl"] if vs else [])
+    w, m, vs, par = r["workload"], r["machine"], "trl" in r, r.get("nproc")
+    sides = ["rlhflab"] + (["trl"] if vs else []) + (["nproc"] if par else [])
     lines = [
         f"workload {w['name']}: GPT-2, {w['n_layer']} layers, d {w['n_embd']}, vocab "
         f"{w['vocab_size']} ({w['policy_params'] / 1e6:.2f}M params) x4 models; prompt "
         f"{w['prompt_len']}, response {w['response_len']} (forced); batch {w['batch_size']}, "
         f"minibatch = micro-batch {w['minibatch_size']}, {w['ppo_epochs']} PPO epochs; "
-        f"{w.get('precision', 'fp32')} on both sides",
+        f"{w.get('precision', 'fp32')} on both sides"
+        + (f"; rlhflab with LoRA rank {w['lora_r']}" if w.get("lora_r") else "")
+        + ("; rlhflab with gradient checkpointing" if w.get("gradient_checkpointing") else ""),
         f"machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} cores"
         + (f", {w['threads']} threads" if w["threads"] and w["device"] == "cpu" else "")
         + f"; torch {m['torch']}, transformers {m['transformers']}"
@@ -238,7 +350,9 @@ def format_report(r: dict) -> str:
         + f"; {r['date']}",
         f"{w['steps']} PPO steps per side, the first left out",
         "",
-        f"{'':26}{'rlhflab':>14}" + (f"{'TRL':>14}{'rlhflab/TRL':>14}" if vs else ""),
+        f"{'':26}{'rlhflab':>14}"
+        + (f"{'TRL':>14}{'rlhflab/TRL':>14}" if vs else "")
+        + (f"{str(par['processes']) + ' processes':>14}" if par else ""),
     ]
 
     def row(label: str, values: list[str], ratio: float | None = None) -> None:
@@ -262,6 +376,9 @@ def format_report(r: dict) -> str:
         )
     figure("step_s", ".3f", "  step (s)")
     figure("peak_memory_mb", ".0f", "peak memory (MiB)")
+    for key, label in (("trainable", "trainable params"), ("frozen", "frozen params"), ("adam_state", "Adam state")):
+        if "param_mb" in r["rlhflab"]:  # rlhflab's side only
+            row(f"  {label} (MiB)", [f"{r[s]['param_mb'][key]:.2f}" if "param_mb" in r[s] else "" for s in sides])
     figure("final_kl", ".4f", "final KL (nats/response)")
     figure("final_rm_score", ".4f", "final RM score")
     lines += [
@@ -269,6 +386,12 @@ def format_report(r: dict) -> str:
         f"memory: {r['rlhflab']['memory']} of each side's own process; ratios of "
         "times and memory: below 1 is rlhflab less",
     ]
+    if par:
+        lines.append(
+            f"{par['processes']} processes: torchrun, {par['parallel']}, {par['threads_per_process']} thread(s) "
+            f"each, the same global batch; {par['speedup']:.2f}x the episodes/s of one process; its peak "
+            "memory: the largest process's; its parameter MiB: rank 0's (its shards under fsdp)"
+        )
     if vs:
         t = r["trl"]
         lines.append(
@@ -303,6 +426,32 @@ def add_arguments(parser) -> None:
         "fused tanh-GELU kernel rlhflab swaps in for GPT-2's gelu_new (same "
         "function to 1e-7), to compare the trainers alone",
     )
+    parser.add_argument(
+        "--lora-r",
+        "--lora_r",
+        type=int,
+        default=0,
+        help="rlhflab with LoRA adapters of this rank on policy and value model (ppo lora_r; "
+        "pip install 'rlhflab[lora]'); 0 (default): full fine-tuning",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="rlhflab with activation checkpointing in policy and value model (train.gradient_checkpointing)",
+    )
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="also measure rlhflab at this many processes under torchrun (gloo on a CPU, one GPU each "
+        "on CUDA), the same global batch; default 1 (one process only)",
+    )
+    parser.add_argument(
+        "--parallel",
+        choices=["ddp", "fsdp"],
+        default="ddp",
+        help="with --nproc: DDP (default) or FSDP2 for the policy and the value model (train.parallel)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
     parser.add_argument(
@@ -332,6 +481,10 @@ def run_cli(args) -> int:
         args.trl_fused_gelu,
         log=(lambda *a: None) if quiet else (lambda msg: print(msg, flush=True)),
         precision=args.precision,
+        lora_r=args.lora_r,
+        gradient_checkpointing=args.gradient_checkpointing,
+        nproc=args.nproc,
+        parallel=args.parallel,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0

@@ -1,6 +1,7 @@
 """Measurement, never a training signal: the paper's evaluations of trained policies.
 
 evaluate.py   `rlhflab eval`: every model on the held-out splits, summary.json
+generic.py    `rlhflab eval` without the lab world: RM win rates and KL of your own policies
 judging.py    win rates by held-out labelers, Wilson CIs, Likert
 capability.py the capability benchmarks (the alignment tax)
 overopt.py    best-of-n and RL over-optimization curves and their fits

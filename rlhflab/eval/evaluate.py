@@ -6,7 +6,8 @@ labelers, who never ranked training data, compare and rate them (§4.1). Outputs
 `out_dir`: `summary.json` (flat keys below), `samples.jsonl` (one row per answer:
 split, family, prompt, model, response, gold, style), `best_of_n.jsonl` (when a reward
 model is given) and `config.yaml`. `<m>` is a model name from `models`, or
-`GPT-prompted-<size>` for a few-shot-prompted variant (§3.5 baseline).
+`GPT-prompted-<size>` for a few-shot-prompted variant (§3.5 baseline). Without a world,
+`rlhflab eval` runs rlhflab.eval.generic instead (your own models, judged by a reward model).
 
 summary.json keys (all numbers; see docs/evaluation.md):
   winrate/<m>, winrate_ci_low/<m>, winrate_ci_high/<m>   held-out labelers prefer <m> over
@@ -40,14 +41,15 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import yaml
 
-from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, save_config
+from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, describe, save_config
 from rlhflab.data import iter_jsonl
-from rlhflab.errors import InputError
+from rlhflab.errors import ConfigError, InputError
 from rlhflab.eval.capability import capability_scores, load_benchmarks
 from rlhflab.eval.judging import likert_mean, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
@@ -404,8 +406,33 @@ def _round(v):
 # --------------------------------------------------------------------------- CLI
 
 
+MODES = """modes (chosen by whether a world is given):
+  with a world (--world DIR, or world: in --config): the paper's evaluations on the lab world;
+      needs world and models (name: DIR); reward_model optional
+  without a world: your own policies judged by your reward model (rlhflab.eval.generic);
+      needs policies (--policies name=DIR,name=DIR), prompts, reward_model and reference"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from rlhflab.eval.generic import GenericEvalConfig
+
     add_config_arguments(parser, EvalConfig)
+    generic = "\n".join(describe(GenericEvalConfig, brief=True))
+    parser.epilog = f"{MODES}\n\nwith a world, {parser.epilog}\n\nwithout a world, config keys:\n{generic}"
+
+
+def world_given(args) -> bool:
+    """The lab mode: `world` among the overrides or in the --config file. A config file that
+    cannot be read goes to the lab path, whose loader says what is wrong with it."""
+    if any(o.partition("=")[0] == "world" for o in args.overrides):
+        return True
+    if not args.config:
+        return False
+    try:
+        raw = yaml.safe_load(Path(args.config).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True
+    return not isinstance(raw, dict) or bool(raw.get("world"))
 
 
 def format_table(summary: dict, names: list[str]) -> str:
@@ -426,6 +453,18 @@ def format_table(summary: dict, names: list[str]) -> str:
 
 
 def run_cli(args) -> int:
+    from rlhflab.eval import generic
+
+    if getattr(args, "help_config", False):
+        print("with a world:\n" + "\n".join(describe(EvalConfig)))
+        print("\nwithout a world (rlhflab.eval.generic):\n" + "\n".join(describe(generic.GenericEvalConfig)))
+        return 0
+    if not world_given(args):
+        lab_only = {f.name for f in fields(EvalConfig)} - {f.name for f in fields(generic.GenericEvalConfig)}
+        lab_keys = sorted({o.partition("=")[0].split(".")[0] for o in args.overrides} & lab_only)
+        if lab_keys:
+            raise ConfigError("a lab-world key: give --world DIR too (without a world, see --help)", field=lab_keys[0])
+        return generic.run_cli(args)
     cfg = config_from_args(EvalConfig, args)
     summary = evaluate(cfg)
     print(format_table(summary, cfg.names()))

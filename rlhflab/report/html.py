@@ -1,12 +1,32 @@
-"""HTML helpers of the run report (a leaf: it imports nothing from the report).
+"""HTML helpers of the run report (a leaf: it imports nothing from the report), and
+the lenient JSONL reader the report pages share.
 
 Every function returns an HTML fragment; model text is escaped.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from html import escape
+from pathlib import Path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; unreadable lines are skipped (a report must not crash)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    rows = []
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            rows.append(obj)
+    return rows
 
 
 def missing(text: str) -> str:

@@ -15,6 +15,7 @@ so and the rest of the page is still drawn):
      "ppo_step": {"stage": "ppo-small", "step": int, "prompt": str, "response": str,
                   "rm_score": float, "kl": float, "kl_coef": float, "reward": float (= rm_score − kl_coef·kl)}}
 Charts are PNGs embedded as base64 (matplotlib, Agg); the page loads nothing from outside.
+An eval directory made without the lab world (rlhflab.eval.generic) gets report/generic.py's page.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import yaml
 from rlhflab.eval.capability import BENCHMARKS
 from rlhflab.eval.overopt import rl_curve
 from rlhflab.io import atomic_write_text
-from rlhflab.report import charts
-from rlhflab.report.html import figure, fmt, missing, table, text_cell
+from rlhflab.report import charts, generic
+from rlhflab.report.html import figure, fmt, missing, read_jsonl, table, text_cell
 from rlhflab.report.walkthrough import s_walkthrough
 from rlhflab.world.gold import STYLES
 
@@ -59,30 +60,13 @@ def _json(path: Path) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
-def _jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; unreadable lines are skipped (a report must not crash)."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return []
-    rows = []
-    for line in lines:
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            rows.append(obj)
-    return rows
-
-
 def load_run(run_dir: str | Path) -> RunFiles:
     root = Path(run_dir)
     run = RunFiles(
         root,
         eval=_json(root / "eval" / "summary.json"),
-        samples=_jsonl(root / "eval" / "samples.jsonl"),
-        bon=_jsonl(root / "eval" / "best_of_n.jsonl"),
+        samples=read_jsonl(root / "eval" / "samples.jsonl"),
+        bon=read_jsonl(root / "eval" / "best_of_n.jsonl"),
         world=_json(root / "world" / "summary.json"),
         walkthrough=_json(root / "walkthrough.json"),
     )
@@ -91,7 +75,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
     except (OSError, yaml.YAMLError):
         pass
     for path in sorted([*root.glob("*/metrics.jsonl"), *root.glob("sweep/*/metrics.jsonl")]):
-        run.metrics[path.parent.relative_to(root).as_posix()] = _jsonl(path)
+        run.metrics[path.parent.relative_to(root).as_posix()] = read_jsonl(path)
     for path in sorted([*root.glob("*/summary.json"), *root.glob("sweep/*/summary.json")]):
         run.summaries[path.parent.relative_to(root).as_posix()] = _json(path)
     return run
@@ -442,12 +426,18 @@ def render(run: RunFiles) -> str:
 def write_report(run_dir: str | Path, out_path: str | Path | None = None) -> Path:
     """Write the report for `run_dir` to `out_path` (default <run_dir>/report.html)."""
     out = Path(out_path) if out_path else Path(run_dir) / "report.html"
-    atomic_write_text(out, render(load_run(run_dir)))
+    atomic_write_text(out, render_any(Path(run_dir)))
     return out
 
 
+def render_any(root: Path) -> str:
+    """An eval directory made without the lab world gets its own page (report/generic.py),
+    with none of the lab sections; anything else is a lab run directory."""
+    return generic.render(root, CSS) if generic.is_eval_dir(root) else render(load_run(root))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="the run directory (from `rlhflab run`)")
+    parser.add_argument("run_dir", help="a run directory (`rlhflab run`) or an eval directory made without a world")
     parser.add_argument("--out", help="output HTML file (default: <run_dir>/report.html)")
 
 

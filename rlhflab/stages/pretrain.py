@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from rlhflab import distributed
+from rlhflab.adapters import checkpoint_activations
 from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields
 from rlhflab.data import read_texts
 from rlhflab.errors import InputError
@@ -136,19 +138,23 @@ def train(cfg: PretrainConfig, callback=None) -> tuple[Path, dict]:
     if len(stream) <= cfg.seq_len or len(val_stream) <= cfg.seq_len:
         raise InputError(f"corpus too short for seq_len {cfg.seq_len}", file=str(corpus_path))
 
-    device = resolve_device(cfg.run.device)
+    dist = distributed.setup(resolve_device(cfg.run.device))  # one process, or this rank of torchrun's
+    device = dist.device
     set_seed(cfg.run.seed)
-    model = lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.run.seed)
+    model = lab_model(cfg.size, tokenizer, n_positions=cfg.seq_len, seed=cfg.run.seed)  # the same on every rank
     fast_kernels(model.to(device).train(), device, cfg.train.precision)
+    if cfg.train.gradient_checkpointing:
+        checkpoint_activations(model)
+    trained = distributed.wrap(model, cfg.train.parallel, dist)  # model itself in one process
 
     tokens = [0]  # trained in this process (a resumed run counts from its checkpoint)
 
-    def loss(step_windows: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        x = step_windows.to(device)
-        tokens[0] += x.numel()
+    def loss(step_windows: torch.Tensor, scale: float) -> tuple[torch.Tensor, dict]:
+        x = step_windows.to(device)  # this rank's windows of the step's batch
+        tokens[0] += x.numel() if scale > 0 else 0
         with autocast(device, cfg.train.precision):
-            value = model(input_ids=x, labels=x).loss
-        value.backward()
+            value = trained(input_ids=x, labels=x, use_cache=False).loss
+        (value * scale).backward()
         return value.detach(), {}
 
     def held_out(step: int) -> dict:
@@ -170,24 +176,26 @@ def train(cfg: PretrainConfig, callback=None) -> tuple[Path, dict]:
             extra=held_out,
         ),
         callback=callback,
+        dist=dist,
     )
     elapsed = time.time() - t0
     summary = {
         "params": n_params(model),
         "size": cfg.size,
         "steps": cfg.steps,
-        "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),
+        "val_loss": round(eval_loss(model, val_stream, cfg.seq_len), 4),  # every rank, the same windows
         "unigram_loss": round(unigram_loss(stream, val_stream, len(tokenizer)), 4),
-        "tokens_per_s": round(tokens[0] / max(elapsed, 1e-9), 1),
+        "tokens_per_s": round(dist.sum(tokens[0]) / max(elapsed, 1e-9), 1),
     }
-    if cfg.world and cfg.gold_prompts:
+    plain = distributed.full_model(model, dist)  # None on ranks other than 0
+    if plain is not None and cfg.world and cfg.gold_prompts:
         from rlhflab.eval.lab import gold_of_policy
         from rlhflab.world import load_world
 
         world = load_world(cfg.world)
         prompts = [t.prompt for t in world.splits["test"][: cfg.gold_prompts]]
-        summary.update({f"base_{k}": v for k, v in gold_of_policy(model.eval(), tokenizer, world, prompts).items()})
-    return write_outputs(out, model, tokenizer, summary), summary
+        summary.update({f"base_{k}": v for k, v in gold_of_policy(plain.eval(), tokenizer, world, prompts).items()})
+    return write_outputs(out, plain, tokenizer, summary, dist), summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     cfg = config_from_args(PretrainConfig, args)
     model_dir, s = train(cfg)
+    if not distributed.is_main_process():
+        return 0
     gold = f", greedy gold quality on held-out instructions {s['base_gold']:.3f}" if "base_gold" in s else ""
     print(
         f"pretrained {cfg.size} ({s['params']:,} params) -> {model_dir}: held-out loss {s['val_loss']:.3f} "

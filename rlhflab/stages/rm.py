@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhflab import distributed
+from rlhflab.adapters import checkpoint_activations
 from rlhflab.config import (
     RunFields,
     TrainFields,
@@ -32,14 +34,14 @@ from rlhflab.config import (
 from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
 from rlhflab.models import (
-    REWARD_BIAS_KEY,
     context_length,
+    fold_reward_bias,
+    hf_pad_token_id,
     load_reward_model,
     load_tokenizer,
-    reward_bias,
     reward_scores,
 )
-from rlhflab.text import encode_query, encode_response, pad_right
+from rlhflab.text import encode_pair, encode_query, pad_right
 from rlhflab.training import (
     Loop,
     autocast,
@@ -190,15 +192,18 @@ def _n_correct(scores: list[float], pairs) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> list[int]:
-    return encode_query(tokenizer, prompt) + encode_response(tokenizer, response)
+def encode_sequence(tokenizer, prompt, response: str, where: dict | None = None) -> list[int]:
+    """query + response token ids (text.py layout, chat template for a conversation)."""
+    query, answer = encode_pair(tokenizer, prompt, response, where)
+    return query + answer
 
 
 def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int | None) -> list[Comparison]:
     """Token sequences per ranking, refusing any prompt + response that overflows the context."""
     out = []
     for r in rankings:
-        query = encode_query(tokenizer, r.prompt)
+        where = dict(file=path, line=r.line, field="prompt")
+        query = encode_query(tokenizer, r.prompt, where)
         if max_len is not None and len(query) >= max_len:
             raise InputError(
                 f"prompt is {len(query)} tokens, the model's context is {max_len}",
@@ -206,7 +211,7 @@ def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int 
                 line=r.line,
                 field="prompt",
             )
-        seqs = [query + encode_response(tokenizer, resp) for resp in r.responses]
+        seqs = [encode_sequence(tokenizer, r.prompt, resp, where) for resp in r.responses]
         for i, s in enumerate(seqs):
             if max_len is not None and len(s) > max_len:
                 raise InputError(
@@ -221,7 +226,7 @@ def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int 
 
 def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
     for d in demos:
-        n = len(encode_pair(tokenizer, d.prompt, d.completion))
+        n = len(encode_sequence(tokenizer, d.prompt, d.completion, dict(file=path, line=d.line, field="prompt")))
         if max_len is not None and n > max_len:
             raise InputError(
                 f"prompt + completion is {n} tokens, the model's context is {max_len}",
@@ -236,13 +241,15 @@ def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
 
 @torch.no_grad()
 def score_sequences(
-    model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, field: str = "sequences"
+    model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, field: str = "sequences", scorer=None
 ) -> list[float]:
     """r_θ of token sequences (query + response), bias included; order preserved.
 
     The one way anything scores with a reward model: batched by length (little padding),
     dropout off (the model's mode restored after), and a sequence longer than the model's
-    context refused (InputError naming `field`), never cut.
+    context refused (InputError naming `field`), never cut. `scorer(ids, mask)`: the
+    forward, when not `reward_scores(model, ...)` itself (under FSDP the module from
+    distributed.wrap(model, ..., forward=reward_scores), whose root gathers the head).
     """
     max_len = context_length(model.config)
     for i, s in enumerate(seqs):
@@ -256,7 +263,9 @@ def score_sequences(
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]
         ids, mask = pad_right([seqs[j] for j in idx], pad_id)
-        for j, s in zip(idx, reward_scores(model, ids.to(device), mask.to(device)).tolist()):
+        ids, mask = ids.to(device), mask.to(device)
+        values = reward_scores(model, ids, mask) if scorer is None else scorer(ids, mask)
+        for j, s in zip(idx, values.tolist()):
             scores[j] = s
     model.train(was_training)
     return scores
@@ -264,14 +273,22 @@ def score_sequences(
 
 def score_pairs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
     """r_θ(x, y) for each (prompt, response) in THE layout (text.py): `score_sequences`."""
-    seqs = [encode_pair(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+    seqs = [encode_sequence(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
     return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, field="responses")
 
 
-def evaluate(model, comparisons: list[Comparison], pad_id: int, batch_size: int) -> dict:
-    """Mean K-wise loss and pairwise accuracy (score ties count half) over comparisons."""
+def evaluate(
+    model, comparisons: list[Comparison], pad_id: int, batch_size: int, dist=distributed.SINGLE, scorer=None
+) -> dict:
+    """Mean K-wise loss and pairwise accuracy (score ties count half) over comparisons.
+    With `dist` the scoring is shared out over the ranks (through `scorer`, see
+    `score_sequences`), and every rank gets the same result."""
     flat = [s for c in comparisons for s in c.sequences]
-    scores = torch.tensor(score_sequences(model, flat, pad_id, batch_size))
+
+    def score(part: list) -> list[float]:
+        return score_sequences(model, part, pad_id, batch_size, scorer=scorer)
+
+    scores = torch.tensor(dist.map_shards(score, flat))
     losses, correct, total, off = [], 0.0, 0, 0
     for c in comparisons:
         s = scores[off : off + len(c.sequences)]
@@ -289,12 +306,23 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], batch_size: int
 
 
 def center_on_demos(model, tokenizer, demos, batch_size: int) -> dict:
-    """Set the bias so that the demonstrations score mean 0 (§3.5: 'normalized ... so that
-    the labeler demonstrations achieve a mean score of 0 before doing RL')."""
-    scores = score_pairs(model, tokenizer, [d.prompt for d in demos], [d.completion for d in demos], batch_size)
-    mean = sum(scores) / len(scores)
-    setattr(model.config, REWARD_BIAS_KEY, reward_bias(model) - mean)
-    return {"rm/demo_mean_before": mean, "rm/bias": reward_bias(model)}
+    """Shift every score so that the demonstrations score mean 0 (§3.5: 'normalized ... so
+    that the labeler demonstrations achieve a mean score of 0 before doing RL'), in the
+    weights where that is exact (`fold_reward_bias`), so any tool loading model/ sees it."""
+    mean = demo_mean(model, tokenizer, demos, batch_size)
+    fold_reward_bias(model, -mean)
+    return {"rm/demo_mean_before": mean, "rm/bias": -mean}
+
+
+def demo_mean(model, tokenizer, demos, batch_size: int, dist=distributed.SINGLE, scorer=None) -> float:
+    """The demonstrations' mean score (scoring shared out over the ranks with `dist`)."""
+    seqs = [encode_sequence(tokenizer, d.prompt, d.completion) for d in demos]
+
+    def score(part: list) -> list[float]:
+        return score_sequences(model, part, tokenizer.pad_token_id, batch_size, "responses", scorer)
+
+    scores = dist.map_shards(score, seqs)
+    return sum(scores) / len(scores)
 
 
 # --------------------------------------------------------------------------- train
@@ -327,15 +355,22 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     """
     validate(config)
     out_dir, t0 = Path(config.out_dir), time.time()
-    # 1. Read and check every input before anything is written.
+    # 1. Read and check every input before anything is written (the fresh head's seed is
+    # the same on every rank: FSDP shards, and does not broadcast, what each rank built).
     tokenizer, model, train_set, val_set, demos = read_inputs(config)
-    device, pad_id = resolve_device(config.run.device), tokenizer.pad_token_id
+    dist = distributed.setup(resolve_device(config.run.device))  # one process, or this rank of torchrun's
+    device, pad_id = dist.device, tokenizer.pad_token_id
     fast_kernels(model.to(device).train(), device, config.train.precision)
+    if config.train.gradient_checkpointing:
+        checkpoint_activations(model)
+    # reward_scores calls model.base_model and model.score: trained through a root forward
+    # that DDP and FSDP see (distributed.Forward); in one process, the model itself.
+    scorer = distributed.wrap(model, config.train.parallel, dist, forward=reward_scores)
 
     def end_of_epoch(epoch: int, state: dict) -> dict:  # held-out loss and accuracy
         record = {"epoch": epoch + 1}
         if val_set is not None:
-            val = evaluate(model, val_set, pad_id, config.eval_batch_size)
+            val = evaluate(model, val_set, pad_id, config.eval_batch_size, dist, scorer)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         state["epochs"].append(record)
         return {f"rm/{k}": v for k, v in record.items()}
@@ -350,16 +385,24 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
             epochs=config.epochs,
             steps_per_epoch=math.ceil(n / bs),
             batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
-            loss=lambda chunk: _loss(model, chunk, pad_id, config, device),
+            loss=lambda chunk, scale: _loss(scorer, chunk, pad_id, config, device, scale, dist),
             end_of_epoch=end_of_epoch,
         ),
         callback=callback,
+        dist=dist,
     )
 
     # 5. Train accuracy over the whole set, the demo-centring bias (§3.5), atomic output.
-    final = {"rm/train_accuracy": evaluate(model, train_set, pad_id, config.eval_batch_size)["accuracy"]}
+    train_eval = evaluate(model, train_set, pad_id, config.eval_batch_size, dist, scorer)
+    final = {"rm/train_accuracy": train_eval["accuracy"]}
     if demos:
-        final.update(center_on_demos(model, tokenizer, demos, config.eval_batch_size))
+        mean = demo_mean(model, tokenizer, demos, config.eval_batch_size, dist, scorer)
+        final.update({"rm/demo_mean_before": mean, "rm/bias": -mean})
+    plain = distributed.full_model(model, dist)  # None on ranks other than 0
+    if plain is not None:
+        if demos:
+            fold_reward_bias(plain, -mean)  # center_on_demos' fold, on the full weights
+        plain.config.pad_token_id = hf_pad_token_id(tokenizer)  # HF's own pooling then reads our token
     log.log({"step": state["step"], **final})
     summary = {
         "stage": "rm",
@@ -368,28 +411,38 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
         "comparisons": sum(len(c.pairs) for c in train_set),
         "steps": state["step"],
         "epochs": state["epochs"],
-        "bias": reward_bias(model),
+        "bias": final.get("rm/bias", 0.0),
         **final,
         "seconds": round(time.time() - t0, 1),
     }
-    return write_outputs(out_dir, model, tokenizer, summary), summary
+    return write_outputs(out_dir, plain, tokenizer, summary, dist), summary
 
 
-def _loss(model, chunk: list[Comparison], pad_id: int, config: RMConfig, device) -> tuple[torch.Tensor, dict]:
-    """Forward and backward of one batch of prompts, micro-batches accumulating gradients.
-    Returns (the batch's loss, {rm/accuracy: fraction of its pairs ordered right})."""
+def _loss(
+    scorer, chunk: list[Comparison], pad_id: int, config: RMConfig, device, scale: float = 1.0, dist=distributed.SINGLE
+) -> tuple[torch.Tensor, dict]:
+    """Forward and backward of one batch of prompts (this rank's part), micro-batches
+    accumulating gradients; `scorer(ids, mask)` is reward_scores through DDP/FSDP.
+    Returns (the part's loss, {rm/accuracy: (pairs ordered right, pairs)})."""
     micro = config.micro_batch_size or len(chunk)
+    parts = [chunk[i : i + micro] for i in range(0, len(chunk), micro)]
+    # Every rank runs as many forwards and backwards (FSDP's all-gathers, one gradient
+    # reduction per step): a rank with fewer micro-batches repeats its last, weighted 0.
+    n_parts = dist.max(len(parts))
     total_loss, correct = torch.zeros((), device=device), 0.0
-    for i in range(0, len(chunk), micro):
-        part = collate(chunk[i : i + micro], pad_id).to(device)
-        with autocast(device, config.train.precision):
-            scores = reward_scores(model, part.input_ids, part.attention_mask)  # (N,), fp32
-        loss, accuracy = batch_loss(scores, part)
-        weight = len(part.offsets) / len(chunk)  # the step's loss is the mean over its prompts
-        (loss * weight).backward()
-        total_loss += loss.detach() * weight
-        correct += accuracy * sum(len(p) for p in part.pairs)
-    return total_loss, {"rm/accuracy": correct / sum(len(c.pairs) for c in chunk)}
+    for j in range(n_parts):
+        real = j < len(parts)
+        part = collate(parts[j] if real else parts[-1], pad_id).to(device)
+        with distributed.no_sync(scorer, active=j < n_parts - 1):
+            with autocast(device, config.train.precision):
+                scores = scorer(part.input_ids, part.attention_mask)  # (N,), fp32
+            loss, accuracy = batch_loss(scores, part)
+            weight = len(part.offsets) / len(chunk) if real else 0.0  # the loss: a mean over prompts
+            (loss * weight * scale).backward()
+        if real:
+            total_loss += loss.detach() * weight
+            correct += accuracy * sum(len(p) for p in part.pairs)
+    return total_loss, {"rm/accuracy": (correct, sum(len(c.pairs) for c in chunk))}
 
 
 # --------------------------------------------------------------------------- CLI
@@ -402,6 +455,8 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> int:
     config = config_from_args(RMConfig, args)
     out_dir, summary = train(config)
+    if not distributed.is_main_process():
+        return 0
     val = summary["epochs"][-1].get("val_accuracy")
     print(
         f"rm: wrote {out_dir} (train accuracy {summary['rm/train_accuracy']:.3f}"

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig
 
+from rlhflab import distributed
+from rlhflab.adapters import checkpoint_activations
 from rlhflab.config import (
     RunFields,
     TrainFields,
@@ -30,14 +32,14 @@ from rlhflab.config import (
     train_fields,
     validate,
 )
-from rlhflab.data import read_demos, read_prompts
+from rlhflab.data import read_demos, read_prompt_rows
 from rlhflab.errors import InputError
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import atomic_dir
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
 from rlhflab.stages.rm import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths
-from rlhflab.text import encode_query, encode_response, pad_right
+from rlhflab.text import assistant_spans, encode_pair, encode_query, pad_right
 from rlhflab.training import (
     Loop,
     autocast,
@@ -62,7 +64,12 @@ class SFTConfig:
     base: str = ""
     """Base causal LM directory: rlhflab's pretrained model or any local Hugging Face causal LM."""
     data: str = ""
-    """Demonstrations, JSONL rows {"prompt", "completion"}."""
+    """Demonstrations: JSONL, parquet or a save_to_disk directory of {"prompt", "completion"}
+    strings, or conversations ({"messages"} or conversational prompt/completion, rendered
+    with the tokenizer's chat template)."""
+    assistant_turns: str = "last"
+    """Which assistant turns of a conversation carry the loss: 'last' (the answer to the
+    prompt) or 'all' (every assistant turn; system and user turns never do)."""
     out_dir: str = "runs/sft"
     """Output directory: model/ (HF model + tokenizer), metrics.jsonl, config.yaml,
     summary.json."""
@@ -112,6 +119,7 @@ class SFTConfig:
             "reward_model and val_prompts go together",
         )
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(self.assistant_turns in ("last", "all"), "assistant_turns", self.assistant_turns, "must be last or all")
         check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
         check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
@@ -126,37 +134,53 @@ class SFTConfig:
 # --------------------------------------------------------------------------- data
 
 
-def encode_demos(tokenizer, path: str, max_len: int | None) -> list[tuple[list[int], list[int]]]:
-    """(query, response) token lists, refusing any that does not fit the context."""
+Example = tuple[list[int], list[tuple[int, int]]]
+"""One demonstration's token ids and the [start, end) spans that carry the loss."""
+
+
+def example(query: list[int], response: list[int]) -> Example:
+    """A (query, response) pair as an Example: the loss on the response."""
+    return query + response, [(len(query), len(query) + len(response))]
+
+
+def encode_demos(tokenizer, path: str, max_len: int | None, assistant_turns: str = "last") -> list[Example]:
+    """Token ids and loss spans per demonstration, refusing any that does not fit the context.
+
+    String rows: the loss is on the completion (and its eos). Conversations: on the last
+    assistant turn, or on every assistant turn with assistant_turns='all' (text.assistant_spans).
+    """
     examples = []
     for demo in read_demos(path):
-        query = encode_query(tokenizer, demo.prompt)
-        response = encode_response(tokenizer, demo.completion)  # ends with eos: a label
-        if max_len is not None and len(query) >= max_len:
+        where = dict(file=path, line=demo.line, field="messages" if demo.conversation else "prompt")
+        if demo.conversation is None:
+            ids, spans = example(*encode_pair(tokenizer, demo.prompt, demo.completion))  # eos is a label
+        else:
+            ids, spans = assistant_spans(tokenizer, demo.conversation, where)
+            if assistant_turns == "last":
+                spans = spans[-1:]
+        if max_len is not None and spans[0][0] >= max_len:
+            raise InputError(f"prompt is {spans[0][0]} tokens, the model's context is {max_len}", **where)
+        if max_len is not None and len(ids) > max_len:
             raise InputError(
-                f"prompt is {len(query)} tokens, the model's context is {max_len}",
-                file=path,
-                line=demo.line,
-                field="prompt",
+                f"prompt + completion is {len(ids)} tokens, the model's context is {max_len}",
+                **dict(where, field="messages" if demo.conversation else "completion"),
             )
-        if max_len is not None and len(query) + len(response) > max_len:
-            raise InputError(
-                f"prompt + completion is {len(query) + len(response)} tokens, the model's context is {max_len}",
-                file=path,
-                line=demo.line,
-                field="completion",
-            )
-        examples.append((query, response))
+        examples.append((ids, spans))
     return examples
 
 
-def sft_batch(examples, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded input_ids, attention_mask and labels (-100 on prompt and padding).  (B, T)"""
-    ids, mask = pad_right([q + r for q, r in examples], pad_id)
+def sft_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded input_ids, attention_mask and labels (-100 outside the loss spans).  (B, T)"""
+    ids, mask = pad_right([e for e, _ in examples], pad_id)
     labels = torch.full_like(ids, IGNORE)
-    for i, (q, r) in enumerate(examples):
-        labels[i, len(q) : len(q) + len(r)] = torch.tensor(r)
+    for i, (_, spans) in enumerate(examples):
+        for start, end in spans:
+            labels[i, start:end] = ids[i, start:end]
     return ids, mask, labels
+
+
+def n_labelled(examples: list[Example]) -> int:
+    return sum(end - start for _, spans in examples for start, end in spans)
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -194,15 +218,19 @@ def load_policy(path: str, dropout: float) -> tuple[torch.nn.Module, dict[str, f
 
 
 @torch.no_grad()
-def val_loss(model, examples, pad_id: int, batch_size: int, device) -> float:
-    """Token-weighted response NLL on held-out demonstrations (dropout off)."""
+def val_loss(model, examples, pad_id: int, batch_size: int, device, dist=distributed.SINGLE) -> float:
+    """Token-weighted response NLL on held-out demonstrations (dropout off); with `dist`,
+    the batches shared out over the ranks and the result the same on every rank."""
     was_training = model.training
     model.eval()
+    chunks = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
+
+    def nll(part: list) -> list[tuple[float, int]]:  # (summed NLL, labelled tokens) per batch
+        return [(float(forward_loss(model, c, pad_id, device)) * n_labelled(c), n_labelled(c)) for c in part]
+
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i : i + batch_size]
-        n = sum(len(r) for _, r in chunk)
-        total += float(forward_loss(model, chunk, pad_id, device)) * n
+    for t, n in dist.map_shards(nll, chunks):
+        total += t
         count += n
     model.train(was_training)
     return total / count
@@ -235,7 +263,7 @@ class _Inputs:
     base_dropout: dict
     train_set: list
     val_set: list | None
-    prompts: list[str] | None
+    prompts: list | None
     rm: torch.nn.Module | None
     rm_tokenizer: object | None
 
@@ -246,16 +274,16 @@ def read_inputs(config: SFTConfig) -> _Inputs:
         raise InputError("the tokenizer has no eos token (SFT teaches the model to stop)", file=config.base)
     model, base_dropout = load_policy(config.base, config.dropout)
     max_len = context_length(model.config)
-    train_set = encode_demos(tokenizer, config.data, max_len)
-    val_set = encode_demos(tokenizer, config.val_data, max_len) if config.val_data else None
+    train_set = encode_demos(tokenizer, config.data, max_len, config.assistant_turns)
+    val_set = encode_demos(tokenizer, config.val_data, max_len, config.assistant_turns) if config.val_data else None
     prompts, rm, rm_tokenizer = None, None, None
     if config.reward_model:
-        prompts = read_prompts(config.val_prompts)
+        prompts = [p for _, p in read_prompt_rows(config.val_prompts)]
         n = config.val_max_new_tokens
-        check_prompt_lengths(tokenizer, prompts, config.val_prompts, max_len, n)
+        check_prompt_lengths(tokenizer, config.val_prompts, max_len, n)
         rm_tokenizer = load_tokenizer(config.reward_model)
         rm = load_reward_model(config.reward_model).eval().requires_grad_(False)
-        check_prompt_lengths(rm_tokenizer, prompts, config.val_prompts, context_length(rm.config), n + 1)
+        check_prompt_lengths(rm_tokenizer, config.val_prompts, context_length(rm.config), n + 1)
     return _Inputs(tokenizer, model, base_dropout, train_set, val_set, prompts, rm, rm_tokenizer)
 
 
@@ -270,16 +298,20 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
     # 1. Read and check every input before anything is written.
     inp = read_inputs(config)
     model, tokenizer, train_set = inp.model, inp.tokenizer, inp.train_set
-    device = resolve_device(config.run.device)
+    dist = distributed.setup(resolve_device(config.run.device))  # one process, or this rank of torchrun's
+    device = dist.device
     set_seed(config.run.seed)
     fast_kernels(model.to(device).train(), device, config.train.precision)
+    if config.train.gradient_checkpointing:
+        checkpoint_activations(model)
     if inp.rm is not None:
         inp.rm.to(device)
+    trained = distributed.wrap(model, config.train.parallel, dist)  # model itself in one process
 
-    def loss(examples) -> tuple[torch.Tensor, dict]:
+    def loss(examples, scale: float) -> tuple[torch.Tensor, dict]:
         with autocast(device, config.train.precision):
-            value = forward_loss(model, examples, tokenizer.pad_token_id, device)
-        value.backward()
+            value = forward_loss(trained, examples, tokenizer.pad_token_id, device)
+        (value * scale).backward()
         return value.detach(), {}
 
     # 2-4. Epochs of response-only next-token loss (resumable); after each, evaluate and
@@ -293,30 +325,36 @@ def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
             epochs=config.epochs,
             steps_per_epoch=math.ceil(n / bs),
             loss=loss,
+            weight=n_labelled,  # the loss is a mean over labelled tokens
             batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
-            end_of_epoch=lambda e, st: _end_of_epoch(inp, config, st, e, device, out_dir),
+            end_of_epoch=lambda e, st: _end_of_epoch(inp, config, st, e, device, out_dir, dist),
         ),
         extra_state={"best": None},
         callback=callback,
+        dist=dist,
     )
 
-    # 5. Load the chosen epoch; write <out_dir>/model atomically, then summary.json.
-    if (out_dir / "best" / "model.safetensors").is_file():
-        load_model(model, str(out_dir / "best" / "model.safetensors"), strict=False)
-    for key, value in inp.base_dropout.items():
-        setattr(model.config, key, value)  # sample/RM/PPO see the base's dropout, not SFT's
+    # 5. Load the chosen epoch; write <out_dir>/model atomically, then summary.json (rank 0).
+    plain = distributed.full_model(model, dist)  # None on ranks other than 0
+    if plain is not None:
+        if (out_dir / "best" / "model.safetensors").is_file():
+            load_model(plain, str(out_dir / "best" / "model.safetensors"), strict=False)
+        for key, value in inp.base_dropout.items():
+            setattr(plain.config, key, value)  # sample/RM/PPO see the base's dropout, not SFT's
     summary = _summary(config, state, inp, time.time() - t0)
-    return write_outputs(out_dir, model, tokenizer, summary), summary
+    return write_outputs(out_dir, plain, tokenizer, summary, dist), summary
 
 
-def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device, out_dir: Path) -> dict:
+def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, device, out_dir: Path, dist) -> dict:
     record = {"epoch": epoch + 1}
     if inp.val_set is not None:
         record["val_loss"] = val_loss(
-            inp.model, inp.val_set, inp.tokenizer.pad_token_id, config.eval_batch_size, device
+            inp.model, inp.val_set, inp.tokenizer.pad_token_id, config.eval_batch_size, device, dist
         )
     if inp.rm is not None:
+        # Every rank samples every prompt, the same draws: FSDP's forwards stay in step.
         record["val_score"] = rm_score(inp.model, inp.tokenizer, inp.prompts, inp.rm, inp.rm_tokenizer, config)
+    record = dist.broadcast(record)  # rank 0's numbers: every rank keeps the same epoch
     # §3.5 / App. C.1: the RM score on validation prompts chooses the SFT epoch; else val loss.
     if inp.rm is not None:
         key, sign = "val_score", 1.0
@@ -327,10 +365,22 @@ def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, devi
     best = state["best"]
     if key is not None and (best is None or sign * record[key] > sign * best[key]):
         state["best"] = record
-        with atomic_dir(out_dir / "best") as tmp:
-            save_model(inp.model, str(tmp / "model.safetensors"))
+        if not dist.enabled:
+            with atomic_dir(out_dir / "best") as tmp:
+                save_model(inp.model, str(tmp / "model.safetensors"))
+        else:
+            _save_best(inp.model, out_dir, dist)
     state["epochs"].append(record)
     return {f"sft/{k}": v for k, v in record.items()}
+
+
+def _save_best(model, out_dir: Path, dist) -> None:
+    """best/model.safetensors with the full weights, gathered by every rank, written by rank 0."""
+    if not dist.is_main:
+        distributed.save_weights(model, None, dist)  # its part of the gather
+        return
+    with atomic_dir(out_dir / "best") as tmp:
+        distributed.save_weights(model, tmp / "model.safetensors", dist)
 
 
 def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> dict:
@@ -359,6 +409,8 @@ def add_arguments(parser) -> None:
 def run_cli(args) -> int:
     config = config_from_args(SFTConfig, args)
     out_dir, summary = train(config)
+    if not distributed.is_main_process():
+        return 0
     print(
         f"sft: wrote {out_dir} (epoch {summary['best_epoch']} of {config.epochs}, "
         f"chosen by {summary['selected_by']}, {summary['steps']} steps)"

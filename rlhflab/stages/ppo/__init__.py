@@ -4,6 +4,7 @@ config.py  PPOConfig, one documented field per knob
 core.py    the arithmetic: KL-shaped rewards, GAE, whitening, losses, KL controllers
 run.py     open_run: check every input, load the four models, resume state
 step.py    ppo_step: one PPO iteration as a list of named calls
+parallel.py  under torchrun: which episodes a rank samples, global statistics, FSDP's gathers
 loop.py    train(config): the loop, measurement, outputs, and `rlhflab ppo`
 """
 

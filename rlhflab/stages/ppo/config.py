@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 
 from rlhflab.config import RunFields, TrainFields, check, train_fields
 
@@ -37,9 +38,17 @@ class PPOConfig:
     kl_horizon: int = 10000
     """For adaptive_kl: β changes by at most ±20% per kl_horizon episodes (Ziegler et al.)."""
     batch_size: int = 64
-    """Episodes per PPO step. App. C.4 uses 512; 64 gives more updates per CPU-minute."""
+    """Episodes per PPO step, over all processes. App. C.4 uses 512; 64 gives more updates
+    per CPU-minute."""
     minibatch_size: int = 16
-    """Episodes per optimizer step (App. C.4: 64, i.e. 8 minibatches of a 512 batch)."""
+    """Episodes per optimizer step, over all processes (App. C.4: 64, i.e. 8 minibatches of
+    a 512 batch)."""
+    rollout_chunk: int = 0
+    """Episodes per sampling call, each call with its own generator seeded from (run.seed,
+    step, call): under torchrun rank r samples calls r, r+W, ..., so a run's rollouts are the
+    same on any number of processes W (e.g. minibatch_size). 0: one call per process
+    (batch_size / W episodes), the fastest; one process then samples the whole batch in one
+    call as always, but the draws depend on W."""
     ppo_epochs: int = 4
     """Passes over each batch. App. C.4 uses 1 on 512 episodes; 4 (Schulman et al. 2017)
     gets more from the lab's smaller batches."""
@@ -48,7 +57,9 @@ class PPOConfig:
     constant LR); billion-parameter policies use ~1e-5, the lab's small models need larger
     steps to move. The gradient clip applies to the policy and the value model each. A
     checkpoint every 8 PPO steps. precision bf16: every forward (sampling, scoring,
-    training) under autocast; rewards, GAE and losses stay fp32."""
+    training) under autocast; rewards, GAE and losses stay fp32. parallel: how the policy
+    and the value model train under torchrun (ddp or fsdp; the reference and the reward
+    model are replicated); batch_size and minibatch_size stay global."""
     warmup_steps: int = 10
     """PPO steps of linear warm-up from lr/10 to lr (App. C.4: 10 iterations from 1/10)."""
     clip_range: float = 0.2
@@ -75,6 +86,19 @@ class PPOConfig:
     ema_decay: float | None = None
     """EMA of policy weights per optimizer step (App. C.4: 0.992); the EMA is what is saved.
     None by default: a lab run takes a few hundred steps, so an EMA would stay near SFT."""
+    lora_r: int = 0
+    """Rank of the LoRA adapters (Hu et al. 2021) the policy and the value model train over
+    their frozen weights, through peft (`pip install 'rlhflab[lora]'`); 0: full fine-tuning.
+    With LoRA π_SFT is the policy's own base with the adapters off (no copy of its weights),
+    checkpoints hold the adapters and the value head only, and the run writes policy/ and
+    value/ merged (plain transformers models) plus the policy's adapter in adapter/."""
+    lora_alpha: float = 16.0
+    """LoRA scale α: an adapted layer adds (α / r)·B·A to its weight; B starts at 0, so the
+    first rollout is π_SFT's. No adapter dropout: PPO trains with dropout off."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Layers that get adapters: 'all-linear' (every linear layer but the LM head and the
+    value model's scalar head, which trains whole), a list of module names matched by
+    suffix (e.g. [q_proj, v_proj]), or one regular expression over full module names."""
     total_episodes: int = 4096
     """Episodes in the whole run (App. C.4: 256k); PPO steps = total_episodes // batch_size."""
     eval_every: int = 8
@@ -87,7 +111,8 @@ class PPOConfig:
     resume: bool = True
     """Continue from <out_dir>/checkpoint when there is one; False starts over."""
     out_dir: str = "runs/ppo"
-    """Output directory: policy/, value/, checkpoint/, metrics.jsonl, config.yaml, summary.json."""
+    """Output directory: policy/, value/, adapter/ (LoRA), checkpoint/, metrics.jsonl, config.yaml,
+    summary.json."""
 
     def validate(self) -> None:
         for key in ("policy", "reward_model", "prompts", "out_dir"):
@@ -105,6 +130,13 @@ class PPOConfig:
             self.batch_size % self.minibatch_size == 0,
             "minibatch_size",
             self.minibatch_size,
+            f"must divide batch_size ({self.batch_size})",
+        )
+        check(self.rollout_chunk >= 0, "rollout_chunk", self.rollout_chunk, "must be >= 0 (0: one call per process)")
+        check(
+            not self.rollout_chunk or self.batch_size % self.rollout_chunk == 0,
+            "rollout_chunk",
+            self.rollout_chunk,
             f"must divide batch_size ({self.batch_size})",
         )
         check(
@@ -125,6 +157,17 @@ class PPOConfig:
             self.ema_decay,
             "must be in (0, 1) or null",
         )
+        check(self.lora_r >= 0, "lora_r", self.lora_r, "must be >= 0 (0: full fine-tuning)")
+        if self.lora_r:
+            check(find_spec("peft") is not None, "lora_r", self.lora_r, "needs peft: pip install 'rlhflab[lora]'")
+            check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "must be > 0")
+            check(bool(self.lora_target_modules), "lora_target_modules", self.lora_target_modules, "names no layer")
+            check(
+                self.ema_decay is None,
+                "ema_decay",
+                self.ema_decay,
+                "must be null with lora_r > 0 (an average of the factors B and A is not the average of B·A)",
+            )
 
     @property
     def n_steps(self) -> int:

@@ -4,6 +4,12 @@
 vocabulary, prompts too long for the context) with an InputError naming the file, line
 and field, before anything is written. The returned `Run` holds the live training state
 and knows how to save and restore it (`<out_dir>/checkpoint`, via checkpoint.py).
+
+Under torchrun `open_run` joins the process group (rlhflab.distributed) and every rank
+holds the four models: the policy and the value model wrapped for training per
+train.parallel (DDP or FSDP2, `policy_train` / `value_train`), the reference and the
+reward model replicated. Checkpoints are then sharded; one made by N processes resumes
+on M (parallel.py has the rest).
 """
 
 from __future__ import annotations
@@ -11,17 +17,20 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from rlhflab import checkpoint, data
+from rlhflab import adapters, checkpoint, data, distributed
 from rlhflab.config import flat_dict
+from rlhflab.distributed import SINGLE, Dist
 from rlhflab.errors import InputError
-from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
+from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_values
 from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
+from rlhflab.stages.ppo.parallel import check_parallel
 from rlhflab.text import encode_query, pad_right
 from rlhflab.training import NonFiniteGuard, check_resumable, fast_kernels, resolve_device
 
@@ -36,6 +45,9 @@ RESUME_FREE = {
     "world",
     "val_prompts",
     "run.device",
+    "run.report_to",
+    "train.parallel",
+    "train.gradient_checkpointing",
     "resume",
     "out_dir",
 }
@@ -81,6 +93,10 @@ class Run:
     optimizer: torch.optim.Optimizer = None
     kl_ctl: FixedKLController = None
     guard: NonFiniteGuard = field(default_factory=lambda: NonFiniteGuard(5, "ppo"))
+    lora: adapters.LoRA | None = None  # peft's wrappers of policy and value_model; None: full fine-tuning
+    dist: Dist = SINGLE  # this process among torchrun's (one process: SINGLE)
+    policy_train: torch.nn.Module = None  # π_θ to train through: DDP(policy), or policy itself (FSDP, one process)
+    value_train: torch.nn.Module = None  # (ids, mask) -> V per token (B, T), through DDP/FSDP's root forward
 
     @property
     def pad_id(self) -> int:
@@ -112,6 +128,8 @@ class Run:
 
     def _modules(self) -> dict:
         mods = {"policy": self.policy, "value": self.value_model}
+        if self.lora is not None:  # the adapters and the value head: the frozen rest is on disk already
+            mods = {name: adapters.trainable(model) for name, model in mods.items()}
         if self.ema is not None:
             mods["ema"] = self.ema
         return mods
@@ -125,18 +143,22 @@ class Run:
             "skipped": self.guard.skipped,
             "config": _trajectory_config(self.config),
         }
-        checkpoint.save_checkpoint(self.config.out_dir, self._modules(), {"optimizer": self.optimizer}, state)
+        modules, optimizers = self._modules(), {"optimizer": self.optimizer}
+        checkpoint.save_checkpoint(self.config.out_dir, modules, optimizers, state, self.dist)
 
     def restore_or_start(self) -> int:
-        """Load <out_dir>/checkpoint if resuming; return the step it ends at (0: fresh)."""
+        """Load <out_dir>/checkpoint if resuming; return the step it ends at (0: fresh).
+        Every rank calls it; a checkpoint of any number of processes loads."""
         out = Path(self.config.out_dir)
-        if not checkpoint.has_checkpoint(out):
+        if not checkpoint.has_checkpoint(out, self.dist):
             return 0
         if not self.config.resume:
-            shutil.rmtree(out / checkpoint.CHECKPOINT)
+            if self.dist.is_main:
+                shutil.rmtree(out / checkpoint.CHECKPOINT)
+            self.dist.barrier()
             return 0
         _check_resumable(self.config, out)
-        state = checkpoint.load_checkpoint(out, self._modules(), {"optimizer": self.optimizer})
+        state = checkpoint.load_checkpoint(out, self._modules(), {"optimizer": self.optimizer}, self.dist)
         self.prompt_stream.position = state["prompt_position"]
         if self.ptx_stream is not None:
             self.ptx_stream.position = state["ptx_position"]
@@ -162,8 +184,11 @@ def _check_resumable(config, out: Path) -> None:
 
 
 def open_run(config) -> Run:
-    """Validate all inputs and load everything; nothing is written."""
-    prompts = data.read_prompts(config.prompts)
+    """Validate all inputs and load everything; nothing is written. Under torchrun: this
+    rank's Run (the process group joined, what W processes cannot run refused first)."""
+    dist = distributed.setup(resolve_device(config.run.device))
+    check_parallel(config, dist)
+    data.read_prompts(config.prompts)  # every data file is checked before a model loads
     val_prompts = data.read_prompts(config.val_prompts) if config.val_prompts else []
     texts = data.read_texts(config.ptx_data) if config.ptx_data else None
     if config.world and not Path(config.world).is_dir():
@@ -187,17 +212,20 @@ def open_run(config) -> Run:
         (c for m in (policy, reward_model, value_model) if (c := context_length(m.config)) is not None),
         default=None,
     )
-    queries = _encode_prompts(tok, prompts, config.prompts, context, config.max_new_tokens)
-    val_queries = (
-        _encode_prompts(tok, val_prompts, config.val_prompts, context, config.max_new_tokens) if val_prompts else []
-    )
+    queries = _encode_prompts(tok, config.prompts, context, config.max_new_tokens)
+    val_queries = _encode_prompts(tok, config.val_prompts, context, config.max_new_tokens) if val_prompts else []
     ptx = _encode_texts(tok, texts, context_length(policy.config)) if texts is not None else None
-    return _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx)
+    return _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx, dist)
 
 
-def _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx) -> Run:
-    device = resolve_device(config.run.device)
-    ref_policy = copy.deepcopy(policy)
+def _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx, dist: Dist = SINGLE) -> Run:
+    device = dist.device
+    lora = None
+    if config.lora_r:  # adapters on π and V; π_SFT is π's own base with them off: no copy
+        lora = adapters.add_lora(policy, value_model, config.lora_r, config.lora_alpha, config.lora_target_modules)
+        ref_policy = adapters.Reference(lora.policy)
+    else:
+        ref_policy = copy.deepcopy(policy)
     ema = copy.deepcopy(policy) if config.ema_decay is not None else None
     for frozen in (ref_policy, reward_model, ema):  # π_SFT and r_θ never change (§3.5)
         if frozen is not None:
@@ -206,6 +234,9 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
         if model is not None:
             model.to(device).eval()  # dropout off everywhere, trained models included
             fast_kernels(model, device, config.train.precision)
+    if config.train.gradient_checkpointing:  # activations recomputed in the backward
+        for model in (policy, value_model):
+            adapters.checkpoint_activations(model, eval_mode=True)
     run = Run(
         config,
         device,
@@ -220,8 +251,16 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
         ptx,
         Stream(len(queries), config.run.seed),
         Stream(len(ptx), config.run.seed + 1) if ptx is not None else None,
+        guard=NonFiniteGuard(5, "ppo", dist),
+        lora=lora,
+        dist=dist,
+        # Trained through DDP (or FSDP2, which shards policy and value_model in place); the
+        # value function through a root forward DDP and FSDP see (distributed.Forward).
+        policy_train=distributed.wrap(policy, config.train.parallel, dist),
+        value_train=distributed.wrap(value_model, config.train.parallel, dist, forward=token_values),
     )
-    # Adam with β2 = 0.95 as in App. C (eps as lm-human-preferences).
+    # Adam with β2 = 0.95 as in App. C (eps as lm-human-preferences); built over the
+    # parameters FSDP leaves (its shards).
     run.optimizer = torch.optim.Adam(run.trainable, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-5)
     run.kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
@@ -232,20 +271,33 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
 
 
 def _load_reward_model(path: str, key: str):
-    """The RM must be a trained scalar model: an LM directory would get a random head."""
+    """The RM must be a trained one-label sequence-classification model with a `score` head:
+    an LM directory would get a random head. Any such directory loads: rlhflab's own, or one
+    another tool saved with `save_pretrained` (its bias, if any, is in its weights)."""
     cfg_path = Path(path) / "config.json"
     if cfg_path.is_file():
         try:
-            archs = json.loads(cfg_path.read_text()).get("architectures") or []
+            cfg = json.loads(cfg_path.read_text())
         except ValueError:
             raise InputError("config.json is not valid JSON", file=str(cfg_path)) from None
+        archs = cfg.get("architectures") or []
         if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
             raise InputError(
                 f"not a reward model (architectures: {', '.join(archs)}); train one with `rlhflab rm`",
                 file=str(path),
                 field=key,
             )
-    return load_reward_model(path)
+        labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels") or 1
+        if labels != 1:
+            raise InputError(
+                f"a classifier with {labels} labels, not a reward model (one scalar output)", file=str(path), field=key
+            )
+    model = load_reward_model(path)
+    if not isinstance(getattr(model, "score", None), torch.nn.Linear):
+        raise InputError(
+            f"{type(model).__name__} has no `score` head, which rlhflab reads as the reward", file=str(path), field=key
+        )
+    return model
 
 
 def _check_vocab(tok, model, path: str, key: str) -> None:
@@ -262,13 +314,23 @@ def _check_vocab(tok, model, path: str, key: str) -> None:
                 file=str(path),
                 field=key,
             )
+    if key == "reward_model" and tok.eos_token_id is not None and model.config.pad_token_id == tok.eos_token_id:
+        # transformers pools at the last token != pad_token_id, so such an RM was likely
+        # trained, and scores elsewhere, at the token before the eos; rlhflab reads the eos.
+        warnings.warn(
+            f"{path}: the reward model's pad_token_id is the eos id: plain transformers scores it at the "
+            "token before a response's eos, rlhflab at the eos itself, so the two give different scores",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
-def _encode_prompts(tok, prompts: list[str], path: str, context: int | None, max_new: int) -> list[list[int]]:
-    lines = [n for n, _ in data.iter_jsonl(path)]
+def _encode_prompts(tok, path: str, context: int | None, max_new: int) -> list[list[int]]:
+    """Query ids of every prompt (a conversation with its generation prompt), each checked
+    to leave room for max_new_tokens in the context."""
     out = []
-    for line, prompt in zip(lines, prompts):
-        q = encode_query(tok, prompt)
+    for line, prompt in data.read_prompt_rows(path):
+        q = encode_query(tok, prompt, dict(file=str(path), line=line, field="prompt"))
         if context is not None and len(q) + max_new > context:
             raise InputError(
                 f"{len(q)} tokens + max_new_tokens {max_new} exceed the model context of {context}",

@@ -9,6 +9,10 @@ One PPO step (`ppo_step`) reads top to bottom:
   1. sample queries        4. score (reward model)        7. update the KL controller
   2. respond (KV cache)     5. KL-shaped rewards, GAE      8. log
   3. old and ref logprobs  6. PPO epochs over minibatches (+ptx)
+
+Under torchrun every rank runs the same step on the episodes it holds of the global
+batch, and every statistic is global (parallel.py says how, and why the maths stays the
+1-process run's).
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
-from rlhflab.generation import sample
+from rlhflab.distributed import Forward, unwrap
+from rlhflab.generation import Generation, sample
 from rlhflab.models import (
     entropy_from_logits,
     keep_last,
@@ -27,6 +33,7 @@ from rlhflab.models import (
     token_values,
 )
 from rlhflab.stages.ppo import core as ppo_core
+from rlhflab.stages.ppo import parallel
 from rlhflab.stages.ppo.config import PPOConfig
 from rlhflab.stages.ppo.core import (
     gae,
@@ -35,7 +42,6 @@ from rlhflab.stages.ppo.core import (
     masked_mean,
     policy_loss,
     value_loss,
-    whiten,
 )
 from rlhflab.stages.ppo.run import Run
 from rlhflab.text import pad_left
@@ -53,9 +59,11 @@ class Rollout:
     values: torch.Tensor  # (B, R)   V_old(s), the value before each response token
     advantages: torch.Tensor  # (B, R)   whitened GAE advantages
     returns: torch.Tensor  # (B, R)   advantages + values (before whitening)
+    episodes: torch.Tensor | None = None  # (B,) each row's index in the step's global batch
 
     def select(self, idx: torch.Tensor) -> Rollout:
-        return Rollout(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: v[idx] if v is not None else None for k, v in parts.items()})
 
 
 # --------------------------------------------------------------------------- forwards
@@ -72,15 +80,22 @@ def policy_logprobs(policy, query_responses, attention_mask, R: int, temperature
         attention_mask=attention_mask,
         position_ids=position_ids(attention_mask),
         use_cache=False,
-        **keep_last(policy, R + 1),
+        **keep_last(unwrap(policy), R + 1),
     )
     logits = out.logits[:, -R - 1 : -1]  # position t predicts response token t
     return token_logprobs(logits, query_responses[:, -R:], temperature), logits
 
 
 def response_values(value_model, query_responses, attention_mask, R: int) -> torch.Tensor:
-    """V(s_t) at the state before each response token.  (B, R)"""
-    return token_values(value_model, query_responses, attention_mask)[:, -R - 1 : -1]
+    """V(s_t) at the state before each response token.  (B, R)
+
+    `value_model`: the model itself, or the Run's `value_train` (token_values through the
+    root forward of distributed.wrap: DDP's or FSDP's)."""
+    if isinstance(value_model, (Forward, DistributedDataParallel)):
+        values = value_model(query_responses, attention_mask)
+    else:
+        values = token_values(value_model, query_responses, attention_mask)
+    return values[:, -R - 1 : -1]
 
 
 def score(reward_model, query_responses, attention_mask) -> torch.Tensor:
@@ -98,12 +113,13 @@ class TrainForward:
 
 
 def train_forward(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor) -> TrainForward:
-    """log π and V of a minibatch from the models being trained (gradients kept)."""
+    """log π and V of a minibatch from the models being trained (gradients kept), through
+    their DDP / FSDP wrappers."""
     cfg, R = run.config, mask.shape[1]
-    logprobs, logits = policy_logprobs(run.policy, qr, am, R, cfg.temperature)
+    logprobs, logits = policy_logprobs(run.policy_train, qr, am, R, cfg.temperature)
     with torch.no_grad():
         entropy = masked_mean(entropy_from_logits(logits, cfg.temperature), mask, dim=1)
-    return TrainForward(logprobs, response_values(run.value_model, qr, am, R), entropy)
+    return TrainForward(logprobs, response_values(run.value_train, qr, am, R), entropy)
 
 
 @torch.no_grad()
@@ -115,18 +131,22 @@ def _rollout_forwards(
     The rows `first` (the update's first minibatch) take their old logprobs and values from
     `head`, that minibatch's own training forward: same parameters, same rows, so it need not
     run twice. The other rows go through the same function in chunks of the minibatch size,
-    so with lr = 0 the PPO ratio is exactly 1 on every minibatch.
+    so with lr = 0 the PPO ratio is exactly 1 on every minibatch. `first` may be empty
+    (under torchrun: none of that minibatch is this rank's; `head` is then a stand-in's).
     """
     cfg, R, B = run.config, mask.shape[1], qr.shape[0]
     rest = torch.ones(B, dtype=torch.bool, device=qr.device)
     rest[first] = False
     rest = rest.nonzero().squeeze(1)
-    rows, parts = [first], [(head.logprobs.detach(), head.values.detach(), head.entropy)]
-    for i in range(0, rest.shape[0], cfg.minibatch_size):
-        idx = rest[i : i + cfg.minibatch_size]
-        f = train_forward(run, qr[idx], am[idx], mask[idx])
-        rows.append(idx)
-        parts.append((f.logprobs, f.values, f.entropy))
+    rows, parts = [], []
+    if first.numel():
+        rows, parts = [first], [(head.logprobs.detach(), head.values.detach(), head.entropy)]
+    with parallel.gathered(run.policy_train, run.value_train):  # FSDP: local forwards, any number per rank
+        for i in range(0, rest.shape[0], cfg.minibatch_size):
+            idx = rest[i : i + cfg.minibatch_size]
+            f = train_forward(run, qr[idx], am[idx], mask[idx])
+            rows.append(idx)
+            parts.append((f.logprobs, f.values, f.entropy))
     order = torch.empty(B, dtype=torch.long, device=qr.device)
     order[torch.cat(rows)] = torch.arange(B, device=qr.device)  # back to the batch's row order
     out = {k: torch.cat(v)[order] for k, v in zip(("logprobs", "values", "entropy"), zip(*parts))}
@@ -148,78 +168,133 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
     caches each weight's bf16 copy until its context exits, so a context spanning an
     optimizer step would feed the next minibatch the weights from before it.
     """
-    cfg, timer = run.config, PhaseTimer(run.device)
-    gen = torch.Generator(device=run.device).manual_seed(_step_seed(cfg.run.seed, step))
+    cfg, timer, dist = run.config, PhaseTimer(run.device), run.dist
 
-    # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5)
+    # 1. sample queries (a contextual bandit: each episode is one prompt, §3.5); every rank
+    # draws the same global batch and keeps its chunks of it
     queries = [run.queries[i] for i in run.prompt_stream.take(cfg.batch_size)]
     # 2. respond, batched with the KV cache
     with timer("generate"), autocast(run.device, cfg.train.precision):
-        g = sample(
-            run.policy,
-            queries,
-            pad_id=run.pad_id,
-            eos_id=run.eos_id,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            generator=gen,
-            force_length=cfg.force_length,
-        )
+        episodes, g = respond(run, queries, step)
+    queries = [queries[i] for i in episodes.tolist()]
     orders = _minibatch_orders(cfg, step, g.mask.device)
+    where = parallel.positions(episodes, cfg.batch_size)
+    tokens = parallel.global_lengths(g.mask, episodes, cfg.batch_size, dist)
     with timer("score"), autocast(run.device, cfg.train.precision):
-        qr, am = _join(run, queries, g)
+        qr, am = _join(run, queries, g, dist.max(max(map(len, queries))))
         # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
         # update's first minibatch runs its training forward now and keeps it: its output
         # at these parameters is the old logprobs and values of those rows.
-        first = orders[0][: cfg.minibatch_size]
+        first, first_scale = parallel.part(orders[0][: cfg.minibatch_size], where, tokens, dist)
         head = train_forward(run, qr[first], am[first], g.mask[first])
-        fw = _rollout_forwards(run, qr, am, g.mask, first, head)
+        fw = _rollout_forwards(run, qr, am, g.mask, first if first_scale > 0 else first[:0], head)
         scores = fw["scores"] + cfg.no_eos_penalty * (~g.ended).float()  # an offset, not in §3.5
-        # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → whitened advantages
+        # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → advantages whitened over the global batch
         rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask, run.kl_ctl.value)
         advantages, returns = gae(rewards, fw["values"], g.mask, cfg.gamma, cfg.lam)
-        rollout = Rollout(qr, am, g.mask, fw["logprobs"], fw["values"], whiten(advantages, g.mask), returns)
+        whitened = parallel.whiten(advantages, g.mask, dist)
+        rollout = Rollout(qr, am, g.mask, fw["logprobs"], fw["values"], whitened, returns, episodes)
     # 6. PPO epochs over minibatches, the ptx term in the same loss (PPO-ptx)
     with timer("update"):
-        finite = run.guard.check(rewards.sum() + rollout.advantages.sum())
+        finite = run.guard.check(rewards.sum() + rollout.advantages.sum())  # on every rank's
         train_stats = ppo_epochs(run, rollout, step, orders, head) if finite else {"ppo/skipped": 1.0}
     del head  # its graph, when the step was skipped
-    # 7. update the KL controller (a no-op for fixed β)
+    # 7. update the KL controller (a no-op for fixed β) with the global batch's mean KL
     kl_coef = run.kl_ctl.value
+    metrics = _rollout_metrics(g, fw, scores, kl, kl_coef, rollout, dist)
     if finite:
-        run.kl_ctl.update(float(kl.sum(1).mean()), cfg.batch_size)
+        run.kl_ctl.update(metrics["objective/kl"], cfg.batch_size)
     # 8. log
     return {
         "step": step,
         "episodes": step * cfg.batch_size,
         "lr": _lr(cfg, step),
-        **_rollout_metrics(g, fw, scores, kl, kl_coef, rollout),
+        **metrics,
         **train_stats,
-        **timer.metrics(cfg.batch_size, int(g.mask.sum())),
+        **_time_metrics(timer, cfg.batch_size, float(tokens.sum()), dist),
     }
 
 
-def _join(run: Run, queries: list[list[int]], g) -> tuple[torch.Tensor, torch.Tensor]:
-    """query_responses (B, Q+R): left-padded queries, then responses; and their mask."""
+def respond(run: Run, queries: list[list[int]], step: int) -> tuple[torch.Tensor, Generation]:
+    """Sample this rank's chunks of the global batch (parallel.py): each chunk in one call,
+    with the generator of (run.seed, step, chunk). Returns (the episodes' indices in the
+    batch (B_r,), their Generation, every part padded to the longest response of any rank).
+    """
+    cfg, dist = run.config, run.dist
+    size = parallel.chunk_size(cfg, dist)
+    seed, parts, episodes = _step_seed(cfg.run.seed, step), [], []
+    with parallel.gathered(run.policy_train):  # FSDP: decoding steps differ between ranks
+        for c in parallel.my_chunks(cfg.batch_size // size, dist):
+            gen = torch.Generator(device=run.device).manual_seed(parallel.chunk_seed(seed, c))
+            rows = list(range(c * size, (c + 1) * size))
+            parts.append(
+                sample(
+                    run.policy,
+                    [queries[i] for i in rows],
+                    pad_id=run.pad_id,
+                    eos_id=run.eos_id,
+                    max_new_tokens=cfg.max_new_tokens,
+                    temperature=cfg.temperature,
+                    generator=gen,
+                    force_length=cfg.force_length,
+                )
+            )
+            episodes += rows
+    R = dist.max(max(p.mask.shape[1] for p in parts))
+
+    def cat(name: str, fill) -> torch.Tensor:
+        xs = [getattr(p, name) for p in parts]
+        return torch.cat([torch.nn.functional.pad(x, (0, R - x.shape[1]), value=fill) for x in xs])
+
+    ended = torch.cat([p.ended for p in parts])
+    g = Generation(cat("responses", run.pad_id), cat("logprobs", 0.0), cat("mask", 0), ended)
+    return torch.tensor(episodes, device=g.mask.device), g
+
+
+def _join(run: Run, queries: list[list[int]], g, Q: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """query_responses (B, Q+R): left-padded queries (to at least Q tokens: the longest of
+    any rank's), then responses; and their mask."""
     q_ids, q_mask = (t.to(run.device) for t in pad_left(queries, run.pad_id))
+    if Q > q_ids.shape[1]:
+        q_ids = torch.nn.functional.pad(q_ids, (Q - q_ids.shape[1], 0), value=run.pad_id)
+        q_mask = torch.nn.functional.pad(q_mask, (Q - q_mask.shape[1], 0), value=0)
     return torch.cat([q_ids, g.responses], 1), torch.cat([q_mask, g.mask], 1)
 
 
-def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout) -> dict[str, float]:
+def _rollout_metrics(g, fw, scores, kl, kl_coef: float, rollout: Rollout, dist) -> dict[str, float]:
+    """The rollout's metrics over the global batch: sums and counts over every rank's."""
     mask = rollout.mask
+    n, tokens = float(mask.shape[0]), float(mask.sum())
+    per_episode = {
+        "objective/rm_score": fw["scores"],  # r_θ alone
+        "objective/scores": scores,  # with the no-eos offset
+        "objective/kl": kl.sum(1),  # nats per response
+        "objective/non_score_reward": (-kl_coef * kl).sum(1),
+        "objective/entropy": fw["entropy"],  # nats per token
+        "response/length": mask.sum(1).float(),
+        "response/eos_rate": g.ended.float(),
+    }
+    sums = {k: float(v.sum()) for k, v in per_episode.items()}
+    counts = dict.fromkeys(sums, n)
+    for key, x in (("ppo/returns/mean", rollout.returns), ("ppo/val/mean", rollout.values)):
+        sums[key], counts[key] = float((x * mask).sum()), tokens
+    out = parallel.global_means(sums, counts, dist)
+    # log π at sampling vs in the training forward: ~1e-6 unless temperatures differ
+    gap = float(((g.logprobs - rollout.logprobs) * mask).abs().max())
+    out["ppo/policy/rollout_logprob_gap"] = parallel.global_max([gap], dist)[0]
+    return {"objective/kl_coef": kl_coef, **out}
+
+
+def _time_metrics(timer: PhaseTimer, episodes: int, tokens: float, dist) -> dict[str, float]:
+    """Phase times of the slowest rank; episodes and generated tokens of the global batch."""
+    names = sorted(timer.times)
+    slowest = dict(zip(names, parallel.global_max([timer.times[k] for k in names], dist)))
+    total = max(sum(slowest.values()), 1e-9)
     return {
-        "objective/rm_score": float(fw["scores"].mean()),  # r_θ alone
-        "objective/scores": float(scores.mean()),  # with the no-eos offset
-        "objective/kl": float(kl.sum(1).mean()),  # nats per response
-        "objective/kl_coef": kl_coef,
-        "objective/non_score_reward": float((-kl_coef * kl).sum(1).mean()),
-        "objective/entropy": float(fw["entropy"].mean()),  # nats per token
-        "ppo/returns/mean": float(masked_mean(rollout.returns, mask)),
-        "ppo/val/mean": float(masked_mean(rollout.values, mask)),
-        # log π at sampling vs in the training forward: ~1e-6 unless temperatures differ
-        "ppo/policy/rollout_logprob_gap": float(((g.logprobs - rollout.logprobs) * mask).abs().max()),
-        "response/length": float(mask.sum(1).float().mean()),
-        "response/eos_rate": float(g.ended.float().mean()),
+        **{f"time/{k}_s": v for k, v in slowest.items()},
+        "time/step_s": total,
+        "time/episodes_per_s": episodes / total,
+        "time/generated_tokens_per_s": tokens / max(slowest.get("generate", 0), 1e-9),
     }
 
 
@@ -234,30 +309,41 @@ def ppo_epochs(
 ) -> dict[str, float]:
     """ppo_epochs passes over the batch in shuffled minibatches; one optimizer step each.
 
-    `head`, when given, is the first minibatch's training forward, already run.
+    `orders` index the global batch; each rank trains on its part of every minibatch
+    (parallel.part). `head`, when given, is the first minibatch's training forward, already run.
     """
-    cfg = run.config
+    cfg, dist = run.config, run.dist
     _set_lr(run.optimizer, _lr(cfg, step))
-    B, stats = rollout.mask.shape[0], []
+    where = parallel.positions(rollout.episodes, cfg.batch_size)
+    tokens = parallel.global_lengths(rollout.mask, rollout.episodes, cfg.batch_size, dist)
+    stats = []
     for order in orders:
-        for i in range(0, B, cfg.minibatch_size):
-            mb = rollout.select(order[i : i + cfg.minibatch_size])
-            ptx = run.ptx_batch(cfg.minibatch_size) if run.ptx is not None else None
-            stats.append(train_minibatch(run, mb, ptx, head))
+        for i in range(0, cfg.batch_size, cfg.minibatch_size):
+            rows, scale = parallel.part(order[i : i + cfg.minibatch_size], where, tokens, dist)
+            ptx, ptx_scale = None, 1.0
+            if run.ptx is not None:  # every rank draws the same texts and trains on its share
+                ptx, ptx_scale = parallel.ptx_part(run.ptx_batch(cfg.minibatch_size), dist)
+            stats.append(train_minibatch(run, rollout.select(rows), ptx, head, (scale, ptx_scale)))
             head = None
-    return _reduce(stats)
+    return _reduce(parallel.global_minibatch_stats(stats, dist, cfg.vf_coef, cfg.ptx_coef))
 
 
-def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None) -> dict:
-    """loss → backward → (non-finite? skip) → clip → Adam step → EMA."""
+def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = None, scales=(1.0, 1.0)) -> dict:
+    """loss → backward → (non-finite? skip) → clip → Adam step → EMA.
+
+    `scales`: the factors on this rank's RL and ptx losses (parallel.part; 1 in one process).
+    """
     cfg, opt = run.config, run.optimizer
     with autocast(run.device, cfg.train.precision):  # its own: bf16 weights as the last step left them
-        loss, stats = minibatch_loss(run.policy, run.value_model, mb, ptx, cfg, forward)
+        loss, stats = minibatch_loss(run.policy_train, run.value_train, mb, ptx, cfg, forward, scales)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     norms = [_grad_norm(params, cfg.train.max_grad_norm) for params in (run.policy_params, run.value_params)]
     stats.update({"ppo/policy/grad_norm": norms[0], "ppo/val/grad_norm": norms[1]})
-    if not run.guard.ok(torch.stack([loss.detach(), *norms]), []):  # one sync, not one per tensor
+    stats.update(_tokens=float(mb.mask.sum()) if scales[0] > 0 else 0.0)
+    if ptx is not None:
+        stats.update(_ptx_tokens=float(ptx[1][:, 1:].sum()) if scales[1] > 0 else 0.0)
+    if not run.guard.ok(torch.stack([stats["ppo/loss/total"], *norms]), []):  # one sync, not one per tensor
         opt.zero_grad(set_to_none=True)
         return {"skipped": True}  # its stats may be NaN: keep them out of the step's means
     opt.step()
@@ -269,15 +355,19 @@ def train_minibatch(run: Run, mb: Rollout, ptx, forward: TrainForward | None = N
 def _grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """Total gradient norm (non-finite if any gradient is); clipped to max_norm when set."""
     if max_norm is not None:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        return parallel.norm_value(torch.nn.utils.clip_grad_norm_(params, max_norm).detach())
+    return parallel.norm_value(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
-def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig, forward: TrainForward | None = None):
+def minibatch_loss(
+    policy, value_model, mb: Rollout, ptx, cfg: PPOConfig, forward: TrainForward | None = None, scales=(1.0, 1.0)
+):
     """pg_loss + vf_coef·vf_loss + γ·ptx_nll: one loss, one backward, one step (§3.5 eq. 2).
 
     `ptx` is (input_ids, attention_mask) of pretraining texts, or None for plain PPO;
-    `forward` the minibatch's training forward when it has already run.
+    `forward` the minibatch's training forward when it has already run. Under torchrun
+    the loss to backward is scales[0]·(RL part) + scales[1]·(ptx part) of this rank's
+    share (parallel.part); stats["ppo/loss/total"] is the unscaled sum.
     """
     R = mb.mask.shape[1]
     if forward is not None:
@@ -287,7 +377,8 @@ def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig, forwar
         values = response_values(value_model, mb.query_responses, mb.attention_mask, R)
     pg_loss, pg = policy_loss(logprobs, mb.logprobs, mb.advantages, mb.mask, cfg.clip_range)
     vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.mask, cfg.value_clip_range)
-    loss = pg_loss + cfg.vf_coef * vf_loss
+    total = pg_loss + cfg.vf_coef * vf_loss
+    loss = total * scales[0]  # × 1.0 in one process: exact
     stats = {
         "ppo/loss/policy": pg_loss.detach(),
         "ppo/loss/value": vf_loss.detach(),
@@ -296,9 +387,10 @@ def minibatch_loss(policy, value_model, mb: Rollout, ptx, cfg: PPOConfig, forwar
     }
     if ptx is not None:
         ptx_loss = ptx_nll(policy, *ptx)
-        loss = loss + cfg.ptx_coef * ptx_loss  # PPO-ptx: same loss, same step (App. C.4)
+        total = total + cfg.ptx_coef * ptx_loss  # PPO-ptx: same loss, same step (App. C.4)
+        loss = loss + cfg.ptx_coef * ptx_loss * scales[1]
         stats["ppo/loss/ptx"] = ptx_loss.detach()
-    stats["ppo/loss/total"] = loss.detach()
+    stats["ppo/loss/total"] = total.detach()
     return loss, stats
 
 
