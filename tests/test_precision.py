@@ -94,7 +94,8 @@ def test_auto_precision_needs_bf16_instructions_and_a_measured_gain(monkeypatch,
     finally:
         training._choose.cache_clear()
     assert choice.precision == expected
-    assert f"{speedup:.2f}x" in choice.reason and all(f in choice.reason for f in flags)
+    assert all(f in choice.reason for f in flags)
+    assert (f"{speedup:.2f}x" in choice.reason) == bool(flags)  # timed only where the flags are
 
 
 def test_matmul_speedup_is_measured_on_this_cpu():
