@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
 from transformers import AutoConfig
 
 from rlhflab import distributed
@@ -365,17 +365,14 @@ def _end_of_epoch(inp: _Inputs, config: SFTConfig, state: dict, epoch: int, devi
     best = state["best"]
     if key is not None and (best is None or sign * record[key] > sign * best[key]):
         state["best"] = record
-        if not dist.enabled:
-            with atomic_dir(out_dir / "best") as tmp:
-                save_model(inp.model, str(tmp / "model.safetensors"))
-        else:
-            _save_best(inp.model, out_dir, dist)
+        _save_best(inp.model, out_dir, dist)
     state["epochs"].append(record)
     return {f"sft/{k}": v for k, v in record.items()}
 
 
 def _save_best(model, out_dir: Path, dist) -> None:
-    """best/model.safetensors with the full weights, gathered by every rank, written by rank 0."""
+    """best/model.safetensors with the full weights (under FSDP gathered by every rank),
+    written by rank 0."""
     if not dist.is_main:
         distributed.save_weights(model, None, dist)  # its part of the gather
         return
