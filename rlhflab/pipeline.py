@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -142,6 +143,12 @@ class RunConfig:
     sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
     """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
     chart: gold and RM score against sqrt(KL). [] skips them."""
+    jobs: int = 0
+    """Stages run side by side at most, each in its own process (like make -j). 0: two on a CPU
+    with two or more cores, one on a GPU. At the lab's matrix sizes two one-thread processes
+    do more work than one two-thread process; stages that can run together (the two
+    pretrainings, the two SFTs, PPO, PPO-ptx and the β sweep) then get cores // jobs threads
+    each, and a stage that every other one waits for (world, RM, eval) all of them."""
     isolate_stages: bool = True
     """Run each stage in a fresh process (spawned; it re-imports torch, ~4 s). In one
     process the later stages ran slower than on their own (PPO 185 s against 137 s)."""
@@ -152,7 +159,47 @@ class RunConfig:
 
     def validate(self):
         check(self.seed >= 0, "seed", self.seed, "must be non-negative")
+        check(self.jobs >= 0, "jobs", self.jobs, "must be >= 0 (0: auto)")
         check(all(b >= 0 for b in self.sweep_betas), "sweep_betas", self.sweep_betas, "must be >= 0")
+
+
+@dataclass
+class Job:
+    """One stage of the run: `make()` gives (fn, args) when the stage starts (its inputs
+    exist by then), `needs` the stages whose directories it reads."""
+
+    name: str
+    make: Callable[[], tuple[Callable, tuple]]
+    needs: tuple[str, ...] = ()
+
+
+def _stage_child(conn, fn, args, threads: int | None, log: str | None) -> None:
+    """A stage in its own spawned process: its thread count, its output to `log` (when it
+    runs beside another stage), and its result or its own exception sent back."""
+    import os
+    import sys
+
+    if log is not None:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        fn(*args)
+        conn.send((True, None))
+    except BaseException as e:  # the parent raises it again, whole
+        try:
+            conn.send((False, e))
+        except Exception:  # an exception that does not pickle
+            conn.send((False, RuntimeError(f"{type(e).__name__}: {e}")))
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 class Pipeline:
@@ -161,9 +208,10 @@ class Pipeline:
 
         self.cfg, self.root = cfg, Path(cfg.out_dir)
         self.timings: dict[str, float] = {}
+        self.device = resolve_device("auto")
         self.precision, self.precision_reason = cfg.precision, "asked for"
         if cfg.precision == "auto":
-            choice = choose_precision(resolve_device("auto"))
+            choice = choose_precision(self.device)
             self.precision, self.precision_reason = choice.precision, choice.reason
 
     def _seeded(self, cfg):
@@ -173,43 +221,48 @@ class Pipeline:
             cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=self.precision))
         return cfg
 
-    def stage(self, name: str, fn, *args) -> dict:
-        """Run `fn(*args)` unless `<root>/<name>/summary.json` says the stage already finished.
+    # ------------------------------------------------------------------ the stages
 
-        Each stage runs in a fresh process (`isolate_stages`): run one after another in one
-        process, the later stages slowed down (PPO 185 s against 137 s in a process of its own), and the
-        stages hand off through their directories only anyway (docs/design.md §2).
-        """
-        done = self.root / name / "summary.json"
-        if done.is_file():
-            print(f"[run] {name}: done already, skipped")
-            return json.loads(done.read_text())
-        print(f"[run] {name} ...", flush=True)
-        t0 = time.time()
-        if self.cfg.isolate_stages:
-            from rlhflab.training import in_fresh_process
+    def jobs(self) -> list[Job]:
+        """Every stage with what it reads, longest first among those that can run together."""
+        root, world = self.root, self.root / "world"
+        rm = root / "rm" / "model"
+        out = [Job("world", lambda: self._world(world))]
+        for size in ("large", "small"):  # the large one is the longer
+            out.append(Job(f"pretrain-{size}", lambda s=size: self._pretrain(s, world), ("world",)))
+        for size in ("large", "small"):
+            out.append(Job(f"sft-{size}", lambda s=size: self._sft(s, world), (f"pretrain-{size}",)))
+        out.append(Job("comparisons", lambda: self._comparisons(world), ("sft-small",)))
+        out.append(Job("rm", lambda: self._rm(world), (f"sft-{self.cfg.rm_base}", "comparisons")))
+        rl = ("rm", "sft-small")
+        out.append(Job("ppo-small", lambda: self._ppo("ppo-small", self.cfg.ppo, world, rm, False), rl))
+        out.append(Job("ppoptx-small", lambda: self._ppo("ppoptx-small", self.cfg.ppo_ptx, world, rm, True), rl))
+        for beta in self.cfg.sweep_betas:
+            name, cfg = f"sweep/beta-{beta:g}", dataclasses.replace(self.cfg.ppo, kl_coef=beta)
+            out.append(Job(name, lambda n=name, c=cfg: self._ppo(n, c, world, rm, False), rl))
+        out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
+        out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
+        return out
 
-            in_fresh_process(fn, *args)  # the stage's own error is raised again here
-        else:
-            fn(*args)
-        self.timings[name] = round(time.time() - t0, 1)
-        print(f"[run] {name}: finished in {self.timings[name]:.0f}s", flush=True)
-        return json.loads(done.read_text())
+    def models(self) -> dict[str, Path]:
+        """The evaluated models by name (the paper's GPT, SFT, PPO, PPO-ptx)."""
+        models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}
+        models.update({f"SFT-{s}": self.root / f"sft-{s}" / "model" for s in SIZES})
+        models["PPO-small"] = self.root / "ppo-small" / "policy"
+        models["PPO-ptx-small"] = self.root / "ppoptx-small" / "policy"
+        return models
 
-    def world(self) -> Path:
+    def _world(self, path: Path):
         from rlhflab.world.build import build
 
-        path = self.root / "world"
-        self.stage("world", build, path, self.cfg.seed, self.cfg.scale)
-        return path
+        return build, (path, self.cfg.seed, self.cfg.scale)
 
-    def pretrain(self, size: str, world: Path) -> dict:
+    def _pretrain(self, size: str, world: Path):
         base: PretrainConfig = getattr(self.cfg, f"pretrain_{size}")
         cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"), size=size)
-        cfg = self._seeded(cfg)
-        return self.stage(f"pretrain-{size}", pretrain, cfg)
+        return pretrain, (self._seeded(cfg),)
 
-    def sft(self, size: str, world: Path) -> Path:
+    def _sft(self, size: str, world: Path):
         from rlhflab.stages.sft import train
 
         cfg = dataclasses.replace(
@@ -219,28 +272,18 @@ class Pipeline:
             val_data=str(world / "sft_val.jsonl"),
             out_dir=str(self.root / f"sft-{size}"),
         )
-        cfg = self._seeded(cfg)
-        self.stage(f"sft-{size}", train, cfg)
-        return self.root / f"sft-{size}" / "model"
+        return train, (self._seeded(cfg),)
 
-    def comparisons(self, world: Path) -> Path:
+    def _comparisons(self, world: Path):
         from rlhflab.stages.comparisons import build
 
         out = self.root / "comparisons"
-        self.stage(
-            "comparisons",
-            build,
-            world,
-            self.root / "sft-small" / "model",
-            out,
-            self.cfg.comparisons,
-            self.cfg.seed,
-        )
-        return out
+        return build, (world, self.root / "sft-small" / "model", out, self.cfg.comparisons, self.cfg.seed)
 
-    def rm(self, world: Path, comparisons: Path) -> Path:
+    def _rm(self, world: Path):
         from rlhflab.stages.rm import train
 
+        comparisons = self.root / "comparisons"
         cfg = dataclasses.replace(
             self.cfg.rm,
             base=str(self.root / f"sft-{self.cfg.rm_base}" / "model"),
@@ -249,25 +292,21 @@ class Pipeline:
             demos=str(world / "sft_train.jsonl"),
             out_dir=str(self.root / "rm"),
         )
-        cfg = self._seeded(cfg)
-        self.stage("rm", train, cfg)
+        return train, (self._seeded(cfg),)
+
+    def _rm_eval(self, world: Path):
         from rlhflab.eval.rm_report import rm_report
 
-        self.stage(
-            "rm-eval",
-            rm_report,
+        c = self.root / "comparisons"
+        return rm_report, (
             world,
             self.root / "rm" / "model",
             self.root / "rm-eval",
-            comparisons / "val.jsonl",
-            comparisons / "heldout.jsonl",
+            c / "val.jsonl",
+            c / "heldout.jsonl",
         )
-        return self.root / "rm" / "model"
 
-    def ppo(self, name: str, world: Path, rm: Path, ptx: bool) -> Path:
-        return self._ppo(name, self.cfg.ppo_ptx if ptx else self.cfg.ppo, world, rm, ptx)
-
-    def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool) -> Path:
+    def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool):
         from rlhflab.stages.ppo import train
 
         cfg = dataclasses.replace(
@@ -280,19 +319,12 @@ class Pipeline:
             world=str(world),
             out_dir=str(self.root / name),
         )
-        cfg = self._seeded(cfg)
-        self.stage(name, train, cfg)
-        return self.root / name / "policy"
+        return train, (self._seeded(cfg),)
 
-    def sweep(self, world: Path, rm: Path) -> None:
-        """PPO again at each β of sweep_betas, for the over-optimization chart (Gao et al. 2022)."""
-        for beta in self.cfg.sweep_betas:
-            name = f"sweep/beta-{beta:g}"
-            self._ppo(name, dataclasses.replace(self.cfg.ppo, kl_coef=beta), world, rm, ptx=False)
-
-    def evaluate(self, world: Path, models: dict[str, Path], rm: Path) -> dict:
+    def _evaluate(self, world: Path, rm: Path):
         from rlhflab.eval.evaluate import evaluate
 
+        models = self.models()
         runs = ["ppo-small", "ppoptx-small"] + [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
         cfg = dataclasses.replace(
@@ -308,28 +340,169 @@ class Pipeline:
         )
         cfg = self._seeded(cfg)
         validate(cfg)
-        return self.stage("eval", evaluate, cfg)
+        return evaluate, (cfg,)
+
+    # ------------------------------------------------------------------ running them
+
+    def lanes(self) -> int:
+        """How many stages run side by side (`jobs`; 0: two on a CPU of two or more cores,
+        one on a GPU, one when stages share this process)."""
+        if not self.cfg.isolate_stages:
+            return 1
+        if self.cfg.jobs:
+            return self.cfg.jobs
+        return 1 if self.device.type != "cpu" else min(2, _cores())
+
+    def stage(self, name: str, fn, *args) -> dict:
+        """Run `fn(*args)` unless `<root>/<name>/summary.json` says the stage already finished."""
+        self.schedule([Job(name, lambda: (fn, args))], lanes=1)
+        return json.loads((self.root / name / "summary.json").read_text())
+
+    def schedule(self, jobs: list[Job], lanes: int | None = None) -> None:
+        """Run every unfinished job once its `needs` have finished, at most `lanes` at once.
+
+        Each stage runs in a fresh spawned process (`isolate_stages`; the stages hand off
+        through their directories only, docs/design.md §2). A stage that can run beside
+        another (neither needs the other) gets cores // lanes threads and writes its output
+        to `<root>/logs/<name>.log`; a stage every other one waits for or follows gets all
+        cores and the terminal. The thread count depends on the graph only, never on
+        timing, so a run is deterministic for a given `jobs`. On a stage's error the
+        stages beside it are stopped (their checkpoints let a rerun resume) and the
+        error is raised again here, whole.
+        """
+        lanes = lanes or self.lanes()
+        done = set()
+        for j in jobs:
+            if (self.root / j.name / "summary.json").is_file():
+                print(f"[run] {j.name}: done already, skipped")
+                done.add(j.name)
+        pending = [j for j in jobs if j.name not in done]
+        if not self.cfg.isolate_stages:
+            for j in pending:
+                print(f"[run] {j.name} ...", flush=True)
+                t0 = time.time()
+                fn, args = j.make()
+                fn(*args)
+                self._finished(j.name, t0)
+            return
+        alone = _alone(jobs)
+        running: dict = {}  # connection -> (job, process, start time, log path)
+        last_beat = time.time()
+        try:
+            while pending or running:
+                for j in [j for j in pending if set(j.needs) <= done][: max(lanes - len(running), 0)]:
+                    pending.remove(j)
+                    running.update(self._launch(j, lanes == 1 or j.name in alone, lanes))
+                if not running:
+                    missing = {n for j in pending for n in j.needs} - done - {j.name for j in pending}
+                    raise RuntimeError(f"stages wait on stages that are not in the run: {sorted(missing)}")
+                import multiprocessing.connection
+
+                for conn in multiprocessing.connection.wait(list(running), timeout=60):
+                    job, proc, t0, log = running.pop(conn)
+                    try:
+                        ok, err = conn.recv()
+                    except EOFError:
+                        ok, err = False, None
+                    proc.join()
+                    if not ok:
+                        if err is None:
+                            where = f"; its output: {log}" if log else ""
+                            err = RuntimeError(f"stage {job.name} died (exit code {proc.exitcode}){where}")
+                        elif log:
+                            print(f"[run] {job.name} failed; its output: {log}", flush=True)
+                        raise err
+                    done.add(job.name)
+                    self._finished(job.name, t0)
+                if running and time.time() - last_beat >= 60:
+                    last_beat = time.time()
+                    print("[run] running: " + ", ".join(_status(*v) for v in running.values()), flush=True)
+        finally:
+            for _job, proc, _t0, _log in running.values():
+                proc.terminate()
+                proc.join()
+
+    def _launch(self, job: Job, alone: bool, lanes: int) -> dict:
+        import multiprocessing
+
+        fn, args = job.make()
+        threads = None if alone else max(1, _cores() // lanes)
+        log = None
+        if not alone:
+            log = self.root / "logs" / f"{job.name.replace('/', '-')}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+        ctx = multiprocessing.get_context("spawn")  # not fork: torch's OpenMP pool is not fork-safe
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_stage_child, args=(child, fn, args, threads, str(log) if log else None))
+        proc.start()
+        child.close()
+        where = f" ({threads} thread{'s' * (threads != 1)}, output in {log})" if log else ""
+        print(f"[run] {job.name} ...{where}", flush=True)
+        return {parent: (job, proc, time.time(), log)}
+
+    def _finished(self, name: str, t0: float) -> None:
+        self.timings[name] = round(time.time() - t0, 1)
+        print(f"[run] {name}: finished in {self.timings[name]:.0f}s", flush=True)
 
     def run(self) -> dict:
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
         print(f"[run] precision: {self.precision} ({self.precision_reason})", flush=True)
-        world = self.world()
-        results = {f"pretrain_{s}": self.pretrain(s, world) for s in SIZES}
-        models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}
-        models.update({f"SFT-{s}": self.sft(s, world) for s in SIZES})
-        rm = self.rm(world, self.comparisons(world))
-        models["PPO-small"] = self.ppo("ppo-small", world, rm, ptx=False)
-        models["PPO-ptx-small"] = self.ppo("ppoptx-small", world, rm, ptx=True)
-        self.sweep(world, rm)
-        results["eval"] = self.evaluate(world, models, rm)
+        lanes = self.lanes()
+        if lanes > 1:
+            print(f"[run] up to {lanes} stages side by side (jobs)", flush=True)
+        t0 = time.time()
+        self.schedule(self.jobs(), lanes)
         from rlhflab.report.sections import write_report
         from rlhflab.report.walkthrough import write_walkthrough
 
+        world, rm = self.root / "world", self.root / "rm" / "model"
         write_walkthrough(self.root, world, rm, self.root / "ppo-small", self.root / "sft-small" / "model")
         write_report(self.root, self.root / "report.html")
-        results["timings"] = self.timings
+        results = {f"pretrain_{s}": self._summary(f"pretrain-{s}") for s in SIZES}
+        results["eval"] = self._summary("eval")
+        results["timings"] = {**self.timings, "total": round(time.time() - t0, 1)}
         return results
+
+    def _summary(self, name: str) -> dict:
+        return json.loads((self.root / name / "summary.json").read_text())
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _alone(jobs: list[Job]) -> set[str]:
+    """Stages that no other stage can run beside: every other one is before or after them."""
+    needs = {j.name: set(j.needs) for j in jobs}
+
+    def before(name: str) -> set[str]:
+        out, todo = set(), list(needs.get(name, ()))
+        while todo:
+            n = todo.pop()
+            if n not in out:
+                out.add(n)
+                todo.extend(needs.get(n, ()))
+        return out
+
+    ancestors = {n: before(n) for n in needs}
+    return {n for n in needs if all(m == n or m in ancestors[n] or n in ancestors[m] for m in needs)}
+
+
+def _status(job: Job, proc, t0: float, log: Path | None) -> str:
+    """'ppo-small (3m 10s, 41%)': elapsed time and the last progress figure in its output."""
+    import re
+
+    s = int(time.time() - t0)
+    pct = ""
+    if log is not None and log.is_file():
+        with open(log, "rb") as f:
+            f.seek(max(log.stat().st_size - 4096, 0))
+            found = re.findall(rb"(\d+)%\|", f.read())
+        pct = f", {found[-1].decode()}%" if found else ""
+    return f"{job.name} ({s // 60}m {s % 60:02d}s{pct})"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -67,7 +67,8 @@ def cpu_bf16_flags() -> list[str]:
 
 def matmul_speedup(device: torch.device, rows: int = 2048, inner: int = 192, cols: int = 768, reps: int = 8) -> float:
     """fp32 time / bf16 time of one (rows × inner) @ (inner × cols) matmul, the shape of the
-    lab-large model's MLP over a training batch; the median of `reps` after a warm-up."""
+    lab-large model's MLP over a training batch; the median of `reps` after a warm-up, on
+    one thread (on a CPU)."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(rows, inner, device=device, generator=g)
     b = torch.randn(inner, cols, device=device, generator=g)
@@ -83,7 +84,14 @@ def matmul_speedup(device: torch.device, rows: int = 2048, inner: int = 192, col
                 times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2]
 
-    return median_time(a, b) / max(median_time(a.bfloat16(), b.bfloat16()), 1e-12)
+    # One thread: with every core's thread, a core that another process holds makes both
+    # timings wait at OpenMP barriers (1.0x measured that way on a busy AMX machine, 7.8x alone).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return median_time(a, b) / max(median_time(a.bfloat16(), b.bfloat16()), 1e-12)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,6 +144,22 @@ def shuffled_batch(n: int, batch_size: int, seed: int, epoch: int, b: int) -> li
     """Indices of batch b of an epoch over n examples: one seeded permutation per epoch, a
     pure function of (seed, epoch), so a resumed run reads the same order."""
     return list(_epoch_order(n, seed, epoch)[b * batch_size : (b + 1) * batch_size])
+
+
+def adam(params, decoupled: bool = True, **kwargs) -> torch.optim.Optimizer:
+    """AdamW (Adam with `decoupled=False`), fused into one kernel where every parameter is
+    a plain float tensor on a CPU or CUDA device: the same update to rounding, and on a CPU
+    (where torch's default is a loop over tensors) 3.4x and 4.8x faster a step for the lab's
+    small and large model (0.35 vs 1.19 ms, 1.6 vs 7.6 ms, one thread of an AMX Xeon).
+    FSDP's sharded parameters (DTensors) keep torch's default implementation."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(params)
+    fused = all(
+        not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point for p in params
+    )
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    return cls(params, fused=fused or None, **kwargs)
 
 
 def cosine_schedule(
@@ -370,7 +394,7 @@ def start_or_resume(model, config, total_steps: int, extra_state: dict | None = 
     best/ and metrics.jsonl (the others get a log that writes nothing), and a fresh run
     gives each rank its own RNG stream (dropout) from run.seed and the rank."""
     out_dir = Path(config.out_dir)
-    opt = torch.optim.AdamW(
+    opt = adam(
         model.parameters(), lr=config.train.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )  # App. C: Adam β = (0.9, 0.95)
     sched = cosine_schedule(opt, total_steps, config.warmup_steps, config.final_lr_ratio)

@@ -62,8 +62,60 @@ def test_tiny_bench_reports_every_figure(capsys):
 
     assert report["workload"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     check_side(report["rlhflab"], w, 3)
+    frac = report["rlhflab"]["fraction_of_limit"]
+    assert set(frac) == {"generate", "score", "update", "step"}
+    assert all(math.isfinite(v) and v > 0 for v in frac.values())
+    assert all(report["limit"]["phases"][p]["possible_s"] > 0 for p in ("generate", "score", "update"))
     text = bench.format_report(report)
     assert "episodes/s" in text and "update (s/step, share)" in text and "TRL" not in text
+    assert "update, of limit" in text and report["workload"]["precision_reason"] in text
+
+
+def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
+    """bench/limit.py's GEMM FLOPs of one forward (and forward + backward) equal what
+    torch's FlopCounterMode counts on a real GPT-2 of the workload's shape; its attention
+    FLOPs are the causal share of torch's full count."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhflab.bench.limit import _backward, _linears, attention_flops
+
+    w = bench.WORKLOADS["tiny"]
+    cfg = GPT2Config(
+        vocab_size=w.vocab_size,
+        n_positions=w.n_positions,
+        n_embd=w.n_embd,
+        n_layer=w.n_layer,
+        n_head=w.n_head,
+        attn_implementation="sdpa",
+    )
+    model = GPT2LMHeadModel(cfg)
+    B, T = 4, w.prompt_len + w.response_len
+    ids = torch.randint(0, w.vocab_size, (B, T))
+
+    def counted(backward: bool) -> dict:
+        with FlopCounterMode(display=False) as fc:
+            out = model(ids).logits
+            if backward:
+                out.float().sum().backward()
+        return {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+    def gemm(shapes) -> int:
+        return sum(2 * m * k * n for m, k, n in shapes)
+
+    blocks = w.n_layer * gemm(_linears(w, B * T))
+    head = gemm([(B * T, w.n_embd, w.vocab_size)])  # HF computes logits at every position
+    fwd = counted(False)
+    linear = sum(v for k, v in fwd.items() if "mm" in k and "bmm" not in k)
+    assert linear == blocks + head
+    sdpa = sum(v for k, v in fwd.items() if "attention" in k or "bmm" in k)  # per the attention kernel
+    assert sdpa > 0
+    causal = w.n_layer * attention_flops(w, "causal", B, T, T)
+    assert causal == pytest.approx(sdpa * (T + 1) / (2 * T))
+    both = counted(True)
+    linear_both = sum(v for k, v in both.items() if "mm" in k and "bmm" not in k)
+    backward = w.n_layer * gemm(_backward(_linears(w, B * T))) + gemm(_backward([(B * T, w.n_embd, w.vocab_size)]))
+    assert linear_both == blocks + head + backward
 
 
 def test_workload_shapes_are_the_documented_ones():

@@ -88,3 +88,74 @@ def test_a_stage_error_in_its_own_process_reaches_the_caller_whole(tmp_path):
     with pytest.raises(InputError) as err:
         pipe.stage("bad", read_prompts, bad)
     assert (err.value.file, err.value.line, err.value.field) == (str(bad), 2, "prompt")
+
+
+def _stage(out_dir: str, seconds: float, fail: bool = False) -> None:
+    """A stand-in stage: sleeps, then records when it ran and with how many threads."""
+    import time
+    from pathlib import Path
+
+    import torch
+
+    from rlhflab.errors import InputError
+
+    t0 = time.time()
+    time.sleep(seconds)
+    if fail:
+        raise InputError("bad row", file="x.jsonl", line=3, field="prompt")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    row = {"start": t0, "end": time.time(), "threads": torch.get_num_threads()}
+    (Path(out_dir) / "summary.json").write_text(json.dumps(row))
+
+
+def _jobs(root, seconds: dict, fail: str = ""):
+    from rlhflab.pipeline import Job
+
+    def job(name, *needs):
+        args = (str(root / name), seconds.get(name, 0.5), name == fail)
+        return Job(name, lambda: (_stage, args), needs)
+
+    return [job("a"), job("b", "a"), job("c", "a"), job("d", "b", "c")]
+
+
+def test_independent_stages_run_side_by_side_and_the_rest_wait(tmp_path, capsys):
+    """a -> (b, c) -> d at two lanes: b and c overlap, each with cores // 2 threads and its
+    output in logs/; a and d (every other stage is before or after them) get every core."""
+    import torch
+
+    from rlhflab.pipeline import Pipeline, RunConfig, _cores
+
+    pipe = Pipeline(RunConfig(out_dir=str(tmp_path)))
+    pipe.schedule(_jobs(tmp_path, {"b": 3.0, "c": 3.0}), lanes=2)
+    rows = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in "abcd"}
+    assert rows["b"]["start"] < rows["c"]["end"] and rows["c"]["start"] < rows["b"]["end"]
+    assert rows["b"]["start"] >= rows["a"]["end"] and rows["c"]["start"] >= rows["a"]["end"]
+    assert rows["d"]["start"] >= max(rows["b"]["end"], rows["c"]["end"])
+    assert rows["b"]["threads"] == rows["c"]["threads"] == max(1, _cores() // 2)
+    assert rows["a"]["threads"] == rows["d"]["threads"] == torch.get_num_threads()
+    assert (tmp_path / "logs" / "b.log").is_file() and not (tmp_path / "logs" / "a.log").exists()
+    out = capsys.readouterr().out
+    assert all(f"[run] {n}: finished" in out for n in "abcd")
+
+    # One lane: the same stages one after another, none beside another.
+    for n in "abcd":
+        (tmp_path / n / "summary.json").unlink()
+    pipe.schedule(_jobs(tmp_path, {}), lanes=1)
+    rows = [json.loads((tmp_path / n / "summary.json").read_text()) for n in "abcd"]
+    assert all(x["end"] <= y["start"] for x, y in zip(rows, rows[1:]))
+
+
+def test_a_failing_stage_stops_the_one_beside_it_and_its_error_reaches_the_caller(tmp_path):
+    import time
+
+    from rlhflab.errors import InputError
+    from rlhflab.pipeline import Pipeline, RunConfig
+
+    pipe = Pipeline(RunConfig(out_dir=str(tmp_path)))
+    t0 = time.time()
+    with pytest.raises(InputError) as err:
+        pipe.schedule(_jobs(tmp_path, {"b": 1.0, "c": 60.0}, fail="b"), lanes=2)
+    assert (err.value.file, err.value.line, err.value.field) == ("x.jsonl", 3, "prompt")
+    assert time.time() - t0 < 40  # c was stopped, not waited for
+    assert (tmp_path / "a" / "summary.json").is_file()
+    assert not (tmp_path / "c" / "summary.json").exists() and not (tmp_path / "d").exists()

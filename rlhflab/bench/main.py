@@ -45,6 +45,7 @@ from rlhflab.bench.common import (
     peak_memory,
     side_result,
 )
+from rlhflab.bench.limit import PHASES, fractions, measure_limit
 from rlhflab.errors import InputError
 from rlhflab.training import sync
 
@@ -227,7 +228,7 @@ def bench(
     if lora_r and importlib.util.find_spec("peft") is None:
         raise InputError("needs peft: pip install 'rlhflab[lora]'", field="lora-r")
     check_can_run(w, vs)
-    precision = resolve_precision(precision, w)
+    precision, precision_reason = resolve_precision(precision, w)
     sides = ["rlhflab"] + ([vs] if vs else [])
     report = {
         "workload": {
@@ -236,6 +237,7 @@ def bench(
             "policy_params": n_params(w),
             "ppo": PPO_SETTINGS,
             "precision": precision,
+            "precision_reason": precision_reason,
             "lora_r": lora_r,
             "gradient_checkpointing": gradient_checkpointing,
             "nproc": nproc,
@@ -260,6 +262,10 @@ def bench(
             options = dict(precision=precision, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
             report["nproc"] = measure_nproc(nproc, w, inputs, steps, dict(options, parallel=parallel), Path(root))
             report["nproc"]["speedup"] = report["nproc"]["episodes_per_s"] / report["rlhflab"]["episodes_per_s"]
+        log("bench: this machine's matmul rate at the workload's shapes ...")
+        report["limit"] = measure_limit(w, precision)
+        for side in sides + (["nproc"] if nproc > 1 else []):
+            report[side]["fraction_of_limit"] = fractions(report["limit"], report[side])
     if vs:
         a, b = report["rlhflab"], report[vs]
         report["ratio"] = {
@@ -290,16 +296,18 @@ def check_nproc(w: Workload, nproc: int) -> None:
         raise InputError(f"--nproc {nproc} is more processes than this machine's {os.cpu_count()} cores", field="nproc")
 
 
-def resolve_precision(precision: str, w: Workload) -> str:
-    """'auto': bf16 where the workload's device has bf16 matrix units (a CPU with AMX, a GPU
-    with bf16), else fp32, as `rlhflab run` picks; both sides then run at that precision."""
+def resolve_precision(precision: str, w: Workload) -> tuple[str, str]:
+    """'auto': what `rlhflab run` picks on the workload's device (training.choose_precision:
+    bf16 where bf16 matmuls are natively fast, else fp32), with its reason; both sides then
+    run at that precision."""
     if precision != "auto":
-        return precision
+        return precision, "asked for"
     import torch
 
-    from rlhflab.training import native_bf16
+    from rlhflab.training import choose_precision
 
-    return "bf16" if native_bf16(torch.device(w.device)) else "fp32"
+    choice = choose_precision(torch.device(w.device))
+    return choice.precision, choice.reason
 
 
 def machine_info(w: Workload) -> dict:
@@ -348,7 +356,8 @@ def format_report(r: dict) -> str:
         + f"; torch {m['torch']}, transformers {m['transformers']}"
         + (f", trl {r['trl']['version']}" if vs else "")
         + f"; {r['date']}",
-        f"{w['steps']} PPO steps per side, the first left out",
+        f"{w['steps']} PPO steps per side, the first left out; precision "
+        f"{w.get('precision', 'fp32')}: {w.get('precision_reason', 'asked for')}",
         "",
         f"{'':26}{'rlhflab':>14}"
         + (f"{'TRL':>14}{'rlhflab/TRL':>14}" if vs else "")
@@ -375,6 +384,10 @@ def format_report(r: dict) -> str:
             r["ratio"][f"time_{k}"] if vs else None,
         )
     figure("step_s", ".3f", "  step (s)")
+    if "limit" in r:
+        for k in (*PHASES, "step"):
+            f = [r[s]["fraction_of_limit"][k] for s in sides]
+            row(f"  {k}, of limit", [f"{x:.3f}" for x in f], f[0] / f[1] if vs else None)
     figure("peak_memory_mb", ".0f", "peak memory (MiB)")
     for key, label in (("trainable", "trainable params"), ("frozen", "frozen params"), ("adam_state", "Adam state")):
         if "param_mb" in r["rlhflab"]:  # rlhflab's side only
@@ -386,6 +399,17 @@ def format_report(r: dict) -> str:
         f"memory: {r['rlhflab']['memory']} of each side's own process; ratios of "
         "times and memory: below 1 is rlhflab less",
     ]
+    if "limit" in r:
+        lim = r["limit"]
+        flops = ", ".join(f"{p} {lim['phases'][p]['flops'] / 1e9:.3g}" for p in PHASES)
+        m, k, n = lim["largest_gemm"]
+        lines += textwrap.wrap(
+            f"fraction of limit: the FLOPs a step must do (GFLOP: {flops}) at the rates this machine's "
+            f"{lim['precision']} matmuls reach on those shapes, timed in this run, over the measured "
+            f"time (bench/limit.py); e.g. {m}x{k}x{n}: {lim['largest_gemm_flops_per_s'] / 1e9:.3g} GFLOP/s",
+            width=100,
+            subsequent_indent="  ",
+        )
     if par:
         lines.append(
             f"{par['processes']} processes: torchrun, {par['parallel']}, {par['threads_per_process']} thread(s) "

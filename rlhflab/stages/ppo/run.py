@@ -32,7 +32,7 @@ from rlhflab.models import context_length, load_causal_lm, load_reward_model, lo
 from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
 from rlhflab.stages.ppo.parallel import check_parallel
 from rlhflab.text import encode_query, pad_right
-from rlhflab.training import NonFiniteGuard, check_resumable, fast_kernels, resolve_device
+from rlhflab.training import NonFiniteGuard, adam, check_resumable, fast_kernels, resolve_device
 
 if TYPE_CHECKING:
     from rlhflab.stages.ppo.config import PPOConfig
@@ -261,7 +261,7 @@ def _assemble(config, tok, policy, reward_model, value_model, queries, val_queri
     )
     # Adam with β2 = 0.95 as in App. C (eps as lm-human-preferences); built over the
     # parameters FSDP leaves (its shards).
-    run.optimizer = torch.optim.Adam(run.trainable, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-5)
+    run.optimizer = adam(run.trainable, decoupled=False, lr=config.train.lr, betas=(0.9, 0.95), eps=1e-5)
     run.kl_ctl = (
         AdaptiveKLController(config.kl_coef, config.kl_target, config.kl_horizon)
         if config.adaptive_kl
