@@ -27,6 +27,7 @@ from rlhflab.stages.pretrain import train as pretrain
 from rlhflab.stages.rm import RMConfig
 from rlhflab.stages.sample import SampleConfig
 from rlhflab.stages.sft import SFTConfig
+from rlhflab.training import cpu_cores, default_jobs
 
 SIZES = ("small", "large")
 
@@ -349,9 +350,7 @@ class Pipeline:
         one on a GPU, one when stages share this process)."""
         if not self.cfg.isolate_stages:
             return 1
-        if self.cfg.jobs:
-            return self.cfg.jobs
-        return 1 if self.device.type != "cpu" else min(2, _cores())
+        return self.cfg.jobs or default_jobs(self.device)
 
     def stage(self, name: str, fn, *args) -> dict:
         """Run `fn(*args)` unless `<root>/<name>/summary.json` says the stage already finished."""
@@ -414,7 +413,7 @@ class Pipeline:
                         raise err
                     done.add(job.name)
                     self._finished(job.name, t0)
-                if running and time.time() - last_beat >= 60:
+                if any(v[3] for v in running.values()) and time.time() - last_beat >= 60:  # output in logs
                     last_beat = time.time()
                     print("[run] running: " + ", ".join(_status(*v) for v in running.values()), flush=True)
         finally:
@@ -426,7 +425,7 @@ class Pipeline:
         import multiprocessing
 
         fn, args = job.make()
-        threads = None if alone else max(1, _cores() // lanes)
+        threads = None if alone else max(1, cpu_cores() // lanes)
         log = None
         if not alone:
             log = self.root / "logs" / f"{job.name.replace('/', '-')}.log"
@@ -466,12 +465,6 @@ class Pipeline:
 
     def _summary(self, name: str) -> dict:
         return json.loads((self.root / name / "summary.json").read_text())
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _alone(jobs: list[Job]) -> set[str]:

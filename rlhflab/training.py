@@ -247,6 +247,37 @@ def in_fresh_process(fn, *args):
         return pool.submit(fn, *args).result()
 
 
+def cpu_cores() -> int:
+    """Cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_jobs(device: torch.device) -> int:
+    """How many one-thread processes share the work by default: two on a CPU of two or more
+    cores (at the lab's matrix sizes two one-thread processes outrun one of two threads),
+    one on a GPU."""
+    return 1 if device.type != "cpu" else min(2, cpu_cores())
+
+
+def _set_threads(n: int) -> None:
+    torch.set_num_threads(n)
+
+
+def side_by_side(fn, calls: list[tuple], jobs: int) -> list:
+    """[fn(*args) for args in calls], `jobs` at a time in spawned processes of
+    cores // jobs threads each (in this process when jobs is 1); results in call order, the
+    first error raised again here."""
+    if jobs <= 1 or len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, cpu_cores() // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_set_threads, initargs=(threads,)) as pool:
+        return [f.result() for f in [pool.submit(fn, *args) for args in calls]]
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks CUDA when present, else CPU; any other name is passed to torch."""
     if name == "auto":

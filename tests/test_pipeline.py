@@ -123,7 +123,8 @@ def test_independent_stages_run_side_by_side_and_the_rest_wait(tmp_path, capsys)
     output in logs/; a and d (every other stage is before or after them) get every core."""
     import torch
 
-    from rlhflab.pipeline import Pipeline, RunConfig, _cores
+    from rlhflab.pipeline import Pipeline, RunConfig
+    from rlhflab.training import cpu_cores
 
     pipe = Pipeline(RunConfig(out_dir=str(tmp_path)))
     pipe.schedule(_jobs(tmp_path, {"b": 3.0, "c": 3.0}), lanes=2)
@@ -131,7 +132,7 @@ def test_independent_stages_run_side_by_side_and_the_rest_wait(tmp_path, capsys)
     assert rows["b"]["start"] < rows["c"]["end"] and rows["c"]["start"] < rows["b"]["end"]
     assert rows["b"]["start"] >= rows["a"]["end"] and rows["c"]["start"] >= rows["a"]["end"]
     assert rows["d"]["start"] >= max(rows["b"]["end"], rows["c"]["end"])
-    assert rows["b"]["threads"] == rows["c"]["threads"] == max(1, _cores() // 2)
+    assert rows["b"]["threads"] == rows["c"]["threads"] == max(1, cpu_cores() // 2)
     assert rows["a"]["threads"] == rows["d"]["threads"] == torch.get_num_threads()
     assert (tmp_path / "logs" / "b.log").is_file() and not (tmp_path / "logs" / "a.log").exists()
     out = capsys.readouterr().out
@@ -159,3 +160,22 @@ def test_a_failing_stage_stops_the_one_beside_it_and_its_error_reaches_the_calle
     assert time.time() - t0 < 40  # c was stopped, not waited for
     assert (tmp_path / "a" / "summary.json").is_file()
     assert not (tmp_path / "c" / "summary.json").exists() and not (tmp_path / "d").exists()
+
+
+def _threads_and_square(x: int) -> tuple[int, int]:
+    import torch
+
+    if x < 0:
+        raise ValueError(f"negative: {x}")
+    return torch.get_num_threads(), x * x
+
+
+def test_side_by_side_keeps_call_order_threads_and_errors():
+    from rlhflab.training import cpu_cores, side_by_side
+
+    out = side_by_side(_threads_and_square, [(i,) for i in range(5)], jobs=2)
+    assert [sq for _, sq in out] == [0, 1, 4, 9, 16]
+    assert {th for th, _ in out} == {max(1, cpu_cores() // 2)}
+    assert side_by_side(_threads_and_square, [(3,)], jobs=2) == [_threads_and_square(3)]  # one call: here
+    with pytest.raises(ValueError, match="negative: -1"):
+        side_by_side(_threads_and_square, [(2,), (-1,)], jobs=2)
