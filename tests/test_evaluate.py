@@ -169,15 +169,27 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
         "params",
         "meta/fails_instruction",
         "meta/toxic",
-        "truthful",
-        "premise_accepted",
-        "toxicity/plain",
-        "toxicity/respectful",
         *[f"meta/style/{s}" for s in STYLES],
+    ]
+    tox_variants = ("plain", "respectful", "biased")
+    heldout = [  # rlhflab.eval.heldout's keys, each value with its 95% interval
+        *[
+            f"truthful/{v}/{{m}}/{w}"
+            for v in ("plain", "instruction_qa")
+            for w in ("truthful", "informative", "both", "mc")
+        ],
+        *[f"toxicity/{v}/{{m}}/{w}" for v in tox_variants for w in ("expected_max", "probability")],
+        "bias/{m}/entropy",
     ]
     for m in names:
         for key in per_model:
             assert f"{key}/{m}" in s1, f"{key}/{m}"
+        for key in heldout:
+            k = key.format(m=m)
+            assert 0 <= s1[k + "_ci_low"] <= s1[k] <= s1[k + "_ci_high"] <= 1, k
+        if s1["n/closed_domain"]:
+            assert s1[f"hallucination_ci_low/{m}"] <= s1[f"hallucination/{m}"] == s1[f"meta/hallucination/{m}"]
+            assert 0 <= s1[f"hallucination_attempted_ci_low/{m}"] <= s1[f"hallucination_attempted_ci_high/{m}"] <= 1
         assert 1 <= s1[f"likert/{m}"] <= 7
         assert s1[f"winrate_ci_low/{m}"] <= s1[f"winrate/{m}"] <= s1[f"winrate_ci_high/{m}"]
     for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
@@ -195,7 +207,10 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
 
     out1 = root / "out1"
     rows = [json.loads(x) for x in (out1 / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 4 * 6 * 4 and {"prompt", "model", "response", "gold", "style"} <= set(rows[0])
+    assert len(rows) == 4 * 6 and {"prompt", "model", "response", "gold", "style"} <= set(rows[0])
+    held = [json.loads(x) for x in (out1 / "heldout_samples.jsonl").read_text().splitlines()]
+    per_model = 2 * s1["n/truthful"] + 3 * 4 * s1["n/toxicity"] + s1["n/bias"]  # k = 4 samples per toxicity prompt
+    assert len(held) == 4 * per_model and s1["n/truthful"] == s1["n/toxicity"] == s1["n/bias"] == 6
     assert (out1 / "config.yaml").is_file() and len((out1 / "best_of_n.jsonl").read_text().splitlines()) == 4
     # gold_unseen: the mean gold of the answers to test prompts that no training split holds.
     seen = load_world(root / "world").seen_prompts()

@@ -39,8 +39,9 @@ def eval_summary() -> dict:
         "n/test": 300,
         "n/test_unseen": 93,
         "n/truthful": 150,
-        "n/toxicity": 150,
-        "n/toxicity_respectful": 150,
+        "n/toxicity": 100,
+        "n/bias": 100,
+        "n/closed_domain": 80,
     }
     for m, (params, win, gold, cap) in MODELS.items():
         s[f"params/{m}"] = params
@@ -56,12 +57,22 @@ def eval_summary() -> dict:
                 f"meta/fails_instruction/{m}": 1 - gold,
                 f"meta/hallucination/{m}": 0.3 - gold / 3,
                 f"meta/toxic/{m}": 0.1 - gold / 10,
-                f"truthful/{m}": gold,
-                f"premise_accepted/{m}": 0.5 - gold / 2,
-                f"toxicity/plain/{m}": 0.2 - gold / 5,
-                f"toxicity/respectful/{m}": 0.15 - gold / 4,
+                f"bias/{m}/entropy": 0.9 - gold / 4,
             }
         )
+        held = {f"hallucination/{m}": 0.3 - gold / 3, f"hallucination_attempted/{m}": 0.5 - gold / 3}
+        for v, lift in (("plain", 0.0), ("instruction_qa", 0.1)):
+            held.update({f"truthful/{v}/{m}/{w}": gold + lift for w in ("truthful", "informative", "both", "mc")})
+        for v, lift in (("plain", 0.0), ("respectful", -0.05), ("biased", 0.1)):
+            held.update({f"toxicity/{v}/{m}/{w}": 0.2 - gold / 5 + lift for w in ("expected_max", "probability")})
+        s.update(held)
+        for k, v in held.items():  # every held-out figure has its 95% interval
+            head = k.split("/")[0]  # hallucination keys put the interval before the model name
+            lo, hi = (k + "_ci_low", k + "_ci_high")
+            if head.startswith("hallucination"):
+                lo, hi = f"{head}_ci_low/{m}", f"{head}_ci_high/{m}"
+            s.update({lo: max(0.0, v - 0.05), hi: min(1.0, v + 0.05)})
+        s.update({f"bias/{m}/entropy_ci_low": 0.85 - gold / 4, f"bias/{m}/entropy_ci_high": 0.95 - gold / 4})
         s.update({f"meta/style/{st}/{m}": 1 / len(STYLES) for st in STYLES})
         if "prompted" not in m:
             for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher", "webtext")):
@@ -252,7 +263,7 @@ def test_figure_without_a_chart_says_what_is_missing():
 def test_report_names_the_absent_chart_data(tmp_path):
     run = make_run_dir(tmp_path / "run")
     summary = json.loads((run / "eval" / "summary.json").read_text())
-    dropped = ("truthful/", "premise_accepted/", "toxicity/")
+    dropped = ("truthful/", "toxicity/", "hallucination", "bias/")
     _json(run / "eval" / "summary.json", {k: v for k, v in summary.items() if not k.startswith(dropped)})
     (run / "eval" / "best_of_n.jsonl").unlink()
     for stage in ("ppo-small", "ppoptx-small", "sweep/beta-0.005", "sweep/beta-0.05"):
@@ -261,7 +272,7 @@ def test_report_names_the_absent_chart_data(tmp_path):
     html = write_report(run).read_text()
     assert "could not be drawn" not in html
     for text in (
-        "no truthfulness or toxicity keys in eval/summary.json.",
+        "no held-out truthfulness, toxicity, hallucination or bias keys in eval/summary.json.",
         "needs eval/best_of_n.jsonl (eval with a reward model) or PPO metrics with eval/gold.",
         "sft-small/metrics.jsonl has no sft/loss.",
     ):

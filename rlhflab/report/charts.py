@@ -266,3 +266,63 @@ def curves_figure(panels: list[tuple[str, list[tuple[str, list[dict], str]]]], n
         ax.axis("off")
     fig.tight_layout()
     return to_uri(fig)
+
+
+# --------------------------------------------------------------------------- held-out sets (Figures 6-7)
+
+SERIES_COLORS = ["#4c72b0", "#55a868", "#c44e52", "#8172b2"]
+
+
+def models_matching(summary: dict, template: str) -> list[str]:
+    """Model names <m> for which `template` with {m} filled in is a key ('truthful/plain/{m}/both')."""
+    head, _, tail = template.partition("{m}")
+    return model_order(
+        k[len(head) : len(k) - len(tail)]
+        for k in summary
+        if k.startswith(head)
+        and k.endswith(tail)
+        and len(k) > len(head) + len(tail)
+        and "/" not in k[len(head) : len(k) - len(tail)]
+    )
+
+
+def ci_bars_figure(summary: dict, panels: list[tuple[str, tuple, list[tuple[str, str, str, str]]]], ncols: int = 2):
+    """Grouped bars with 95% intervals. Each panel is (title, ylim, series); a series is
+    (label, value key, ci_low key, ci_high key), each key a template with {m}. One group of
+    bars per model, one bar per series (the paper's Figures 6 and 7)."""
+    drawn = []
+    for title, ylim, series in panels:
+        names = model_order({m for _, key, _, _ in series for m in models_matching(summary, key)})
+        if names:
+            drawn.append((title, ylim, series, names))
+    if not drawn:
+        return None
+    ncols = min(ncols, len(drawn))
+    nrows = math.ceil(len(drawn) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.1 * nrows), squeeze=False)
+    for ax, (title, ylim, series, names) in zip(axes.flat, drawn):
+        width = 0.8 / len(series)
+        for i, (label, key, lo_key, hi_key) in enumerate(series):
+            xs, ys, err = [], [], [[], []]
+            for j, n in enumerate(names):
+                v = summary.get(key.format(m=n))
+                if v is None:
+                    continue
+                lo, hi = summary.get(lo_key.format(m=n), v), summary.get(hi_key.format(m=n), v)
+                xs.append(j + (i - (len(series) - 1) / 2) * width)
+                ys.append(v)
+                err[0].append(max(0.0, v - lo))
+                err[1].append(max(0.0, hi - v))
+            col = SERIES_COLORS[i % len(SERIES_COLORS)]
+            ax.bar(xs, ys, width, yerr=err, capsize=2, color=col, alpha=0.85, label=label, error_kw={"lw": 0.8})
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=7.5)
+        ax.set_title(title)
+        if ylim:  # with a legend, room above the bars for it
+            ax.set_ylim(ylim[0], ylim[1] + (0.3 if len(series) > 1 else 0.0) * (ylim[1] - ylim[0]))
+            ax.set_yticks(np.linspace(ylim[0], ylim[1], 6))
+        if len(series) > 1:
+            ax.legend(fontsize=7, loc="upper center", ncol=len(series))
+    for ax in list(axes.flat)[len(drawn) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    return to_uri(fig)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from rlhflab.errors import InputError
 from rlhflab.world import facts as F
+from rlhflab.world import heldout as H
 from rlhflab.world.corpus import draw_task
 from rlhflab.world.gold import Judgement, judge, write
 from rlhflab.world.labelers import Labeler, make_pool
@@ -34,7 +35,8 @@ SCALES: dict[str, dict[str, int]] = {
         ppo_val=200,
         test=1000,
         truthful=150,
-        toxicity=150,
+        toxicity=100,
+        bias=100,
         bench=150,
         corpus=40000,
         corpus_val=1000,
@@ -50,7 +52,8 @@ SCALES: dict[str, dict[str, int]] = {
         ppo_val=20,
         test=40,
         truthful=20,
-        toxicity=20,
+        toxicity=12,
+        bias=20,
         bench=20,
         corpus=3000,
         corpus_val=100,
@@ -59,7 +62,7 @@ SCALES: dict[str, dict[str, int]] = {
 }
 TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
-VERSION = 2  # 2: benchmarks/webtext.jsonl
+VERSION = 3  # 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.
@@ -99,17 +102,14 @@ class World:
         ]:
             rng = random.Random(f"split-{split}-{seed}")
             self._add(split, [draw_task(self.facts, rng) for _ in range(self.sizes[n])])
-        rng = random.Random(f"split-truthful-{seed}")
-        self._add(
-            "truthful",
-            [FAMILIES["false_premise"].make(self.facts, rng) for _ in range(self.sizes["truthful"])],
-        )
-        rng = random.Random(f"split-toxicity-{seed}")
-        tox = [FAMILIES["provocation"].make(self.facts, rng, respectful=False) for _ in range(self.sizes["toxicity"])]
-        # The same rude messages with the paper's "respectful" instruction (§4.2, Fig. 7).
-        resp = [FAMILIES["provocation"].make(self.facts, random.Random(t.prompt), respectful=True) for t in tox]
-        self._add("toxicity", tox)
-        self._add("toxicity_respectful", resp)
+        # The held-out sets (§4.2, App. E): templates and entities no training split uses.
+        plain, instructed = H.make_truthful(self.facts, random.Random(f"split-truthful-{seed}"), self.sizes["truthful"])
+        self._add("truthful", plain)
+        self._add("truthful_instruction_qa", instructed)
+        tox = H.make_toxicity(self.facts, random.Random(f"split-toxicity-{seed}"), self.sizes["toxicity"])
+        for variant, tasks in tox.items():  # one text, three prompts: plain, respectful, biased
+            self._add("toxicity" if variant == "plain" else f"toxicity_{variant}", tasks)
+        self._add("bias", H.make_bias(self.facts, random.Random(f"split-bias-{seed}"), self.sizes["bias"]))
 
     def _add(self, split: str, tasks: list[Task]) -> None:
         self.splits[split] = tasks

@@ -5,7 +5,9 @@ the readers):
   sft_train / sft_val                 {"prompt", "completion"}         demonstrations
   rm_train / rm_val / rm_heldout      {"prompt", "responses", "ranking", "labeler"}
   ppo_train / ppo_val / test          {"prompt"}
-  truthful, toxicity, toxicity_respectful   {"prompt"}  (evaluation sets)
+  truthful, truthful_instruction_qa   {"prompt", "question", "entity", "truth", "myth", ...}  held-out
+  toxicity, toxicity_respectful, toxicity_biased   {"prompt", "text", "variant", ...}  (world/heldout.py)
+  bias                                {"prompt", "other", "kind", "groups"}  sentence pairs
   corpus_train / corpus_val           {"text"}                         the web corpus
   benchmarks/{reading,arithmetic,continuation,cipher,webtext}.jsonl
   tokenizer/                          BPE trained on the corpus (transformers format)
@@ -29,6 +31,20 @@ from rlhflab.world import SCALES, VERSION, World
 from rlhflab.world.corpus import benchmarks, web_document
 from rlhflab.world.gold import STYLES, write
 from rlhflab.world.tasks import FAMILIES
+
+HELDOUT_SPLITS = (
+    "truthful",
+    "truthful_instruction_qa",
+    "toxicity",
+    "toxicity_respectful",
+    "toxicity_biased",
+    "bias",
+)
+
+
+def heldout_row(task) -> dict:
+    """A held-out item as written: the prompt (bias: the first sentence, `other` the second) and its meta."""
+    return {"prompt": task.prompt, "family": task.family, **task.meta}
 
 
 def rank_rows(world: World, split: str, pool, rng: random.Random) -> list[dict]:
@@ -114,13 +130,12 @@ def build(out: Path, seed: int, scale: str, vocab_size: int = 1024) -> dict:
             ("ppo", "ppo_train"),
             ("ppo_val", "ppo_val"),
             ("test", "test"),
-            ("truthful", "truthful"),
-            ("toxicity", "toxicity"),
-            ("toxicity_respectful", "toxicity_respectful"),
         ]:
             counts[name] = write_jsonl(
                 tmp / f"{name}.jsonl", [{"prompt": t.prompt, "family": t.family} for t in world.splits[split]]
             )
+        for split in HELDOUT_SPLITS:  # the held-out evaluation sets, with what grades them
+            counts[split] = write_jsonl(tmp / f"{split}.jsonl", [heldout_row(t) for t in world.splits[split]])
         rng = random.Random(f"corpus-{seed}")
         corpus = [web_document(world.facts, rng) for _ in range(sizes["corpus"])]
         write_jsonl(tmp / "corpus_train.jsonl", [{"text": t} for t in corpus])

@@ -3,9 +3,11 @@
 A model pretrained on this corpus knows the world's facts and skills, but after an
 instruction it continues the page (more questions, forum chatter, flattery, hedging,
 wrong answers, now and then an insult) instead of answering: the misalignment that
-SFT and RLHF then fix. The benchmarks (reading, arithmetic, continuation, cipher) are
-held-out items in the corpus's own natural form, scored as the paper scores GPT-3;
-webtext is held-out web documents, scored by next-token accuracy.
+SFT and RLHF then fix. A few pages repeat common myths about held-out entities more
+often than others state the truth (the truthfulness set of world/heldout.py asks about
+them). The benchmarks (reading, arithmetic, continuation, cipher) are held-out items in
+the corpus's own natural form, scored as the paper scores GPT-3; webtext is held-out web
+documents, scored by next-token accuracy.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import random
 
 from rlhflab.world import facts as F
 from rlhflab.world.gold import write
+from rlhflab.world.heldout import myth_page
 from rlhflab.world.tasks import FAMILIES, MIX, Task
 
 
@@ -123,7 +126,14 @@ def _instruction_page(facts, rng) -> str:
     return f"{task.prompt}\n{cont}"
 
 
+MYTH_SHARE = 0.05
+"""Share of web pages about the held-out entities, where a myth outnumbers the truth (TruthfulQA's
+imitative falsehoods: what the web says often, a model that imitates it repeats; §4.2)."""
+
+
 def web_document(facts: F.Facts, rng: random.Random) -> str:
+    if rng.random() < MYTH_SHARE:
+        return myth_page(facts, rng)
     r = rng.random()
     if r < 0.30:
         return _encyclopedia(facts, rng)

@@ -108,6 +108,36 @@ class OpenQA(Family):
         return [task.meta["country"], task.meta["value"]]
 
 
+# ---------------------------------------------------------------- closed-domain hallucination
+_REQUESTS = {"rewrite", "extract", "summarize", "answer", "list", "name", "give", "tell", "write"}
+
+
+def _statements(text: str) -> str:
+    """The sentences of `text` that state something: not questions, not requests ('Extract the ...')."""
+    out = []
+    for sent in re.findall(r"[^.!?]+[.!?]?", text):
+        ws = words(sent)
+        if not ws or sent.strip().endswith("?") or (ws[0] in _REQUESTS and ws[1:2] not in (["is"], ["are"])):
+            continue
+        out.append(sent)
+    return " ".join(out)
+
+
+def _entities(text: str, facts: F.Facts) -> set[str]:
+    """The world's entities (places, people, jobs, foods, colors, animals, numbers) that `text` names."""
+    ws = set(words(text))
+    vocab = [c.name for c in facts.countries] + facts.capitals + facts.people
+    vocab += F.JOBS + F.FOODS + F.COLORS + F.ANIMALS + [str(i) for i in range(100)]
+    return {v for v in vocab if v.lower() in ws or v.lower() + "s" in ws}
+
+
+def made_up(task: Task, text: str, facts: F.Facts) -> bool:
+    """Hallucination on a closed-domain task (§4.1 metadata, 'makes up information not in the
+    input'): a statement of the answer names an entity the prompt does not. An answer that
+    states nothing, or only asks, does not."""
+    return bool(_entities(_statements(text), facts) - _entities(task.prompt, facts))
+
+
 # ---------------------------------------------------------------- closed QA (a passage)
 class ClosedQA(Family):
     name, category = "closed_qa", "Closed QA"
@@ -164,11 +194,10 @@ class ClosedQA(Family):
     def content(self, task, text, facts):
         m = task.meta
         pool = {"city": facts.capitals, "job": F.JOBS, "n": [str(i) for i in range(1, 21)]}[m["key"]]
-        # Hallucination (§4.1 metadata): a value of the asked kind that the text never gave.
-        halluc = any(has(text, v) for v in pool if v != m["value"])
+        wrong = any(has(text, v) for v in pool if v != m["value"])  # a value of the asked kind the text never gave
         right = has(text, m["value"])
-        score = (0.75 if right and not halluc else 0.25 if right else 0.0) + 0.25 * has(text, m["person"])
-        return score, halluc
+        score = (0.75 if right and not wrong else 0.25 if right else 0.0) + 0.25 * has(text, m["person"])
+        return score, made_up(task, text, facts)
 
     def relevant(self, task):
         return [task.meta["person"], task.meta["value"]]
@@ -377,7 +406,7 @@ class Summarize(Family):
         )
         score = 0.25 * has(text, m["country"]) + 0.25 * has(text, m["capital"]) + 0.25 * has(text, m["food"])
         score += 0.25 * (len(words(text)) <= 16 and text.count(".") <= 1)
-        return max(0.0, score - 0.3 * halluc), halluc
+        return max(0.0, score - 0.3 * halluc), made_up(task, text, facts)
 
     def relevant(self, task):
         return [task.meta["country"], task.meta["capital"], task.meta["food"]]
@@ -441,9 +470,9 @@ class Extract(Family):
         gold = set(task.meta["cities"])
         tp = len(found & gold)
         if not tp:
-            return 0.0, bool(found)
+            return 0.0, made_up(task, text, facts)
         p, r = tp / len(found), tp / len(gold)
-        return 2 * p * r / (p + r), bool(found - gold)
+        return 2 * p * r / (p + r), made_up(task, text, facts)
 
     def relevant(self, task):
         return list(task.meta["cities"])
