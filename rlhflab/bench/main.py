@@ -14,7 +14,9 @@ Figures: episodes/s over whole steps; generated tokens/s over the generate phase
 training tokens/s = epochs x batch x (prompt + response) over the update phase; the
 split of step wall time into generate, score (old/ref log-probs, values, RM, rewards,
 GAE), update (PPO epochs) and other; peak memory (RSS on CPU, max allocated on CUDA);
-the last measured step's KL and RM score, so speed is not bought by doing less.
+the last measured step's KL and RM score, so speed is not bought by doing less; and per
+phase the fraction of this machine's limit (bench/limit.py: the FLOPs the phase must do at
+the matmul rates timed on its shapes in the same run, over the measured time).
 
 `--nproc N` also measures rlhflab at N processes: the same workload (the same global
 batch and minibatch) under `torchrun` (launched here as a subprocess; gloo on a CPU, one
