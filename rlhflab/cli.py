@@ -87,7 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     try:
-        return int(module.run_cli(args) or 0)
+        code = int(module.run_cli(args) or 0)
+        if code == 0:
+            from rlhflab import distributed
+
+            distributed.finish()
+        return code
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -263,6 +263,16 @@ def teardown() -> None:
         tdist.destroy_process_group()
 
 
+def finish() -> None:
+    """The end of a command that succeeded under torchrun: every rank waits for the others
+    (a barrier), then leaves the group while the interpreter is whole. A rank that leaves
+    on its own at exit, its peer still in a collective or gloo's threads still holding
+    work, can abort there ("terminate called without an active exception")."""
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 # --------------------------------------------------------------------------- wrapping
 
 

@@ -77,7 +77,14 @@ def free_port() -> int:
 def torchrun(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     cmd += ["--max-restarts=0", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RLHFLAB_QUIET": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RLHFLAB_QUIET": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONFAULTHANDLER": "1",
+        **(env or {}),
+    }
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -131,7 +138,7 @@ def runs(lab):
                 run1(stage, kw, out)
             else:
                 job = run2(stage, {**kw, "parallel": parallel}, out, {DUMP_ENV: str(out / "dump")})
-                assert job.returncode == 0, job.stderr[-3000:]
+                assert job.returncode == 0, job.stderr[-8000:]
                 assert job.stdout.count(f"{stage}: wrote") == 1  # rank 0 alone reports
             done[key] = out
         return done[key]
@@ -188,7 +195,7 @@ def test_a_killed_rank_ends_the_job_naming_it_and_the_rerun_resumes(lab, runs):
     shutil.copytree(out, lab["dir"] / "killed-copy")
 
     job = run2("sft", kw, out)  # the same command again
-    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.returncode == 0, job.stderr[-8000:]
     assert_same_run(out, ref, exact=True)  # every row once, the very same weights
 
     # The 2-process checkpoint resumes on one process (DCP reshards to whole tensors).
@@ -215,7 +222,7 @@ def test_a_one_process_checkpoint_resumes_on_two(lab, runs):
         run1("sft", kw, out, callback=stop)
     assert (out / "checkpoint" / "model.safetensors").is_file()  # the 1-process form, at step 2
     job = run2("sft", {**kw, "parallel": "ddp"}, out)
-    assert job.returncode == 0, job.stderr[-3000:]
+    assert job.returncode == 0, job.stderr[-8000:]
     assert_same_run(out, ref)
     assert_same_run(out, one)
 
