@@ -17,6 +17,7 @@ from rlhflab.models import load_causal_lm, load_reward_model
 from rlhflab.stages.ppo import loop as ppo_loop
 from rlhflab.stages.ppo import step as ppo
 from rlhflab.stages.ppo.step import PPOConfig, Rollout, minibatch_loss, policy_logprobs
+from rlhflab.text import pad_left
 
 from tiny import gpt2_dir, make, tiny_tokenizer, write_jsonl
 
@@ -99,8 +100,9 @@ def capture_run(monkeypatch) -> dict:
     return held
 
 
+@pytest.mark.parametrize("buckets", [True, False])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, precision):
+def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, precision, buckets):
     seen = []
 
     def spy(logprobs, old_logprobs, advantages, mask, clip_range):
@@ -114,8 +116,9 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
     evaluator = lambda policy, tok, step: calls.append(step) or {"gold": 0.5}
     cfg = make_config(
         lab,
-        f"lr0-{precision}",
+        f"lr0-{precision}-{buckets}",
         lr=0.0,
+        length_buckets=buckets,
         ptx_data=str(lab["ptx"]),
         ptx_per_episode=1.0,
         val_prompts=str(lab["val"]),
@@ -138,6 +141,51 @@ def test_lr_zero_ratio_is_exactly_one_on_every_minibatch(lab, monkeypatch, preci
     for name in ("policy", "value"):
         assert (out / name / "config.json").is_file() and (out / name / "tokenizer.json").is_file()
     assert (out / "config.yaml").is_file() and json.loads((out / "summary.json").read_text())
+
+
+def test_length_buckets_keep_their_rows_through_the_epochs_and_sort_by_length():
+    lengths = torch.tensor([9, 3, 3, 7, 12, 1, 5, 5, 8, 2, 11, 6, 4, 10, 3, 7], dtype=torch.float64)
+    cfg = make(PPOConfig, batch_size=16, minibatch_size=4, ppo_epochs=3, seed=5)
+    orders = ppo._minibatch_orders(cfg, 2, torch.device("cpu"), lengths)
+    assert len(orders) == 3 and all(sorted(o.tolist()) == list(range(16)) for o in orders)
+    cuts = [[frozenset(o[i : i + 4].tolist()) for i in range(0, 16, 4)] for o in orders]
+    assert all(set(c) == set(cuts[0]) for c in cuts) and len({tuple(c) for c in cuts}) > 1  # same rows, new order
+    spans = sorted((min(lengths[list(b)]), max(lengths[list(b)])) for b in cuts[0])
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # each bucket a run of the sorted lengths
+    again = ppo._minibatch_orders(cfg, 2, torch.device("cpu"), lengths)
+    assert all(torch.equal(a, b) for a, b in zip(orders, again))  # seeded
+    plain = ppo._minibatch_orders(
+        make(PPOConfig, batch_size=16, minibatch_size=4, ppo_epochs=3, length_buckets=False),
+        2,
+        torch.device("cpu"),
+        lengths,
+    )
+    assert len({frozenset(o[:4].tolist()) for o in plain}) > 1  # a fresh split each epoch
+
+
+def test_a_trimmed_minibatch_scores_as_at_the_batchs_width(lab):
+    """Padded and unpadded scoring agree: the columns `cut` drops are padding in every row."""
+    tok = tiny_tokenizer()
+    policy = load_causal_lm(lab["policy"]).eval()
+    g = torch.Generator().manual_seed(0)
+    V = policy.config.vocab_size
+    queries = [torch.randint(5, V, (n,), generator=g).tolist() for n in (9, 3, 4, 12, 2, 5)]
+    responses = [torch.randint(5, V, (n,), generator=g).tolist() for n in (2, 7, 1, 3, 10, 4)]
+    q_ids, q_mask = pad_left(queries, tok.pad_token_id)
+    R = max(map(len, responses))
+    r_ids = torch.tensor([r + [tok.pad_token_id] * (R - len(r)) for r in responses])
+    mask = torch.tensor([[1] * len(r) + [0] * (R - len(r)) for r in responses])
+    qr, am = torch.cat([q_ids, r_ids], 1), torch.cat([q_mask, mask], 1)
+    zeros = torch.zeros(len(queries), R)
+    whole = Rollout(qr, am, mask, zeros, zeros, zeros, zeros)
+    rows = torch.tensor([1, 4, 5])  # short queries, short and long responses
+    small = whole.select(rows, trim=True)
+    assert small.query_responses.shape == (3, 5 + 10) and small.mask.shape == (3, 10)
+    with torch.no_grad():
+        full, _ = policy_logprobs(policy, qr[rows], am[rows], R, 1.0)
+        cut, _ = policy_logprobs(policy, small.query_responses, small.attention_mask, small.mask.shape[1], 1.0)
+    m = small.mask.bool()
+    assert torch.allclose(cut[m], full[:, : small.mask.shape[1]][m], atol=1e-5)
 
 
 @pytest.mark.parametrize("minibatch_size", [4, 8])

@@ -49,6 +49,12 @@ class PPOConfig:
     same on any number of processes W (e.g. minibatch_size). 0: one call per process
     (batch_size / W episodes), the fastest; one process then samples the whole batch in one
     call as always, but the draws depend on W."""
+    length_buckets: bool = True
+    """Minibatches of episodes of about the same length: the batch sorted by query + response
+    tokens and cut into minibatches, which keep their rows through every epoch (each epoch
+    shuffles their order), each run at its own width without the padding all its rows share.
+    The same updates on fewer padded tokens. False: a fresh random split every epoch, every
+    minibatch at the batch's width (OpenAI baselines, TRL)."""
     ppo_epochs: int = 4
     """Passes over each batch. App. C.4 uses 1 on 512 episodes; 4 (Schulman et al. 2017)
     gets more from the lab's smaller batches."""

@@ -61,9 +61,25 @@ class Rollout:
     returns: torch.Tensor  # (B, R)   advantages + values (before whitening)
     episodes: torch.Tensor | None = None  # (B,) each row's index in the step's global batch
 
-    def select(self, idx: torch.Tensor) -> Rollout:
+    def select(self, idx: torch.Tensor, trim: bool = False) -> Rollout:
+        """The rows `idx`; with `trim`, without the padding columns they all share (`cut`)."""
         parts = {f.name: getattr(self, f.name) for f in fields(self)}
-        return Rollout(**{k: v[idx] if v is not None else None for k, v in parts.items()})
+        out = Rollout(**{k: v[idx] if v is not None else None for k, v in parts.items()})
+        if not trim:
+            return out
+        cols, r = cut(out.attention_mask, out.mask)
+        per_token = {k: getattr(out, k)[:, :r] for k in ("mask", "logprobs", "values", "advantages", "returns")}
+        return Rollout(out.query_responses[:, cols], out.attention_mask[:, cols], **per_token, episodes=out.episodes)
+
+
+def cut(attention_mask: torch.Tensor, mask: torch.Tensor) -> tuple[slice, int]:
+    """(the columns of query_responses, the response width) that rows of left-padded queries
+    and right-padded responses (mask: (B, R)) need: from the longest query's first token to
+    the longest response's last. Every column cut is padding in every row."""
+    R = mask.shape[1]
+    Q = attention_mask.shape[1] - R
+    q, r = int(attention_mask[:, :Q].sum(1).max()), max(1, int(mask.sum(1).max()))
+    return slice(Q - q, Q + r), r
 
 
 # --------------------------------------------------------------------------- forwards
@@ -124,38 +140,58 @@ def train_forward(run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tens
 
 @torch.no_grad()
 def _rollout_forwards(
-    run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, head: TrainForward
+    run: Run, qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor, groups: list[torch.Tensor], head: TrainForward
 ) -> dict[str, torch.Tensor]:
-    """Old logprobs/values, ref logprobs and scores of every episode, in minibatch chunks.
+    """Old logprobs/values, ref logprobs and scores of every episode, (B, R) or (B,).
 
-    The rows `first` (the update's first minibatch) take their old logprobs and values from
-    `head`, that minibatch's own training forward: same parameters, same rows, so it need not
-    run twice. The other rows go through the same function in chunks of the minibatch size,
-    so with lr = 0 the PPO ratio is exactly 1 on every minibatch. `first` may be empty
-    (under torchrun: none of that minibatch is this rank's; `head` is then a stand-in's).
+    `groups` are this rank's rows of the update's first-epoch minibatches, in order (any
+    may be empty); the first takes its old logprobs and values from `head`, that
+    minibatch's own training forward: same parameters, same rows, so it need not run twice.
+    With length buckets (config.length_buckets) the minibatches keep their rows through every
+    epoch and each group runs trimmed (`cut`), as the update will run it; otherwise the rows
+    go in chunks of the minibatch size at the batch's width. Either way every row's old
+    forward is the computation its update forward repeats, so with lr = 0 the PPO ratio is
+    exactly 1 on every minibatch. The other rows (no group holds them: none) and the
+    reference and reward forwards go in chunks, trimmed the same way.
     """
     cfg, R, B = run.config, mask.shape[1], qr.shape[0]
-    rest = torch.ones(B, dtype=torch.bool, device=qr.device)
-    rest[first] = False
-    rest = rest.nonzero().squeeze(1)
+    trim = cfg.length_buckets
+    if not trim:  # random minibatches: the first, then the rest in index order at full width
+        rest = torch.ones(B, dtype=torch.bool, device=qr.device)
+        rest[groups[0]] = False
+        rest = rest.nonzero().squeeze(1)
+        groups = [groups[0]] + [rest[i : i + cfg.minibatch_size] for i in range(0, rest.shape[0], cfg.minibatch_size)]
     rows, parts = [], []
-    if first.numel():
-        rows, parts = [first], [(head.logprobs.detach(), head.values.detach(), head.entropy)]
     with parallel.gathered(run.policy_train, run.value_train):  # FSDP: local forwards, any number per rank
-        for i in range(0, rest.shape[0], cfg.minibatch_size):
-            idx = rest[i : i + cfg.minibatch_size]
-            f = train_forward(run, qr[idx], am[idx], mask[idx])
+        for j, idx in enumerate(groups):
+            if not idx.numel():
+                continue
+            f = head if j == 0 else train_forward(run, *_inputs(qr, am, mask, idx, trim))
             rows.append(idx)
-            parts.append((f.logprobs, f.values, f.entropy))
+            parts.append((_widen(f.logprobs.detach(), R), _widen(f.values.detach(), R), f.entropy))
     order = torch.empty(B, dtype=torch.long, device=qr.device)
     order[torch.cat(rows)] = torch.arange(B, device=qr.device)  # back to the batch's row order
     out = {k: torch.cat(v)[order] for k, v in zip(("logprobs", "values", "entropy"), zip(*parts))}
     ref, scores = [], []
-    for i in range(0, B, cfg.minibatch_size):
-        q, a = qr[i : i + cfg.minibatch_size], am[i : i + cfg.minibatch_size]
-        ref.append(policy_logprobs(run.ref_policy, q, a, R, cfg.temperature)[0])
+    for idx in rows:
+        q, a, m = _inputs(qr, am, mask, idx, trim)
+        ref.append(_widen(policy_logprobs(run.ref_policy, q, a, m.shape[1], cfg.temperature)[0], R))
         scores.append(score(run.reward_model, q, a))
-    return {**out, "ref_logprobs": torch.cat(ref), "scores": torch.cat(scores)}
+    return {**out, "ref_logprobs": torch.cat(ref)[order], "scores": torch.cat(scores)[order]}
+
+
+def _inputs(qr: torch.Tensor, am: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor, trim: bool):
+    """(query_responses, attention_mask, mask) of rows `idx`, trimmed (`cut`) or whole."""
+    qr, am, mask = qr[idx], am[idx], mask[idx]
+    if not trim:
+        return qr, am, mask
+    cols, r = cut(am, mask)
+    return qr[:, cols], am[:, cols], mask[:, :r]
+
+
+def _widen(x: torch.Tensor, R: int) -> torch.Tensor:
+    """(b, r) per-token values back to the batch's width R (zeros past r: masked anyway)."""
+    return torch.nn.functional.pad(x, (0, R - x.shape[1])) if x.shape[1] < R else x
 
 
 # --------------------------------------------------------------------------- the PPO step
@@ -176,18 +212,23 @@ def ppo_step(run: Run, step: int) -> dict[str, float]:
     # 2. respond, batched with the KV cache
     with timer("generate"), autocast(run.device, cfg.train.precision):
         episodes, g = respond(run, queries, step)
+    lengths = torch.tensor([len(q) for q in queries], dtype=torch.float64, device=g.mask.device)
     queries = [queries[i] for i in episodes.tolist()]
-    orders = _minibatch_orders(cfg, step, g.mask.device)
     where = parallel.positions(episodes, cfg.batch_size)
     tokens = parallel.global_lengths(g.mask, episodes, cfg.batch_size, dist)
+    orders = _minibatch_orders(cfg, step, g.mask.device, lengths + tokens)
     with timer("score"), autocast(run.device, cfg.train.precision):
         qr, am = _join(run, queries, g, dist.max(max(map(len, queries))))
         # 3. old logprobs and values, ref logprobs (same temperature); 4. RM scores. The
         # update's first minibatch runs its training forward now and keeps it: its output
         # at these parameters is the old logprobs and values of those rows.
-        first, first_scale = parallel.part(orders[0][: cfg.minibatch_size], where, tokens, dist)
-        head = train_forward(run, qr[first], am[first], g.mask[first])
-        fw = _rollout_forwards(run, qr, am, g.mask, first if first_scale > 0 else first[:0], head)
+        groups = [
+            _mine(orders[0][i : i + cfg.minibatch_size], where, tokens, dist)
+            for i in range(0, cfg.batch_size, cfg.minibatch_size)
+        ]
+        first = parallel.part(orders[0][: cfg.minibatch_size], where, tokens, dist)[0]
+        head = train_forward(run, *_inputs(qr, am, g.mask, first, cfg.length_buckets))
+        fw = _rollout_forwards(run, qr, am, g.mask, groups, head)
         scores = fw["scores"] + cfg.no_eos_penalty * (~g.ended).float()  # an offset, not in §3.5
         # 5. KL-shaped per-token rewards (§3.5 eq. 2) → GAE → advantages whitened over the global batch
         rewards, kl = kl_shaped_rewards(scores, fw["logprobs"], fw["ref_logprobs"], g.mask, run.kl_ctl.value)
@@ -298,10 +339,24 @@ def _time_metrics(timer: PhaseTimer, episodes: int, tokens: float, dist) -> dict
     }
 
 
-def _minibatch_orders(cfg: PPOConfig, step: int, device: torch.device) -> list[torch.Tensor]:
-    """One shuffled order of the batch's rows per PPO epoch, drawn from the step's seed."""
+def _minibatch_orders(cfg: PPOConfig, step: int, device: torch.device, lengths: torch.Tensor) -> list[torch.Tensor]:
+    """One order of the batch's rows per PPO epoch (minibatch i: rows [i·mb, (i+1)·mb)),
+    drawn from the step's seed, the same on every rank. Length buckets: the rows sorted by
+    `lengths` (query + response tokens of every episode; ties in a seeded order) and cut into
+    minibatches, whose order each epoch shuffles. Otherwise a fresh permutation each epoch."""
     gen = torch.Generator().manual_seed(_step_seed(cfg.run.seed, step) + 1)
-    return [torch.randperm(cfg.batch_size, generator=gen).to(device) for _ in range(cfg.ppo_epochs)]
+    B, mb = cfg.batch_size, cfg.minibatch_size
+    if not cfg.length_buckets:
+        return [torch.randperm(B, generator=gen).to(device) for _ in range(cfg.ppo_epochs)]
+    perm = torch.randperm(B, generator=gen)
+    buckets = perm[torch.argsort(lengths.cpu()[perm], stable=True)].view(B // mb, mb)
+    return [buckets[torch.randperm(B // mb, generator=gen)].reshape(-1).to(device) for _ in range(cfg.ppo_epochs)]
+
+
+def _mine(episodes: torch.Tensor, where: torch.Tensor, tokens: torch.Tensor, dist) -> torch.Tensor:
+    """This rank's rows of a global minibatch (none: empty, not parallel.part's stand-in)."""
+    rows, scale = parallel.part(episodes, where, tokens, dist)
+    return rows if scale > 0 else rows[:0]
 
 
 def ppo_epochs(
@@ -323,7 +378,8 @@ def ppo_epochs(
             ptx, ptx_scale = None, 1.0
             if run.ptx is not None:  # every rank draws the same texts and trains on its share
                 ptx, ptx_scale = parallel.ptx_part(run.ptx_batch(cfg.minibatch_size), dist)
-            stats.append(train_minibatch(run, rollout.select(rows), ptx, head, (scale, ptx_scale)))
+            mb = rollout.select(rows, trim=cfg.length_buckets)
+            stats.append(train_minibatch(run, mb, ptx, head, (scale, ptx_scale)))
             head = None
     return _reduce(parallel.global_minibatch_stats(stats, dist, cfg.vf_coef, cfg.ptx_coef))
 
