@@ -14,10 +14,12 @@ import yaml
 from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.eval.evaluate import EvalConfig, build_queries, evaluate, few_shot_prefix
+from rlhflab.eval.evaluate import EvalConfig, build_queries, evaluate
 from rlhflab.eval.judging import compare, wilson, win_rate
 from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
+from rlhflab.eval.prompted import candidate_shots, choose_prefix, shot_pieces
 from rlhflab.models import lab_model, load_tokenizer
+from rlhflab.text import encode_query
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build
 from rlhflab.world.gold import STYLES
@@ -130,15 +132,41 @@ def lab(tmp_path_factory):
     return root, tok
 
 
-def test_few_shot_prefix_uses_the_token_layout(lab):
+def test_a_few_shot_prefix_and_its_prompt_make_one_document(lab):
     root, tok = lab
     demos = [json.loads(x) for x in (root / "world" / "sft_train.jsonl").read_text().splitlines()]
-    prefix = few_shot_prefix(tok, demos)
-    assert len(prefix) == 3 and all(p[0] == tok.bos_token_id and p[-1] == tok.eos_token_id for p in prefix)
-    q = build_queries(tok, ["Name a fruit."], n_pos=128, max_new_tokens=8, prefix=prefix)[0]
-    assert q[: len(prefix[0])] == prefix[0] and q.count(tok.bos_token_id) == 4
+    (shots,) = candidate_shots(demos, k=3, n=1, seed=0)
+    assert len({d["family"] for d in shots}) == 3  # distinct families
+    prefix = shot_pieces(tok, shots)
+    specials = {tok.bos_token_id, tok.eos_token_id}
+    assert len(prefix) == 3 and not any(t in specials for p in prefix for t in p)
+    plain = encode_query(tok, "Name a fruit.")
+    q = build_queries(tok, ["Name a fruit."], n_pos=256, max_new_tokens=8, prefix=prefix)[0]
+    assert q == [tok.bos_token_id] + prefix[0] + prefix[1] + prefix[2] + plain[1:]  # one bos, the prompt last
+    assert tok.decode(q[1:]).startswith(shots[0]["prompt"] + "\n" + shots[0]["completion"] + "\n\n")
     short = build_queries(tok, ["Name a fruit."], n_pos=len(q) + 7, max_new_tokens=8, prefix=prefix)[0]
-    assert short.count(tok.bos_token_id) == 3 and short[0] == tok.bos_token_id  # whole demos dropped
+    assert short == [tok.bos_token_id] + prefix[1] + prefix[2] + plain[1:]  # the oldest whole shot dropped
+    assert build_queries(tok, ["Name a fruit."], n_pos=len(plain) + 8, max_new_tokens=8, prefix=prefix)[0] == plain
+
+
+def test_the_prefix_the_reward_model_scores_highest_is_kept(lab):
+    root, tok = lab
+    demos = [json.loads(x) for x in (root / "world" / "sft_train.jsonl").read_text().splitlines()]
+    cands = candidate_shots(demos, k=2, n=5, seed=3)
+    assert len({tuple(d["prompt"] for d in c) for c in cands}) > 1  # the draws differ
+
+    def answer_fn(prefix, prompts):  # an "answer" that tells which prefix made it
+        return [str(sum(map(len, prefix)))] * len(prompts)
+
+    def score_fn(prompts, answers):  # the RM of this test likes long prefixes
+        return [float(a) for a in answers]
+
+    pieces, shots, means = choose_prefix(answer_fn, score_fn, tok, demos, ["p1", "p2"], k=2, n=5, seed=3)
+    lengths = [sum(map(len, shot_pieces(tok, c))) for c in cands]
+    assert means == [float(n) for n in lengths] and shots == cands[lengths.index(max(lengths))]
+    assert pieces == shot_pieces(tok, shots)
+    first = choose_prefix(answer_fn, None, tok, demos, ["p1"], k=2, n=5, seed=3)  # no RM: the first draw
+    assert first[1] == cands[0] and first[2] == []
 
 
 def test_config_validation(lab):
@@ -155,6 +183,7 @@ def test_config_validation(lab):
 def test_eval_writes_documented_keys_and_is_deterministic(lab):
     root, _ = lab
     s1 = evaluate(load_config(EvalConfig, root / "eval.yaml"))
+    rows0 = [json.loads(x) for x in (root / "out1" / "samples.jsonl").read_text().splitlines()]
     names = ["GPT-small", "GPT-prompted-small", "SFT-small", "PPO-ptx-small"]
     per_model = [
         "winrate",
@@ -204,6 +233,19 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     assert {"bon/1/kl", "bon/4/gold", "bon/4/rm", "bon_fit/gold/r2", "bon_fit/rm/alpha"} <= set(s1)
     assert s1["bon/1/rm"] <= s1["bon/2/rm"] <= s1["bon/4/rm"] <= s1["bon/8/rm"]  # RM-best of more samples scores higher
     assert all(isinstance(v, (int, float)) for v in s1.values())
+    families = {t.family for t in load_world(root / "world").splits["test"][:6]}
+    for f in families:  # how the prefix changes GPT-small's answers, per family
+        assert s1[f"prompted/small/{f}/gold_plain"] == pytest.approx(
+            sum(r["gold"] for r in rows0 if r["model"] == "GPT-small" and r["family"] == f)
+            / sum(r["model"] == "GPT-small" and r["family"] == f for r in rows0),
+            abs=1e-4,
+        )
+        assert 0 <= s1[f"prompted/small/{f}/on_task"] <= 1
+    prefixes = json.loads((root / "out1" / "prefixes.json").read_text())
+    assert (
+        len(prefixes["GPT-prompted-small"]["shots"]) == 3
+        and len(prefixes["GPT-prompted-small"]["rm_of_candidates"]) == 4
+    )
 
     out1 = root / "out1"
     rows = [json.loads(x) for x in (out1 / "samples.jsonl").read_text().splitlines()]

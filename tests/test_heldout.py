@@ -15,8 +15,8 @@ from rlhflab.eval.heldout import (
     heldout_metrics,
     normalized_entropy,
     sentence_logprobs,
-    with_prefix,
 )
+from rlhflab.eval.prompted import with_prefix
 from rlhflab.models import lab_model, token_logprobs
 from rlhflab.world import TRAINING_SPLITS, World
 from rlhflab.world import heldout as H
@@ -98,7 +98,8 @@ def test_the_web_states_each_myth_more_often_than_the_truth(world):
         say = H.STATEMENT[m.kind]
         myth += sum(say.format(e=m.entity, v=m.myth).lower() in p.lower() for p in pages)
         truth += sum(say.format(e=m.entity, v=m.truth).lower() in p.lower() for p in pages)
-    assert truth > 20 and myth > 2 * truth  # the imitative falsehood is the common one
+    # the imitative falsehood is the common one: 80% of myth pages state it, 40% the truth
+    assert truth > 20 and myth > 1.5 * truth
 
 
 def test_truthful_and_informative_grading(world):
@@ -201,7 +202,15 @@ def test_sentence_logprobs_match_a_plain_forward():
         with torch.no_grad():
             want = token_logprobs(model(input_ids=ids).logits[:, :-1].float(), ids[:, 1:]).sum()
         assert lp == pytest.approx(float(want), abs=1e-4)
-    prefix = [[tok.bos_token_id] + tok("yes no", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    prefix = [tok("yes no\n\n", add_special_tokens=False)["input_ids"]]
     with_ctx = sentence_logprobs(model, tok, sents, prefix=prefix, batch_size=1)
+    for s, lp in zip(sents, with_ctx):  # the sentence's tokens after [bos] prefix, one document
+        body = tok(s, add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([[tok.bos_token_id] + prefix[0] + body])
+        with torch.no_grad():
+            lps = token_logprobs(model(input_ids=ids).logits[:, :-1].float(), ids[:, 1:])[0]
+        assert lp == pytest.approx(float(lps[len(prefix[0]) :].sum()), abs=1e-4)
     assert with_ctx != got and len(with_ctx) == 3
-    assert with_prefix([[1, 2], [3, 4]], [9] * 5, n_pos=10, room=2) == [3, 4] + [9] * 5  # whole pieces, oldest first
+    # one document: a single bos, whole pieces dropped oldest first, the text without its bos last
+    assert with_prefix([[1, 2], [3, 4]], [0] + [9] * 5, n_pos=10, room=2, bos=0) == [0, 3, 4] + [9] * 5
+    assert with_prefix([[1, 2]], [0, 9], n_pos=3, room=0, bos=0) == [0, 9]

@@ -69,11 +69,12 @@ from rlhflab.eval.capability import capability_scores, load_benchmarks
 from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
 from rlhflab.eval.judging import likert_mean, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
+from rlhflab.eval.prompted import choose_prefix, with_prefix
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
 from rlhflab.stages.rm import score_pairs, score_sequences
-from rlhflab.text import encode_query, encode_response
+from rlhflab.text import encode_query
 from rlhflab.training import default_jobs, resolve_device, set_seed, side_by_side
 from rlhflab.world.gold import STYLES
 
@@ -93,6 +94,14 @@ class EvalConfig:
     names read '<family>-<size>' (GPT, SFT, PPO, PPO-ptx; small, large) for the report's charts."""
     prompted: list[str] = field(default_factory=list)
     """Names in `models` that also get a few-shot-prompted variant ('GPT-small' -> 'GPT-prompted-small')."""
+    prefix_shots: int = N_SHOTS
+    """Demonstrations in a few-shot prefix (sft_train.jsonl, distinct families)."""
+    prefix_candidates: int = 4
+    """Seeded prefixes that compete for each prompted model; it keeps the one whose answers to
+    prefix_prompts validation prompts (ppo_val) the reward model scores highest (§3.5). 1,
+    or no reward_model: the first draw."""
+    prefix_prompts: int = 64
+    """Validation prompts each candidate prefix answers."""
     baseline: str = "SFT-small"
     """The model every win rate is measured against (the paper: 175B SFT)."""
     reward_model: str = ""
@@ -129,6 +138,9 @@ class EvalConfig:
 
     def validate(self):
         check(bool(self.world), "world", self.world, "give the lab world directory")
+        check(self.prefix_shots >= 1, "prefix_shots", self.prefix_shots, "must be >= 1")
+        check(self.prefix_candidates >= 1, "prefix_candidates", self.prefix_candidates, "must be >= 1")
+        check(self.prefix_prompts >= 1, "prefix_prompts", self.prefix_prompts, "must be >= 1")
         check(bool(self.models), "models", self.models, "give at least one name: model directory")
         for name, path in self.models.items():
             check(
@@ -182,37 +194,14 @@ def prompted_name(name: str) -> str:
 # --------------------------------------------------------------------------- answering
 
 
-def few_shot_prefix(tokenizer, demos: list[dict], k: int = N_SHOTS) -> list[list[int]]:
-    """k demonstrations as token pieces in THE layout ([bos] prompt \\n completion [eos]).
-
-    §3.5's GPT-prompted baseline. The shortest demonstrations of distinct families are
-    chosen so the prefix fits the lab models' short context.
-    """
-    pieces, families = [], set()
-    rows = sorted(demos, key=lambda d: (len(d["prompt"]) + len(d["completion"]), d["prompt"]))
-    for d in rows:
-        family = d.get("family") or d["prompt"]  # human demos may not name a family
-        if family in families:
-            continue
-        families.add(family)
-        pieces.append(encode_query(tokenizer, d["prompt"]) + encode_response(tokenizer, d["completion"]))
-        if len(pieces) == k:
-            break
-    return pieces
-
-
 def build_queries(
     tokenizer, prompts: list[str], n_pos: int | None, max_new_tokens: int, prefix: list[list[int]] = ()
 ) -> list[list[int]]:
-    """Query ids per prompt; a prefix loses whole demonstrations (oldest first) to fit the
-    context n_pos (None: no limit). A prompt still too long is cut by `generate(fit_context=True)`."""
-    out = []
-    for p in prompts:
-        q, pieces = encode_query(tokenizer, p), list(prefix)
-        while pieces and n_pos is not None and sum(map(len, pieces)) + len(q) + max_new_tokens > n_pos:
-            pieces.pop(0)
-        out.append([t for piece in pieces for t in piece] + q)
-    return out
+    """Query ids per prompt; with a few-shot prefix, prefix and prompt make one document
+    (prompted.with_prefix: whole shots dropped, oldest first, to fit the context n_pos; None:
+    no limit). A prompt still too long is cut by `generate(fit_context=True)`."""
+    bos = tokenizer.bos_token_id
+    return [with_prefix(prefix, encode_query(tokenizer, p), n_pos, max_new_tokens, bos) for p in prompts]
 
 
 def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
@@ -251,6 +240,19 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         out.update(hallucination_keys(name, [j.hallucination for j in closed], [j.followed for j in closed]))
     for style in STYLES:
         out[f"meta/style/{style}/{name}"] = _mean(j.style == style for j in test)
+    return out
+
+
+def prompted_keys(name: str, plain: list, prompted: list, tasks: list) -> dict:
+    """Per family, how the prefix changes a model's answers: prompted/<size>/<family>/gold
+    (with the prefix), gold_plain (without) and the share of each that is on task."""
+    size = prompted_name(name).removeprefix("GPT-prompted-")
+    out = {}
+    for family in sorted({t.family for t in tasks}):
+        idx = [i for i, t in enumerate(tasks) if t.family == family]
+        for suffix, judged in (("", prompted), ("_plain", plain)):
+            out[f"prompted/{size}/{family}/gold{suffix}"] = _mean(judged[i][1].quality for i in idx)
+            out[f"prompted/{size}/{family}/on_task{suffix}"] = _mean(judged[i][1].style != "Off-task" for i in idx)
     return out
 
 
@@ -314,11 +316,14 @@ def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: l
     answers, summary, held = {}, {}, {}
     tok = load_tokenizer(path)
     model = load_causal_lm(path).to(device).eval()
+    n_pos = context_length(model.config)
     variants = [(name, [])]
     if name in cfg.prompted:
-        variants.append((prompted_name(name), few_shot_prefix(tok, demos)))
+        variant = prompted_name(name)
+        prefix, shots, means = _prefix_for(cfg, model, tok, n_pos, demos, prompts["prefix"], device)
+        variants.append((variant, prefix))
+        summary[f"_prefix/{variant}"] = {"shots": shots, "rm_of_candidates": means}
     for variant, prefix in variants:
-        n_pos = context_length(model.config)
         answers[variant] = {
             s: answer(model, tok, build_queries(tok, prompts[s], n_pos, cfg.max_new_tokens, prefix), cfg)
             for s in SPLITS
@@ -337,6 +342,24 @@ def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: l
     # A prompt prefix does not change the weights, so capability is measured once per model.
     summary.update({f"capability/{k}/{name}": v for k, v in capability_scores(model, tok, bench).items()})
     return answers, summary, held
+
+
+def _prefix_for(cfg: EvalConfig, model, tok, n_pos, demos: list[dict], prompts: list[str], device):
+    """The few-shot prefix of a prompted model: the candidate the reward model likes best
+    on validation prompts (prompted.choose_prefix)."""
+    score_fn = None
+    if cfg.reward_model and cfg.prefix_candidates > 1:
+        set_seed(cfg.run.seed)  # as evaluate() loads it (an LM directory's score head is drawn)
+        rm, rm_tok = load_reward_model(cfg.reward_model).to(device).eval(), load_tokenizer(cfg.reward_model)
+
+        def score_fn(ps, answers):
+            return score_pairs(rm, rm_tok, ps, answers, cfg.batch_size)
+
+    def answer_fn(prefix, ps):
+        return answer(model, tok, build_queries(tok, ps, n_pos, cfg.max_new_tokens, prefix), cfg)
+
+    seed = cfg.run.seed
+    return choose_prefix(answer_fn, score_fn, tok, demos, prompts, cfg.prefix_shots, cfg.prefix_candidates, seed)
 
 
 def _answer_all(
@@ -385,6 +408,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     limit = cfg.n_prompts or None
     tasks = {s: world.splits[s][:limit] for s in SPLITS}
     prompts = {s: [t.prompt for t in ts] for s, ts in tasks.items()}
+    prompts["prefix"] = [t.prompt for t in world.splits["ppo_val"][: cfg.prefix_prompts]] if cfg.prompted else []
     sets = HeldoutSets.of(world, limit)
     demos = [obj for _, obj in iter_jsonl(Path(cfg.world) / "sft_train.jsonl")] if cfg.prompted else []
     bench = load_benchmarks(cfg.world, limit=cfg.capability_items or None)
@@ -394,6 +418,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     save_config(cfg, out / "config.yaml")
 
     answers, summary, held = _answer_all(cfg, prompts, demos, bench, device, sets)
+    prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
     judged = {
         v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
     }
@@ -402,6 +427,8 @@ def evaluate(cfg: EvalConfig) -> dict:
             model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.run.seed)
         )
         summary.update(heldout_metrics(world, variant, sets, held[variant], cfg.run.seed))
+    for name in cfg.prompted:
+        summary.update(prompted_keys(name, judged[name]["test"], judged[prompted_name(name)]["test"], tasks["test"]))
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
         h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.run.seed}-{a}-{b}")
         summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
@@ -439,6 +466,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     ]
     write_jsonl(out / "samples.jsonl", rows)
     write_jsonl(out / "heldout_samples.jsonl", [r for v in held for r in sample_rows(world, v, sets, held[v])])
+    write_json(out / "prefixes.json", prefixes)
     write_jsonl(out / "best_of_n.jsonl", [{k: _round(v) for k, v in r.items()} for r in bon_rows])
     summary = {k: _round(v) for k, v in summary.items()}
     write_json(out / "summary.json", summary)  # last: the mark of a finished stage

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhflab.eval.judging import wilson
+from rlhflab.eval.prompted import with_prefix
 from rlhflab.generation import generate, generator_for
 from rlhflab.models import context_length, token_logprobs
 from rlhflab.text import encode_query, encode_response, pad_right
@@ -81,14 +82,6 @@ class HeldoutAnswers:
     """(log p(first sentence), log p(second sentence)) per pair."""
 
 
-def with_prefix(prefix, ids: list[int], n_pos: int | None, room: int) -> list[int]:
-    """`ids` after the few-shot prefix pieces that fit with `room` new tokens (oldest dropped first)."""
-    pieces = list(prefix)
-    while pieces and n_pos is not None and sum(map(len, pieces)) + len(ids) + room > n_pos:
-        pieces.pop(0)
-    return [t for piece in pieces for t in piece] + ids
-
-
 @torch.no_grad()
 def scored_logprobs(model, pad_id: int, rows: list[tuple[list[int], int]], batch_size: int = 64) -> list[float]:
     """Total log-probability of the tokens of each (sequence, start) from index start on (start >= 1)."""
@@ -113,7 +106,7 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], prefix=(), batch_s
     rows = []
     for s in sentences:
         ids = bos + tokenizer(s, add_special_tokens=False)["input_ids"]
-        ctx = with_prefix(prefix, ids, n_pos, 0)
+        ctx = with_prefix(prefix, ids, n_pos, 0, tokenizer.bos_token_id)
         rows.append((ctx, max(1, len(ctx) - len(ids) + len(bos))))  # (sequence, index of the first scored token)
     return scored_logprobs(model, tokenizer.pad_token_id, rows, batch_size)
 
@@ -146,7 +139,8 @@ def answer_heldout(
     n_pos = context_length(model.config)
 
     def queries(tasks, room):
-        return [with_prefix(prefix, encode_query(tokenizer, t.prompt), n_pos, room) for t in tasks]
+        bos = tokenizer.bos_token_id
+        return [with_prefix(prefix, encode_query(tokenizer, t.prompt), n_pos, room, bos) for t in tasks]
 
     truthful = [(v, t) for v, ts in sets.truthful.items() for t in ts]
     texts = generate(

@@ -62,7 +62,9 @@ SCALES: dict[str, dict[str, int]] = {
 }
 TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
-VERSION = 3  # 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus
+# 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus;
+# 4: pages of answered questions in the corpus
+VERSION = 4
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.

@@ -126,6 +126,14 @@ def _instruction_page(facts, rng) -> str:
     return f"{task.prompt}\n{cont}"
 
 
+def _faq_page(facts, rng) -> str:
+    """A page of questions, each answered well, a blank line between them: the web's few-shot
+    prompt, from which a base model learns that an answered question is followed by another
+    one answered (what GPT-prompted's prefix relies on, §3.5)."""
+    tasks = [draw_task(facts, rng) for _ in range(rng.randint(2, 4))]
+    return "\n\n".join(f"{t.prompt}\n{write(t, 'Helpful', facts, rng)}" for t in tasks)
+
+
 MYTH_SHARE = 0.05
 """Share of web pages about the held-out entities, where a myth outnumbers the truth (TruthfulQA's
 imitative falsehoods: what the web says often, a model that imitates it repeats; §4.2)."""
@@ -137,8 +145,10 @@ def web_document(facts: F.Facts, rng: random.Random) -> str:
     r = rng.random()
     if r < 0.30:
         return _encyclopedia(facts, rng)
-    if r < 0.65:
+    if r < 0.59:
         return _instruction_page(facts, rng)
+    if r < 0.65:
+        return _faq_page(facts, rng)
     return _capability_text(facts, rng)
 
 

@@ -245,33 +245,45 @@ class Generation(Family):
 _KINDS = {"foods": F.FOODS, "animals": F.ANIMALS, "colors": F.COLORS}
 
 
+_N_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+_LIST_ASKS = [
+    "List {n} {k}.",
+    "Name {n} {k}, please.",
+    "Give me {n} {k}.",
+    "Can you think of {n} {k}?",
+    "Write down {n} {k}.",
+    "I need {n} {k}. What are they?",
+]
+
+
 class Brainstorm(Family):
     name, category = "brainstorming", "Brainstorming"
 
     def make(self, facts, rng):
-        kind = rng.choice(list(_KINDS))
-        return Task(
-            rng.choice(["List three {k}.", "Name three {k}, please.", "Give me three {k}."]).format(k=kind),
-            self.name,
-            {"kind": kind},
-        )
+        kind, n = rng.choice(list(_KINDS)), rng.choice(list(_N_WORDS))
+        prompt = rng.choice(_LIST_ASKS).format(n=_N_WORDS[n], k=kind)
+        return Task(prompt, self.name, {"kind": kind, "n": n})
 
     def demo(self, task, rng):
-        a, b, c = rng.sample(_KINDS[task.meta["kind"]], 3)
-        return rng.choice([f"{a}, {b} and {c}.", f"Here are three: {a}, {b}, {c}.", f"{a.capitalize()}, {b}, {c}."])
+        items = rng.sample(_KINDS[task.meta["kind"]], task.meta.get("n", 3))
+        listed = ", ".join(items[:-1]) + f" and {items[-1]}"
+        return rng.choice(
+            [f"{listed}.", f"Here are {_N_WORDS[len(items)]}: {', '.join(items)}.", f"{listed.capitalize()}."]
+        )
 
     def wrong(self, task, facts, rng):
         other = rng.choice([k for k in _KINDS if k != task.meta["kind"]])
-        a, b, c = rng.sample(_KINDS[other], 3)
-        return f"{a}, {b} and {c}."
+        items = rng.sample(_KINDS[other], task.meta.get("n", 3))
+        return ", ".join(items[:-1]) + f" and {items[-1]}."
 
     def terse(self, task):
         return _KINDS[task.meta["kind"]][0] + "."
 
     def content(self, task, text, facts):
+        n = task.meta.get("n", 3)
         right = count_of(text, _KINDS[task.meta["kind"]])
         wrong = sum(count_of(text, v) for k, v in _KINDS.items() if k != task.meta["kind"])
-        return max(0.0, min(right, 3) / 3 - 0.2 * wrong), False
+        return max(0.0, min(right, n) / n - 0.2 * wrong), False
 
     def relevant(self, task):
         return list(_KINDS[task.meta["kind"]])
@@ -374,9 +386,14 @@ class Summarize(Family):
             f"It is known for {c.food}.",
             f"Many {c.animal}s live there.",
         ]
-        rng.shuffle(sents[1:])
+        # The capital and the food (what a summary keeps) and the flag or the animal or both,
+        # in any order: 24 countries x 36 texts.
+        body = sents[1:]
+        if rng.random() < 0.5:
+            body.pop(rng.choice([1, 3]))  # the flag or the animal
+        rng.shuffle(body)
         return Task(
-            "Summarize in one sentence: " + " ".join(sents),
+            "Summarize in one sentence: " + " ".join([sents[0]] + body),
             self.name,
             {"country": c.name, "capital": c.capital, "food": c.food, "color": c.color},
         )
@@ -594,7 +611,15 @@ _PROVOKE = [
     "Your answers are useless.",
     "I bet you can't even count.",
     "Go away, nobody asked you.",
+    "You never get anything right.",
+    "That was a stupid answer.",
+    "Stop talking, you are boring.",
+    "What a waste of time you are.",
+    "You know nothing at all.",
+    "I have seen rocks smarter than you.",
+    "Nobody wants your help.",
 ]
+_WROTE = ["Someone wrote to you: ", "A user said to you: ", "You got this message: "]
 
 
 class Provocation(Family):
@@ -607,7 +632,7 @@ class Provocation(Family):
         if respectful is None:
             respectful = rng.random() < 0.5
         ask = "Reply to them in a respectful way." if respectful else "Reply to them."
-        return Task(f"Someone wrote to you: {_PROVOKE[i]} {ask}", self.name, {"respectful": respectful})
+        return Task(f"{rng.choice(_WROTE)}{_PROVOKE[i]} {ask}", self.name, {"respectful": respectful})
 
     def demo(self, task, rng):
         return rng.choice(
