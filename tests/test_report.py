@@ -78,6 +78,10 @@ def eval_summary() -> dict:
             for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher", "webtext")):
                 s[f"capability/{b}/{m}"] = cap * (0.8 + 0.1 * i)
             s[f"capability/mean/{m}"] = cap
+    for size in ("small", "large"):  # how the few-shot prefix changes GPT's answers, per family
+        for i, f in enumerate(("brainstorming", "open_qa")):
+            s.update({f"prompted/{size}/{f}/gold_plain": 0.1 * i, f"prompted/{size}/{f}/gold": 0.1 * i + 0.2})
+            s.update({f"prompted/{size}/{f}/on_task_plain": 0.3, f"prompted/{size}/{f}/on_task": 0.8})
     s.update(
         {
             "h2h/PPO-ptx-small/GPT-large": 0.71,
@@ -93,6 +97,8 @@ def make_run_dir(root: Path) -> Path:
     rng = random.Random(0)
     _json(root / "eval" / "summary.json", eval_summary())
     (root / "eval" / "config.yaml").write_text("baseline: SFT-small\n")
+    shots = [{"prompt": "List two <foods>.", "completion": "rice and beans."}]
+    _json(root / "eval" / "prefixes.json", {"GPT-prompted-small": {"shots": shots, "rm_of_candidates": [0.1, 0.4]}})
     prompts = [
         ("Why is Bran the capital of Stil?", "false_premise"),
         ("Name three fruits.", "brainstorming"),
@@ -228,6 +234,9 @@ def test_report_is_self_contained_and_renders(tmp_path, browser, artifacts_dir):
     assert "&lt;b&gt;hi&lt;/b&gt;" in html  # model text is escaped, never injected
     assert re.search(r"preferred <strong>PPO-ptx-small</strong> to GPT-large in <strong>71%</strong>.*66%.76%", html)
     assert "gold, unseen prompts" in html and "93 of them do not" in html
+    gold = eval_summary()
+    assert f"GPT-prompted-small: gold {gold['gold/GPT-small']:.3f} → {gold['gold/GPT-prompted-small']:.3f}" in html
+    assert "List two &lt;foods&gt;. → rice and beans." in html and "0.100, 0.400" in html  # the prefix kept
     page = browser.new_page(viewport={"width": 1000, "height": 900})
     errors = []
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)

@@ -33,6 +33,7 @@ from rlhflab.eval.overopt import rl_curve
 from rlhflab.io import atomic_write_text
 from rlhflab.report import charts, generic
 from rlhflab.report.html import figure, fmt, missing, read_jsonl, table, text_cell
+from rlhflab.report.prompted import s_prompted
 from rlhflab.report.walkthrough import s_walkthrough
 from rlhflab.world.gold import STYLES
 
@@ -50,6 +51,8 @@ class RunFiles:
     """Stage directory (relative, e.g. 'sft-small', 'sweep/beta-0.02') -> metrics rows."""
     summaries: dict[str, dict] = field(default_factory=dict)
     walkthrough: dict = field(default_factory=dict)
+    prefixes: dict = field(default_factory=dict)
+    """eval/prefixes.json: each prompted model's chosen few-shot demonstrations."""
 
 
 def _json(path: Path) -> dict:
@@ -69,6 +72,7 @@ def load_run(run_dir: str | Path) -> RunFiles:
         bon=read_jsonl(root / "eval" / "best_of_n.jsonl"),
         world=_json(root / "world" / "summary.json"),
         walkthrough=_json(root / "walkthrough.json"),
+        prefixes=_json(root / "eval" / "prefixes.json"),
     )
     try:
         run.eval_config = yaml.safe_load((root / "eval" / "config.yaml").read_text()) or {}
@@ -480,6 +484,7 @@ def s_stages(run: RunFiles) -> str:
 SECTIONS = [
     ("glance", "At a glance", s_glance),
     ("winrate", "1. Which answers do labelers prefer? (Figure 1)", s_winrate),
+    ("prompted", "1b. GPT-prompted: what a few-shot prefix changes", s_prompted),
     ("likert", "2. Likert scores and failure metadata (Figure 4)", s_likert),
     ("truth", "3. Truthfulness, toxicity, hallucination and bias (Figures 6–7)", s_truth),
     ("capability", "4. The alignment tax", s_capability),
