@@ -151,8 +151,8 @@ def _rollout_forwards(
     epoch and each group runs trimmed (`cut`), as the update will run it; otherwise the rows
     go in chunks of the minibatch size at the batch's width. Either way every row's old
     forward is the computation its update forward repeats, so with lr = 0 the PPO ratio is
-    exactly 1 on every minibatch. The other rows (no group holds them: none) and the
-    reference and reward forwards go in chunks, trimmed the same way.
+    exactly 1 on every minibatch. The reference and reward forwards run on the same groups,
+    trimmed the same way.
     """
     cfg, R, B = run.config, mask.shape[1], qr.shape[0]
     trim = cfg.length_buckets
