@@ -29,6 +29,10 @@ PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SEP = "\n"
 """Text between the prompt and the response."""
 
+SHOT_SEP = "\n\n"
+"""Text between the question-answer pairs of one document: the lab corpus's FAQ pages and
+GPT-prompted's few-shot prefix, which imitates them."""
+
 LAB_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
     "{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"

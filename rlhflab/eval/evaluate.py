@@ -69,7 +69,7 @@ from rlhflab.eval.capability import capability_scores, load_benchmarks
 from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
 from rlhflab.eval.judging import likert_mean, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
-from rlhflab.eval.prompted import choose_prefix, with_prefix
+from rlhflab.eval.prompted import choose_prefix, prompted_keys, prompted_name, with_prefix
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
@@ -186,11 +186,6 @@ class EvalConfig:
         return list(self.models) + [prompted_name(m) for m in self.prompted]
 
 
-def prompted_name(name: str) -> str:
-    """'GPT-small' -> 'GPT-prompted-small'; any other name gets a '-prompted' suffix."""
-    return "GPT-prompted" + name[3:] if name == "GPT" or name.startswith("GPT-") else name + "-prompted"
-
-
 # --------------------------------------------------------------------------- answering
 
 
@@ -240,19 +235,6 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         out.update(hallucination_keys(name, [j.hallucination for j in closed], [j.followed for j in closed]))
     for style in STYLES:
         out[f"meta/style/{style}/{name}"] = _mean(j.style == style for j in test)
-    return out
-
-
-def prompted_keys(name: str, plain: list, prompted: list, tasks: list) -> dict:
-    """Per family, how the prefix changes a model's answers: prompted/<size>/<family>/gold
-    (with the prefix), gold_plain (without) and the share of each that is on task."""
-    size = prompted_name(name).removeprefix("GPT-prompted-")
-    out = {}
-    for family in sorted({t.family for t in tasks}):
-        idx = [i for i, t in enumerate(tasks) if t.family == family]
-        for suffix, judged in (("", prompted), ("_plain", plain)):
-            out[f"prompted/{size}/{family}/gold{suffix}"] = _mean(judged[i][1].quality for i in idx)
-            out[f"prompted/{size}/{family}/on_task{suffix}"] = _mean(judged[i][1].style != "Off-task" for i in idx)
     return out
 
 

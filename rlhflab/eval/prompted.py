@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import random
 
-SHOT_END = "\n\n"
-"""What ends a shot: a blank line, as between the questions of a web page of them."""
+
+def prompted_name(name: str) -> str:
+    """'GPT-small' -> 'GPT-prompted-small'; any other name gets a '-prompted' suffix."""
+    return "GPT-prompted" + name[3:] if name == "GPT" or name.startswith("GPT-") else name + "-prompted"
 
 
 def shot_pieces(tokenizer, demos: list[dict]) -> list[list[int]]:
     """The token pieces of a prefix: one per demonstration, ``prompt \\n completion \\n\\n``
     (no bos or eos: `with_prefix` puts one bos before them all)."""
-    from rlhflab.text import SEP
+    from rlhflab.text import SEP, SHOT_SEP
 
     return [
-        list(tokenizer(d["prompt"] + SEP + d["completion"] + SHOT_END, add_special_tokens=False)["input_ids"])
+        list(tokenizer(d["prompt"] + SEP + d["completion"] + SHOT_SEP, add_special_tokens=False)["input_ids"])
         for d in demos
     ]
 
@@ -75,3 +77,18 @@ def choose_prefix(answer_fn, score_fn, tokenizer, demos, prompts, k: int, n: int
         means.append(sum(scores) / len(scores))
     best = max(range(len(cands)), key=lambda i: (means[i], -i))
     return pieces[best], cands[best], means
+
+
+def prompted_keys(name: str, plain: list, prompted: list, tasks: list) -> dict:
+    """Per family, how the prefix changes a model's answers (`plain`, `prompted`: judged test
+    answers, (response, judgement) per task): prompted/<size>/<family>/gold with the prefix,
+    gold_plain without, and the share of each that is on task (on_task, on_task_plain)."""
+    size = prompted_name(name).removeprefix("GPT-prompted-")
+    out = {}
+    for family in sorted({t.family for t in tasks}):
+        idx = [i for i, t in enumerate(tasks) if t.family == family]
+        for suffix, judged in (("", prompted), ("_plain", plain)):
+            out[f"prompted/{size}/{family}/gold{suffix}"] = sum(judged[i][1].quality for i in idx) / len(idx)
+            on_task = sum(judged[i][1].style != "Off-task" for i in idx) / len(idx)
+            out[f"prompted/{size}/{family}/on_task{suffix}"] = on_task
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 
+from rlhflab.text import SEP, SHOT_SEP
 from rlhflab.world import facts as F
 from rlhflab.world.gold import write
 from rlhflab.world.heldout import myth_page
@@ -131,7 +132,7 @@ def _faq_page(facts, rng) -> str:
     prompt, from which a base model learns that an answered question is followed by another
     one answered (what GPT-prompted's prefix relies on, §3.5)."""
     tasks = [draw_task(facts, rng) for _ in range(rng.randint(2, 4))]
-    return "\n\n".join(f"{t.prompt}\n{write(t, 'Helpful', facts, rng)}" for t in tasks)
+    return SHOT_SEP.join(t.prompt + SEP + write(t, "Helpful", facts, rng) for t in tasks)
 
 
 MYTH_SHARE = 0.05

@@ -161,20 +161,20 @@ def _rollout_forwards(
         rest[groups[0]] = False
         rest = rest.nonzero().squeeze(1)
         groups = [groups[0]] + [rest[i : i + cfg.minibatch_size] for i in range(0, rest.shape[0], cfg.minibatch_size)]
-    rows, parts = [], []
+    rows, inputs, parts = [], [], []
     with parallel.gathered(run.policy_train, run.value_train):  # FSDP: local forwards, any number per rank
         for j, idx in enumerate(groups):
             if not idx.numel():
                 continue
-            f = head if j == 0 else train_forward(run, *_inputs(qr, am, mask, idx, trim))
             rows.append(idx)
+            inputs.append(_inputs(qr, am, mask, idx, trim))
+            f = head if j == 0 else train_forward(run, *inputs[-1])
             parts.append((_widen(f.logprobs.detach(), R), _widen(f.values.detach(), R), f.entropy))
     order = torch.empty(B, dtype=torch.long, device=qr.device)
     order[torch.cat(rows)] = torch.arange(B, device=qr.device)  # back to the batch's row order
     out = {k: torch.cat(v)[order] for k, v in zip(("logprobs", "values", "entropy"), zip(*parts))}
     ref, scores = [], []
-    for idx in rows:
-        q, a, m = _inputs(qr, am, mask, idx, trim)
+    for q, a, m in inputs:
         ref.append(_widen(policy_logprobs(run.ref_policy, q, a, m.shape[1], cfg.temperature)[0], R))
         scores.append(score(run.reward_model, q, a))
     return {**out, "ref_logprobs": torch.cat(ref)[order], "scores": torch.cat(scores)[order]}
