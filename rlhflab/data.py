@@ -392,6 +392,19 @@ def parse_ranking(obj: dict, path="<input>", line: int = 0) -> Ranking:
     return Ranking(prompt, tuple(responses), tuple(groups), line)
 
 
+def read_samples(path: str | Path) -> list[tuple[int, Prompt, tuple[str, ...]]]:
+    """(line, prompt, responses) of each row {"prompt", "responses": [...]}: what `rlhflab sample`
+    writes (a rankings file fits too, its ranking unread)."""
+    rows = []
+    for line, obj in iter_rows(path):
+        prompt = _prompt(obj, path, line)
+        responses = obj.get("responses")
+        if not isinstance(responses, list) or not responses:
+            raise InputError("must be a non-empty list of strings", file=str(path), line=line, field="responses")
+        rows.append((line, prompt, tuple(_answer(r, f"responses[{i}]", path, line) for i, r in enumerate(responses))))
+    return _nonempty(rows, path)
+
+
 def read_texts(path: str | Path) -> list[str]:
     """Pretraining text: `.txt` (one document per non-blank line) or `{"text"}` JSONL."""
     path = Path(path)

@@ -183,6 +183,19 @@ def reward_bias(model) -> float:
     return float(getattr(model.config, REWARD_BIAS_KEY, 0.0) or 0.0)
 
 
+def scale_reward(model, gain: float) -> None:
+    """Multiply every score and token value of `model` by `gain`, in its weights: the scalar
+    head's weight (and bias) and any bias left in the config. Exact wherever a bias was
+    folded, too: a folded LayerNorm shift reaches the score only through the head's weight."""
+    head = model.score
+    with torch.no_grad():
+        head.weight *= gain
+        if getattr(head, "bias", None) is not None:
+            head.bias *= gain
+    if reward_bias(model):
+        setattr(model.config, REWARD_BIAS_KEY, reward_bias(model) * gain)
+
+
 def fold_reward_bias(model, bias: float) -> str:
     """Add `bias` to every score and token value of `model`, in its weights where that is exact.
 

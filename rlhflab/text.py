@@ -127,6 +127,13 @@ def assistant_spans(tokenizer, conversation: Sequence, where: dict | None = None
     return ids, spans
 
 
+def encode_documents(tokenizer, texts: list[str], context: int | None) -> list[list[int]]:
+    """Pretraining layout: [bos] + tokens(text) + [eos], cut to the context length (None: not cut)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [(bos + list(x) + [tokenizer.eos_token_id])[:context] for x in ids]
+
+
 def decode_response(tokenizer, ids) -> str:
     """Text of a generated response: stops at the first eos, drops padding."""
     ids = [int(i) for i in ids]

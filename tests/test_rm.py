@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ from safetensors.torch import load_file
 
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking, read_demos, read_rankings
-from rlhflab.models import load_reward_model, load_tokenizer, reward_scores
+from rlhflab.models import fold_reward_bias, load_reward_model, load_tokenizer, reward_scores, scale_reward
 from rlhflab.stages import rm
 from rlhflab.text import encode_query, encode_response, pad_left, pad_right
 
@@ -127,6 +129,63 @@ def test_rm_learns_changes_every_parameter_and_centres_demos(world, tmp_path, ar
     backbone = [k for k in after if not k.startswith("score.")]
     assert backbone and all(not torch.equal(before[k], after[k]) for k in backbone)
     assert "score.weight" in after
+
+
+def _samples(n: int = 8) -> list[dict]:
+    """Policy samples as `rlhflab sample` writes them: a prompt and its responses, no ranking."""
+    words = "red blue green cat dog".split()
+    return [{"prompt": f"name a color {i}", "responses": words[: 2 + i % 4]} for i in range(n)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # the bias in ln_f, and in the config
+def test_rm_scales_policy_samples_to_reward_std_then_centres_demos(world, tmp_path, arch):
+    samples = write_jsonl(tmp_path / "samples.jsonl", _samples())
+    cfg = config(world, tmp_path / "out", base=arch, policy_samples=str(samples), reward_std=1.0)
+    with pytest.warns(UserWarning) if arch == "llama" else contextlib.nullcontext():
+        out, summary = rm.train(cfg)
+    model, tok = load_reward_model(out), load_tokenizer(out)
+    rows = [(r["prompt"], x) for r in _samples() for x in r["responses"]]
+    scores = torch.tensor(rm.score_pairs(model, tok, [p for p, _ in rows], [x for _, x in rows]), dtype=torch.float64)
+    # The gain first (openai/lm-human-preferences: the initial policy's samples at std 1) ...
+    assert float(scores.std(correction=0)) == pytest.approx(1.0, abs=1e-4)
+    assert summary["gain"] == pytest.approx(1.0 / summary["rm/sample_std_before"])
+    assert summary["gain"] != pytest.approx(1.0, abs=1e-3)
+    # ... then the bias (§3.5): the demonstrations at mean 0; the samples' mean is reported.
+    demos = read_demos(world["demos"])
+    demo_scores = rm.score_pairs(model, tok, [d.prompt for d in demos], [d.completion for d in demos])
+    assert sum(demo_scores) / len(demo_scores) == pytest.approx(0.0, abs=1e-4)
+    assert summary["rm/sample_mean"] == pytest.approx(float(scores.mean()), abs=1e-4)
+
+
+def test_scale_reward_multiplies_every_score_wherever_the_bias_went(world):
+    tok = load_tokenizer(world["gpt2"])
+    ids, mask = pad_right([[5, 6, 7, 8], [9, 10]], tok.pad_token_id)
+    for arch in ("gpt2", "llama"):
+        model = load_reward_model(world[arch]).eval()
+        torch.nn.init.normal_(model.score.weight)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # llama: the bias stays in the config
+            fold_reward_bias(model, 0.7)
+        before = reward_scores(model, ids, mask)
+        scale_reward(model, -2.5)
+        torch.testing.assert_close(reward_scores(model, ids, mask), -2.5 * before, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_policy_samples_are_refused_before_anything_is_written(world, tmp_path, capsys):
+    samples = write_jsonl(tmp_path / "samples.jsonl", _samples(2) + [{"prompt": "x", "responses": ["ok", 3]}])
+    out = tmp_path / "out"
+    rc = main(
+        [
+            "rm",
+            f"--base={world['gpt2']}",
+            f"--rankings={world['ranks']}",
+            f"--policy_samples={samples}",
+            f"--out_dir={out}",
+        ]
+    )
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{samples}:3:" in err and "field 'responses[1]'" in err
+    assert not out.exists()
 
 
 def test_resume_after_interrupt_gives_identical_weights(world, tmp_path):

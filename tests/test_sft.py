@@ -119,6 +119,31 @@ def test_sft_learns_and_changes_every_parameter(world, tmp_path, arch, precision
     assert load_causal_lm(out) is not None
 
 
+def test_pretraining_mix_is_its_share_of_the_loss_and_teaches_the_text(world, tmp_path):
+    """App. C.3's init: demonstrations with pretraining texts mixed in at a share of the
+    labelled tokens; those texts carry the loss on every token and are learned."""
+    text = "the moon is made of cheese and the sun is made of fire"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"{text} {i}"} for i in range(40)])
+    inp = sft.read_inputs(config(world, tmp_path / "x", ptx_data=str(corpus), ptx_fraction=0.25))
+    demos, ptx = inp.train_set[: -inp.ptx_texts], inp.train_set[-inp.ptx_texts :]
+    assert len(demos) == 12 and inp.ptx_texts >= 1
+    share = sft.n_labelled(ptx) / sft.n_labelled(inp.train_set)
+    one = sft.n_labelled(ptx[:1]) / (sft.n_labelled(demos) + sft.n_labelled(ptx[:1]))
+    assert 0.25 <= share < 0.25 + one  # drawn until the share is reached, not beyond
+    ids, _, labels = sft.sft_batch(ptx[:1], world["tok"].pad_token_id)
+    assert labels[0, 1:].tolist() == ids[0, 1:].tolist()  # every token after bos is a label
+
+    def text_nll(model) -> float:
+        with torch.no_grad():
+            return float(sft.forward_loss(model.eval(), ptx, world["tok"].pad_token_id, "cpu"))
+
+    base = text_nll(load_causal_lm(world["gpt2"]))
+    plain, _ = sft.train(config(world, tmp_path / "plain", epochs=3))
+    mixed, summary = sft.train(config(world, tmp_path / "mixed", epochs=3, ptx_data=str(corpus), ptx_fraction=0.25))
+    assert summary["ptx_texts"] == inp.ptx_texts and summary["examples"] == 12
+    assert text_nll(load_causal_lm(mixed)) < min(base, text_nll(load_causal_lm(plain))) - 0.5
+
+
 def test_training_dropout_is_set_on_the_architecture(world):
     gpt2, _ = sft.load_policy(str(world["gpt2"]), 0.2)
     assert gpt2.config.resid_pdrop == gpt2.config.embd_pdrop == gpt2.config.attn_pdrop == 0.2

@@ -3,7 +3,8 @@
     SFT model + fresh scalar head ──▶ r_θ(x, y) read at the last real token (eos)
     one prompt's K responses = ONE batch element: K forward passes, C(K,2) comparisons,
         loss = −1/C(K,2) · Σ_(w,l) log σ(r_θ(x, y_w) − r_θ(x, y_l))      (ties dropped)
-    one epoch, cosine to 10% ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
+    one epoch, cosine to 10% ──▶ gain: samples of the RL's initial policy score std 1
+    ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
 
 Keeping a prompt's comparisons together is the paper's point: treated as separate
 examples, each response would be seen K−1 times per epoch and the RM overfits.
@@ -31,7 +32,7 @@ from rlhflab.config import (
     train_fields,
     validate,
 )
-from rlhflab.data import Ranking, read_demos, read_rankings
+from rlhflab.data import Ranking, read_demos, read_rankings, read_samples
 from rlhflab.errors import InputError
 from rlhflab.models import (
     context_length,
@@ -40,6 +41,7 @@ from rlhflab.models import (
     load_reward_model,
     load_tokenizer,
     reward_scores,
+    scale_reward,
 )
 from rlhflab.text import encode_pair, encode_query, pad_right
 from rlhflab.training import (
@@ -65,6 +67,14 @@ class RMConfig:
     """Held-out rankings: val loss and pairwise accuracy after each epoch."""
     demos: str | None = None
     """Demonstrations JSONL {"prompt", "completion"}: the bias makes their mean score 0 (§3.5)."""
+    policy_samples: str | None = None
+    """Samples of the policy RL starts from, JSONL {"prompt", "responses"} (what `rlhflab
+    sample` writes): before the demonstrations' centring, every score is multiplied by a gain
+    that gives these responses standard deviation `reward_std`, as openai/lm-human-preferences
+    normalises its reward model on samples of the initial policy; then a KL coefficient β
+    means the same against any reward model. None: no gain (the scale training left)."""
+    reward_std: float = 1.0
+    """The standard deviation of the policy samples' scores after the gain."""
     out_dir: str = "runs/rm"
     """Output directory: model/ (HF reward model + tokenizer), metrics.jsonl, config.yaml,
     summary.json."""
@@ -104,6 +114,7 @@ class RMConfig:
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
+        check(self.reward_std > 0, "reward_std", self.reward_std, "must be > 0")
         check(self.train_eval_prompts >= 0, "train_eval_prompts", self.train_eval_prompts, "must be >= 0 (0: all)")
 
 
@@ -309,31 +320,79 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], batch_size: int
     return evaluate(model, comparisons, tokenizer.pad_token_id, batch_size)["accuracy"]
 
 
-def center_on_demos(model, tokenizer, demos, batch_size: int) -> dict:
-    """Shift every score so that the demonstrations score mean 0 (§3.5: 'normalized ... so
-    that the labeler demonstrations achieve a mean score of 0 before doing RL'), in the
-    weights where that is exact (`fold_reward_bias`), so any tool loading model/ sees it."""
-    mean = demo_mean(model, tokenizer, demos, batch_size)
-    fold_reward_bias(model, -mean)
-    return {"rm/demo_mean_before": mean, "rm/bias": -mean}
-
-
 def demo_mean(model, tokenizer, demos, batch_size: int, dist=distributed.SINGLE, scorer=None) -> float:
     """The demonstrations' mean score (scoring shared out over the ranks with `dist`)."""
     seqs = [encode_sequence(tokenizer, d.prompt, d.completion) for d in demos]
+    scores = shared_scores(model, seqs, tokenizer.pad_token_id, batch_size, dist, scorer)
+    return sum(scores) / len(scores)
+
+
+def shared_scores(model, seqs, pad_id: int, batch_size: int, dist=distributed.SINGLE, scorer=None) -> list[float]:
+    """`score_sequences` of `seqs`, shared out over the ranks with `dist` (every rank gets all)."""
 
     def score(part: list) -> list[float]:
-        return score_sequences(model, part, tokenizer.pad_token_id, batch_size, "responses", scorer)
+        return score_sequences(model, part, pad_id, batch_size, "responses", scorer)
 
-    scores = dist.map_shards(score, seqs)
-    return sum(scores) / len(scores)
+    return dist.map_shards(score, seqs)
+
+
+def encode_samples(tokenizer, path: str, max_len: int | None) -> list[list[int]]:
+    """Every response of `path` (`read_samples`) as query + response ids, a sequence longer
+    than the context refused naming its line."""
+    seqs = []
+    for line, prompt, responses in read_samples(path):
+        for i, response in enumerate(responses):
+            seq = encode_sequence(tokenizer, prompt, response, dict(file=path, line=line, field="prompt"))
+            if max_len is not None and len(seq) > max_len:
+                raise InputError(
+                    f"prompt + response is {len(seq)} tokens, the model's context is {max_len}",
+                    file=path,
+                    line=line,
+                    field=f"responses[{i}]",
+                )
+            seqs.append(seq)
+    return seqs
+
+
+def normalize(model, tokenizer, samples, demos, config: RMConfig, dist=distributed.SINGLE, scorer=None) -> dict:
+    """The gain that gives the policy samples std `reward_std`, and the bias that then gives
+    the demonstrations mean 0 (§3.5), as numbers: `apply_normalization` puts them in the
+    weights. Either part is left out (gain 1, bias 0) without its data."""
+    out, gain = {}, 1.0
+    bs, pad_id = config.eval_batch_size, tokenizer.pad_token_id
+    if samples:
+        scores = torch.tensor(shared_scores(model, samples, pad_id, bs, dist, scorer), dtype=torch.float64)
+        std = float(scores.std(correction=0))
+        if not std > 0:
+            raise ValueError(
+                f"policy_samples: the reward model gives all {len(scores)} responses of "
+                f"{config.policy_samples} the same score, so no gain sets their spread"
+            )
+        gain = config.reward_std / std
+        out.update({"rm/sample_std_before": std, "rm/sample_mean_before": float(scores.mean())})
+    out["rm/gain"] = gain
+    if demos:
+        mean = demo_mean(model, tokenizer, demos, bs, dist, scorer)
+        out.update({"rm/demo_mean_before": mean, "rm/bias": -mean * gain})
+    if samples:  # where the samples land after both: their mean is the RL's starting reward
+        out["rm/sample_mean"] = out["rm/sample_mean_before"] * gain + out.get("rm/bias", 0.0)
+    return out
+
+
+def apply_normalization(model, norm: dict) -> None:
+    """Scale by rm/gain, then shift by rm/bias, in the weights (`scale_reward`, `fold_reward_bias`)."""
+    if norm["rm/gain"] != 1.0:
+        scale_reward(model, norm["rm/gain"])
+    if "rm/bias" in norm:
+        fold_reward_bias(model, norm["rm/bias"])
 
 
 # --------------------------------------------------------------------------- train
 
 
 def read_inputs(config: RMConfig):
-    """(tokenizer, model, train comparisons, val comparisons, demos), all checked."""
+    """(tokenizer, model, train comparisons, val comparisons, demos, policy-sample
+    sequences), all checked."""
     tokenizer = load_tokenizer(config.base)
     set_seed(config.run.seed)  # the fresh head's initialisation
     model = load_reward_model(config.base)
@@ -346,7 +405,8 @@ def read_inputs(config: RMConfig):
     demos = read_demos(config.demos) if config.demos else None
     if demos:
         check_demos(tokenizer, demos, config.demos, max_len)
-    return tokenizer, model, train_set, val_set, demos
+    samples = encode_samples(tokenizer, config.policy_samples, max_len) if config.policy_samples else None
+    return tokenizer, model, train_set, val_set, demos, samples
 
 
 def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
@@ -361,7 +421,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     out_dir, t0 = Path(config.out_dir), time.time()
     # 1. Read and check every input before anything is written (the fresh head's seed is
     # the same on every rank: FSDP shards, and does not broadcast, what each rank built).
-    tokenizer, model, train_set, val_set, demos = read_inputs(config)
+    tokenizer, model, train_set, val_set, demos, samples = read_inputs(config)
     dist = distributed.setup(resolve_device(config.run.device))  # one process, or this rank of torchrun's
     device, pad_id = dist.device, tokenizer.pad_token_id
     fast_kernels(model.to(device).train(), device, config.train.precision)
@@ -396,17 +456,15 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
         dist=dist,
     )
 
-    # 5. Train accuracy over the whole set, the demo-centring bias (§3.5), atomic output.
+    # 5. Train accuracy over the whole set; the gain on policy samples and the demo-centring
+    # bias (§3.5); atomic output.
     train_part = train_set[: config.train_eval_prompts or len(train_set)]
     train_eval = evaluate(model, train_part, pad_id, config.eval_batch_size, dist, scorer)
     final = {"rm/train_accuracy": train_eval["accuracy"]}
-    if demos:
-        mean = demo_mean(model, tokenizer, demos, config.eval_batch_size, dist, scorer)
-        final.update({"rm/demo_mean_before": mean, "rm/bias": -mean})
+    final.update(normalize(model, tokenizer, samples, demos, config, dist, scorer))
     plain = distributed.full_model(model, dist)  # None on ranks other than 0
     if plain is not None:
-        if demos:
-            fold_reward_bias(plain, -mean)  # center_on_demos' fold, on the full weights
+        apply_normalization(plain, final)  # on the full weights
         plain.config.pad_token_id = hf_pad_token_id(tokenizer)  # HF's own pooling then reads our token
     log.log({"step": state["step"], **final})
     summary = {
@@ -417,6 +475,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
         "steps": state["step"],
         "epochs": state["epochs"],
         "bias": final.get("rm/bias", 0.0),
+        "gain": final["rm/gain"],
         **final,
         "seconds": round(time.time() - t0, 1),
     }

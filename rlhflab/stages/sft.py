@@ -32,14 +32,14 @@ from rlhflab.config import (
     train_fields,
     validate,
 )
-from rlhflab.data import read_demos, read_prompt_rows
+from rlhflab.data import read_demos, read_prompt_rows, read_texts
 from rlhflab.errors import InputError
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import atomic_dir
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
 from rlhflab.stages.rm import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths
-from rlhflab.text import assistant_spans, encode_pair, encode_query, pad_right
+from rlhflab.text import assistant_spans, encode_documents, encode_pair, encode_query, pad_right
 from rlhflab.training import (
     Loop,
     autocast,
@@ -75,6 +75,13 @@ class SFTConfig:
     summary.json."""
     val_data: str | None = None
     """Held-out demonstrations: validation loss every epoch; picks the epoch if no reward model."""
+    ptx_data: str | None = None
+    """Pretraining texts (JSONL {"text"}) mixed into the demonstrations, the loss on every
+    token (App. C.3: the RL policies start from a model fine-tuned 2 epochs on demonstrations
+    'with 10% pretraining data mixed in'). None: demonstrations only (§3.5's SFT)."""
+    ptx_fraction: float = 0.1
+    """The pretraining texts' share of the labelled tokens, so of the loss (App. C.3: 10%).
+    Texts are drawn in a seeded order until they reach it; the same texts every epoch."""
     reward_model: str | None = None
     """Reward model directory: keep the epoch whose samples on val_prompts score best
     (§3.5, App. C.1)."""
@@ -119,6 +126,7 @@ class SFTConfig:
             "reward_model and val_prompts go together",
         )
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(0 < self.ptx_fraction < 1, "ptx_fraction", self.ptx_fraction, "must be in (0, 1)")
         check(self.assistant_turns in ("last", "all"), "assistant_turns", self.assistant_turns, "must be last or all")
         check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
         check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
@@ -167,6 +175,22 @@ def encode_demos(tokenizer, path: str, max_len: int | None, assistant_turns: str
             )
         examples.append((ids, spans))
     return examples
+
+
+def pretraining_examples(tokenizer, path: str, max_len: int | None, demos: list[Example], fraction: float, seed: int):
+    """Pretraining texts as Examples (the loss on every token but the first), drawn in a
+    seeded order until their labelled tokens are `fraction` of the mix with `demos`."""
+    texts = read_texts(path)
+    want = fraction / (1 - fraction) * n_labelled(demos)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    out, have = [], 0
+    for i in order:
+        if have >= want:
+            break
+        ids = encode_documents(tokenizer, [texts[i]], max_len)[0]
+        out.append((ids, [(1, len(ids))]))
+        have += len(ids) - 1
+    return out
 
 
 def sft_batch(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -266,6 +290,8 @@ class _Inputs:
     prompts: list | None
     rm: torch.nn.Module | None
     rm_tokenizer: object | None
+    ptx_texts: int = 0
+    """Pretraining texts at the end of train_set (App. C.3's mix)."""
 
 
 def read_inputs(config: SFTConfig) -> _Inputs:
@@ -276,6 +302,9 @@ def read_inputs(config: SFTConfig) -> _Inputs:
     max_len = context_length(model.config)
     train_set = encode_demos(tokenizer, config.data, max_len, config.assistant_turns)
     val_set = encode_demos(tokenizer, config.val_data, max_len, config.assistant_turns) if config.val_data else None
+    ptx = []
+    if config.ptx_data:
+        ptx = pretraining_examples(tokenizer, config.ptx_data, max_len, train_set, config.ptx_fraction, config.run.seed)
     prompts, rm, rm_tokenizer = None, None, None
     if config.reward_model:
         prompts = [p for _, p in read_prompt_rows(config.val_prompts)]
@@ -284,7 +313,7 @@ def read_inputs(config: SFTConfig) -> _Inputs:
         rm_tokenizer = load_tokenizer(config.reward_model)
         rm = load_reward_model(config.reward_model).eval().requires_grad_(False)
         check_prompt_lengths(rm_tokenizer, config.val_prompts, context_length(rm.config), n + 1)
-    return _Inputs(tokenizer, model, base_dropout, train_set, val_set, prompts, rm, rm_tokenizer)
+    return _Inputs(tokenizer, model, base_dropout, train_set + ptx, val_set, prompts, rm, rm_tokenizer, len(ptx))
 
 
 def train(config: SFTConfig, callback=None) -> tuple[Path, dict]:
@@ -386,7 +415,8 @@ def _summary(config: SFTConfig, state: dict, inp: _Inputs, seconds: float) -> di
     return {
         "stage": "sft",
         "base": config.base,
-        "examples": len(inp.train_set),
+        "examples": len(inp.train_set) - inp.ptx_texts,
+        "ptx_texts": inp.ptx_texts,
         "steps": state["step"],
         "epochs": state["epochs"],
         "best_epoch": best["epoch"] if best else config.epochs,

@@ -31,7 +31,7 @@ from rlhflab.errors import InputError
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_values
 from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
 from rlhflab.stages.ppo.parallel import check_parallel
-from rlhflab.text import encode_query, pad_right
+from rlhflab.text import encode_documents, encode_query, pad_right
 from rlhflab.training import NonFiniteGuard, adam, check_resumable, fast_kernels, resolve_device
 
 if TYPE_CHECKING:
@@ -214,7 +214,7 @@ def open_run(config) -> Run:
     )
     queries = _encode_prompts(tok, config.prompts, context, config.max_new_tokens)
     val_queries = _encode_prompts(tok, config.val_prompts, context, config.max_new_tokens) if val_prompts else []
-    ptx = _encode_texts(tok, texts, context_length(policy.config)) if texts is not None else None
+    ptx = encode_documents(tok, texts, context_length(policy.config)) if texts is not None else None
     return _assemble(config, tok, policy, reward_model, value_model, queries, val_queries, ptx, dist)
 
 
@@ -340,10 +340,3 @@ def _encode_prompts(tok, path: str, context: int | None, max_new: int) -> list[l
             )
         out.append(q)
     return out
-
-
-def _encode_texts(tok, texts: list[str], context: int | None) -> list[list[int]]:
-    """Pretraining layout: [bos] + tokens(text) + [eos], cut to the context length (None: not cut)."""
-    bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-    ids = tok(texts, add_special_tokens=False)["input_ids"]
-    return [(bos + list(t) + [tok.eos_token_id])[:context] for t in ids]
