@@ -42,6 +42,22 @@ LAB_PTX_COEF = 0.03
 lab world γ = 0.1 lifted capability to 0.22 (SFT 0.10) but kept little of PPO's gold gain;
 0.03 kept most of it with capability back to 0.13."""
 
+LAB_SFT = {
+    "small": {"epochs": 4, "dropout": 0.0},
+    "large": {"epochs": 4, "dropout": 0.0, "train": {"lr": 3e-4}},
+}
+"""The lab's SFT (SFTConfig overrides by size): 4 epochs, no dropout, lr 1e-3 (small) and 3e-4
+(large), against SFTConfig's paper defaults of 16 epochs and residual dropout 0.2 (§3.5). On the lab's base models
+those erased what pretraining taught (capability mean GPT-small 0.41 -> SFT 0.15), so the
+alignment tax landed at SFT, not at PPO. Measured from one pair of base models (capability mean
+over 150 items a benchmark, gold of samples on 300 test prompts): small 16 epochs at 1e-3 with
+dropout 0.2: 0.15 / 0.35; the same without dropout: 0.15 / 0.70; 4 epochs without dropout: 0.29
+/ 0.36 (1e-3), 0.38 / 0.28 (3e-4); large 16 epochs at 3e-4 with dropout 0.2: 0.22 / 0.84, 4
+epochs without: 0.56 / 0.67. Optimizer steps x peak lr, SFT over pretraining: 0.33 (small), 0.1
+(large), against 1.33 and 0.4 before. With 3e-4 the small SFT kept more (0.38), but from its
+weaker samples PPO learned to refuse every prompt, which the reward model scored high: gold
+0.28 -> 0.20 at β = 0.02, no gain at β = 0.1."""
+
 HEADLINE_RIVALS = ("GPT-large", "GPT-prompted-large")
 """The paper's headline (§1): the small PPO-ptx model against the ~10x larger base model,
 plain and few-shot prompted, judged head to head by the held-out labelers."""
@@ -51,7 +67,8 @@ PRESETS: dict[str, dict] = {
     "default": {
         "pretrain_small": {"steps": 600, "batch_size": 32},
         "pretrain_large": {"steps": 600, "batch_size": 16},
-        "sft_large": {"train": {"lr": 3e-4}},
+        "sft_small": LAB_SFT["small"],  # SFT small next to pretraining (App. C.1's proportion)
+        "sft_large": LAB_SFT["large"],
         "rm": {
             "train": {"lr": 1e-4},
             "epochs": 2,
@@ -291,6 +308,9 @@ class Pipeline:
             rankings=str(comparisons / "train.jsonl"),
             val_rankings=str(comparisons / "val.jsonl"),
             demos=str(world / "sft_train.jsonl"),
+            # SFT-small's samples on the RM's validation prompts: the policy PPO starts from,
+            # on prompts the RM did not train on
+            policy_samples=str(comparisons / "val_samples.jsonl"),
             out_dir=str(self.root / "rm"),
         )
         return train, (self._seeded(cfg),)
