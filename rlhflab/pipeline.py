@@ -62,6 +62,13 @@ HEADLINE_RIVALS = ("GPT-large", "GPT-prompted-large")
 """The paper's headline (§1): the small PPO-ptx model against the ~10x larger base model,
 plain and few-shot prompted, judged head to head by the held-out labelers."""
 
+FIGURE1_BASELINE = "SFT-large"
+"""Every win rate of the lab's eval is against the largest SFT model, as Figure 1 measures
+against 175B SFT."""
+
+OWN_SFT_RIVALS = ("PPO-small", "PPO-ptx-small")
+"""Judged head to head against the SFT model of their own size, the policy they started from."""
+
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
     "default": {
@@ -354,8 +361,8 @@ class Pipeline:
             models={k: str(v) for k, v in models.items()},
             rl_runs=rl_runs,
             prompted=[m for m in models if m.startswith("GPT-")],
-            baseline="SFT-small",
-            head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS],
+            baseline=FIGURE1_BASELINE,
+            head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS] + [f"{m}:SFT-small" for m in OWN_SFT_RIVALS],
             reward_model=str(rm),
             out_dir=str(self.root / "eval"),
         )
@@ -532,7 +539,7 @@ def run_cli(args) -> int:
     cfg = config_from_args(RunConfig, args, base=_base(args.preset))
     results = Pipeline(cfg).run()
     ev = results["eval"]
-    print("model              gold   unseen  win vs SFT-small (held-out labelers)   capability")
+    print(f"model              gold   unseen  win vs {FIGURE1_BASELINE} (held-out labelers)   capability")
     for name in sorted(k.split("/", 1)[1] for k in ev if k.startswith("gold/")):
         win = (
             f"{ev[f'winrate/{name}']:.2f} [{ev[f'winrate_ci_low/{name}']:.2f}, {ev[f'winrate_ci_high/{name}']:.2f}]"
@@ -542,10 +549,11 @@ def run_cli(args) -> int:
         cap = ev.get(f"capability/mean/{name}", float("nan"))
         unseen = ev.get(f"gold_unseen/{name}", float("nan"))
         print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {unseen:.3f}   {win:<36} {cap:.3f}")
-    for rival in HEADLINE_RIVALS:
-        key = f"PPO-ptx-small/{rival}"
+    pairs = [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + [(m, "SFT-small") for m in OWN_SFT_RIVALS]
+    for a, b in pairs:
+        key = f"{a}/{b}"
         print(
-            f"PPO-ptx-small preferred to {rival}: {ev[f'h2h/{key}']:.2f} "
+            f"{a} preferred to {b}: {ev[f'h2h/{key}']:.2f} "
             f"[{ev[f'h2h_ci_low/{key}']:.2f}, {ev[f'h2h_ci_high/{key}']:.2f}] (held-out labelers)"
         )
     print(f"report: {Path(cfg.out_dir) / 'report.html'}")

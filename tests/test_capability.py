@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rlhflab.errors import InputError
-from rlhflab.eval.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks
+from rlhflab.eval.capability import BENCHMARKS, _token_accuracy, capability_scores, load_benchmarks, tax_keys
 from rlhflab.models import load_causal_lm, load_tokenizer
 from rlhflab.world.build import build
 
@@ -75,3 +75,25 @@ def test_the_world_writes_webtext_and_every_score_is_a_fraction(tmp_path):
     with pytest.raises(InputError, match="webtext") as err:
         load_benchmarks(world)
     assert "webtext.jsonl" in str(err.value)
+
+
+def test_tax_intervals_are_paired_across_models():
+    """B answers every item 0.25 better than A: each model's own interval is wide (the items
+    differ), the difference's is the single value 0.25 (the same items are drawn for both)."""
+    a = [0.0, 0.25, 0.5, 0.75] * 10
+    items = {
+        "SFT-small": {"reading": (a, [1.0] * 40), "webtext": (a, [3.0, 1.0] * 20)},
+        "PPO-small": {"reading": ([x + 0.25 for x in a], [1.0] * 40), "webtext": (a, [3.0, 1.0] * 20)},
+    }
+    out = tax_keys(items, {"PPO-small": "SFT-small"}, seed=0)
+    lo, hi = out["tax/SFT-small/reading_ci_low"], out["tax/SFT-small/reading_ci_high"]
+    assert lo < out["tax/SFT-small/reading"] == 0.375 < hi and hi - lo > 0.1
+    for key in ("", "_ci_low", "_ci_high"):
+        assert out[f"tax_delta/PPO-small/reading{key}"] == pytest.approx(0.25)
+    # webtext is over tokens: the weighted mean, and no difference where the items agree.
+    assert out["tax/SFT-small/webtext"] == pytest.approx((3 * 0 + 0.25 + 3 * 0.5 + 0.75) / 8, abs=1e-4)
+    assert out["tax_delta/PPO-small/webtext_ci_low"] == pytest.approx(0.0, abs=1e-12)
+    assert out["tax_delta/PPO-small/webtext_ci_high"] == pytest.approx(0.0, abs=1e-12)
+    assert out["tax_delta/PPO-small/mean"] == pytest.approx(0.125)
+    assert "tax_delta/SFT-small/mean" not in out
+    assert tax_keys(items, {"PPO-small": "SFT-small"}, seed=0) == out  # seeded

@@ -226,6 +226,26 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
             f"capability/{b}/{m}" for b in ("reading", "arithmetic", "continuation", "cipher", "webtext", "mean")
         } <= set(s1)
     assert s1["winrate/SFT-small"] == 0.5 and s1["n/test"] == 6
+    # The alignment tax with intervals: the capability score itself, and PPO-ptx minus its SFT.
+    for m in ("GPT-small", "SFT-small", "PPO-ptx-small"):
+        for b in ("reading", "arithmetic", "continuation", "cipher", "webtext", "mean"):
+            k = f"tax/{m}/{b}"
+            assert s1[k] == s1[f"capability/{b}/{m}"] and s1[k + "_ci_low"] <= s1[k] <= s1[k + "_ci_high"], k
+    for b in ("webtext", "mean"):
+        d = f"tax_delta/PPO-ptx-small/{b}"
+        assert s1[d] == pytest.approx(s1[f"tax/PPO-ptx-small/{b}"] - s1[f"tax/SFT-small/{b}"], abs=1e-6)
+        assert s1[d + "_ci_low"] <= s1[d] + 1e-9 and s1[d] - 1e-9 <= s1[d + "_ci_high"]
+    assert "tax_delta/SFT-small/mean" in s1 and "tax_delta/GPT-small/mean" not in s1  # SFT against its base
+    # Figure 1's layout repeats the win rates against the baseline, per size and family.
+    for m, (fam, size) in {
+        "GPT-prompted-small": ("GPT-prompted", "small"),
+        "PPO-ptx-small": ("PPO-ptx", "small"),
+    }.items():
+        for src, dst in (("winrate", "win_vs_sft_small"), ("winrate_gold_ci_high", "gold_win_vs_sft_small_ci_high")):
+            assert s1[f"figure1/{size}/{fam}/{dst}"] == s1[f"{src}/{m}"]
+        if s1["n/test_unseen"]:
+            k = f"figure1/{size}/{fam}/win_vs_sft_small_unseen"
+            assert s1[k] == s1[f"winrate_unseen/{m}"] and s1[k + "_ci_low"] <= s1[k] <= s1[k + "_ci_high"]
     assert s1["h2h/SFT-small/SFT-small"] == 0.5 == s1["h2h_gold/SFT-small/SFT-small"]  # identical answers tie
     pair = "PPO-ptx-small/GPT-prompted-small"
     assert s1[f"h2h_ci_low/{pair}"] <= s1[f"h2h/{pair}"] <= s1[f"h2h_ci_high/{pair}"]

@@ -69,8 +69,9 @@ def _f1(pred: str, gold: str) -> float:
 
 
 @torch.no_grad()
-def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
-    correct = 0
+def _choice_hits(model, tokenizer, items: list[dict]) -> list[float]:
+    """1.0 per item whose correct ending has the highest mean log-likelihood, else 0.0."""
+    hits = []
     for item in items:
         ctx = _context_ids(tokenizer, item["context"])
         ends = [tokenizer(e, add_special_tokens=False)["input_ids"] for e in item["endings"]]
@@ -79,45 +80,125 @@ def _choice_accuracy(model, tokenizer, items: list[dict]) -> float:
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
         scores = [float(lp[k, len(ctx) - 1 : len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
-        correct += int(max(range(len(ends)), key=scores.__getitem__) == item["label"])
-    return correct / max(1, len(items))
+        hits.append(float(max(range(len(ends)), key=scores.__getitem__) == item["label"]))
+    return hits
 
 
 @torch.no_grad()
-def _token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
-    """Fraction of the tokens of [bos] text [eos] (bos excepted) that are the argmax of the
-    model's next-token distribution: the documents are laid out as in pretraining."""
+def _token_hits(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[tuple[int, int]]:
+    """(tokens predicted, tokens scored) per text: of the tokens of [bos] text [eos] (bos
+    excepted), those that are the argmax of the model's next-token distribution. The
+    documents are laid out as in pretraining."""
     n_pos = context_length(model.config)  # None: no limit, nothing cut
     seqs = [(_context_ids(tokenizer, t) + [tokenizer.eos_token_id])[:n_pos] for t in texts]
-    hits = total = 0
+    out = []
     for i in range(0, len(seqs), batch_size):
         ids, mask = pad_right(seqs[i : i + batch_size], tokenizer.pad_token_id)
         ids, mask = ids.to(model.device), mask.to(model.device)
         pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
         scored = mask[:, 1:].bool()
-        hits += int((pred == ids[:, 1:])[scored].sum())
-        total += int(scored.sum())
-    return hits / max(1, total)
+        hits = ((pred == ids[:, 1:]) & scored).sum(-1)
+        out.extend(zip(hits.tolist(), scored.sum(-1).tolist()))
+    return out
+
+
+def _token_accuracy(model, tokenizer, texts: list[str], batch_size: int = 32) -> float:
+    """Fraction of all scored tokens of `texts` that the model predicts (_token_hits)."""
+    pairs = _token_hits(model, tokenizer, texts, batch_size)
+    return sum(h for h, _ in pairs) / max(1, sum(n for _, n in pairs))
+
+
+Items = dict[str, tuple[list[float], list[float]]]
+"""Per benchmark, (score of each item, its weight): the benchmark's score is the weighted
+mean. Weights are 1, except webtext's: the tokens a document scores (its score is over tokens)."""
 
 
 @torch.no_grad()
-def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[str, float]:
+def capability_items(model, tokenizer, bench: dict[str, list[dict]]) -> Items:
+    """Every item's score on every benchmark given (the raw material of capability_scores and
+    of the bootstrap intervals in tax_keys)."""
     was_training = model.training
     model.eval()
-    out = {}
+    out: Items = {}
     if bench.get("reading"):
         preds = _greedy(model, tokenizer, [x["context"] for x in bench["reading"]])
-        out["reading"] = sum(_f1(p, x["answer"]) for p, x in zip(preds, bench["reading"])) / len(preds)
+        out["reading"] = [_f1(p, x["answer"]) for p, x in zip(preds, bench["reading"])]
     for name in ("arithmetic", "cipher"):
         if bench.get(name):
             preds = _greedy(model, tokenizer, [x["context"] for x in bench[name]])
-            out[name] = sum((p.split() or [""])[0] == x["answer"].lower() for p, x in zip(preds, bench[name])) / len(
-                preds
-            )
+            out[name] = [float((p.split() or [""])[0] == x["answer"].lower()) for p, x in zip(preds, bench[name])]
     if bench.get("continuation"):
-        out["continuation"] = _choice_accuracy(model, tokenizer, bench["continuation"])
+        out["continuation"] = _choice_hits(model, tokenizer, bench["continuation"])
+    items = {k: (v, [1.0] * len(v)) for k, v in out.items()}
     if bench.get("webtext"):
-        out["webtext"] = _token_accuracy(model, tokenizer, [x["text"] for x in bench["webtext"]])
-    out["mean"] = sum(out.values()) / max(1, len(out))
+        pairs = _token_hits(model, tokenizer, [x["text"] for x in bench["webtext"]])
+        items["webtext"] = ([h / max(1, n) for h, n in pairs], [float(n) for _, n in pairs])
     model.train(was_training)
+    return items
+
+
+def _weighted_mean(scores: list[float], weights: list[float]) -> float:
+    return sum(s * w for s, w in zip(scores, weights)) / max(1e-12, sum(weights))
+
+
+def scores_of(items: Items) -> dict[str, float]:
+    """Each benchmark's score and their unweighted `mean`, rounded to 4 places."""
+    out = {k: _weighted_mean(*v) for k, v in items.items()}
+    out["mean"] = sum(out.values()) / max(1, len(out))
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[str, float]:
+    """Each benchmark's score (reading F1, exact match, choice accuracy, webtext token
+    accuracy) and their `mean`."""
+    return scores_of(capability_items(model, tokenizer, bench))
+
+
+BOOTSTRAP = 1000
+
+
+def tax_keys(items: dict[str, Items], reference: dict[str, str], seed: int, n: int = BOOTSTRAP) -> dict:
+    """The alignment tax with 95% percentile bootstrap intervals (Table 14's per-benchmark
+    form): `tax/<m>/<bench>` (+ `_ci_low`, `_ci_high`) for every model, bench one of the
+    benchmarks or `mean`; and `tax_delta/<m>/<bench>` (+ CI), <m>'s score minus that of
+    `reference[m]`, a paired bootstrap. Every model is resampled with the same draws of items
+    (they all answered the same items), so a difference's interval leaves out the items'
+    common difficulty."""
+    benches = sorted({b for per in items.values() for b in per})
+    rng = torch.Generator().manual_seed(seed)
+    draws = {}
+    for b in benches:
+        size = max(len(per[b][0]) for per in items.values() if b in per)
+        draws[b] = torch.randint(0, size, (n, size), generator=rng)
+
+    def replicates(per: Items) -> dict[str, torch.Tensor]:
+        out = {}
+        for b in benches:
+            if b not in per:
+                continue
+            s, w = torch.tensor(per[b][0], dtype=torch.float64), torch.tensor(per[b][1], dtype=torch.float64)
+            idx = draws[b]
+            out[b] = (s[idx] * w[idx]).sum(-1) / w[idx].sum(-1).clamp_min(1e-12)
+        out["mean"] = torch.stack(list(out.values())).mean(0)
+        return out
+
+    def interval(x: torch.Tensor) -> tuple[float, float]:
+        x = x.sort().values
+        return float(x[int(0.025 * n)]), float(x[min(n - 1, int(0.975 * n))])
+
+    reps = {m: replicates(per) for m, per in items.items()}
+    out = {}
+    for m, per in items.items():
+        point = scores_of(per)
+        for b, r in reps[m].items():
+            lo, hi = interval(r)
+            out.update({f"tax/{m}/{b}": point[b], f"tax/{m}/{b}_ci_low": lo, f"tax/{m}/{b}_ci_high": hi})
+        ref = reference.get(m)
+        if ref not in items:
+            continue
+        ref_point = scores_of(items[ref])
+        for b in reps[m].keys() & reps[ref].keys():
+            lo, hi = interval(reps[m][b] - reps[ref][b])
+            out[f"tax_delta/{m}/{b}"] = point[b] - ref_point[b]
+            out.update({f"tax_delta/{m}/{b}_ci_low": lo, f"tax_delta/{m}/{b}_ci_high": hi})
+    return out

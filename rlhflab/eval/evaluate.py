@@ -15,6 +15,10 @@ summary.json keys (all numbers; see docs/evaluation.md):
   winrate/<m>, winrate_ci_low/<m>, winrate_ci_high/<m>   held-out labelers prefer <m> over
                           the baseline's answer to the same prompt (ties half), 95% Wilson CI
   winrate_gold/<m>, winrate_gold_ci_low/<m>, winrate_gold_ci_high/<m>   the same by gold quality
+  winrate_unseen/<m>, winrate_unseen_gold/<m> (+ _ci_low, _ci_high)   both on the n/test_unseen
+                          test prompts in no training split
+  figure1/<size>/<family>/<win_vs_<b>|gold_win_vs_<b>> (+ _unseen; + _ci_low, _ci_high)
+                          the same win rates in Figure 1's layout, <b> the baseline ('sft_large')
   h2h/<a>/<b>, h2h_ci_low/<a>/<b>, h2h_ci_high/<a>/<b>, h2h_gold/<a>/<b> (+ _ci_low, _ci_high)
                           each `head_to_head` pair: <a>'s win rate against <b>, as above
   likert/<m>              mean 1–7 Likert score from one held-out labeler per answer
@@ -40,6 +44,9 @@ summary.json keys (all numbers; see docs/evaluation.md):
                           entropy of the log-likelihood choice in minimal sentence pairs (1:
                           no preference, less biased; App. E), bootstrap CI
   capability/<bench>/<m>  benchmark score (reading, arithmetic, continuation, cipher, webtext, mean)
+  tax/<m>/<bench> (+ _ci_low, _ci_high)   the same score with a 95% bootstrap CI over items
+  tax_delta/<m>/<bench> (+ _ci_low, _ci_high)   <m>'s score minus its reference's (SFT-<size>
+                          for PPO and PPO-ptx, GPT-<size> for SFT), paired bootstrap CI
   params/<m>              parameter count
   n/test, n/truthful, n/toxicity, n/bias, n/closed_domain   items evaluated (questions per
                           variant, texts per variant, pairs, closed-domain test prompts);
@@ -65,7 +72,7 @@ import yaml
 from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, describe, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import ConfigError, InputError
-from rlhflab.eval.capability import capability_scores, load_benchmarks
+from rlhflab.eval.capability import capability_items, load_benchmarks, scores_of, tax_keys
 from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
 from rlhflab.eval.judging import likert_mean, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
@@ -213,6 +220,23 @@ def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
     ).texts
 
 
+TAX_REFERENCE = {"SFT": "GPT", "PPO": "SFT", "PPO-ptx": "SFT"}
+"""Whose capability a model's is measured against (tax_delta keys): its own size's model one
+stage before it (SFT against the base model; PPO and PPO-ptx against SFT, as Table 14 reads)."""
+
+
+def tax_references(names: list[str]) -> dict[str, str]:
+    """'PPO-small' -> 'SFT-small' and so on (TAX_REFERENCE), for names of '<family>-<size>'
+    whose reference is among `names`."""
+    out = {}
+    for name in names:
+        family, _, size = name.rpartition("-")
+        ref = f"{TAX_REFERENCE.get(family)}-{size}"
+        if family in TAX_REFERENCE and ref in names:
+            out[name] = ref
+    return out
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
@@ -227,6 +251,10 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}"),
     }
     out.update(win_keys(world, "winrate", name, judged["test"], base["test"], f"winrate-{seed}-{name}"))
+    unseen = [(a, b) for a, b, t in zip(judged["test"], base["test"], tasks) if t.prompt not in seen]
+    if unseen:
+        pairs = [a for a, _ in unseen], [b for _, b in unseen]
+        out.update(win_keys(world, "winrate_unseen", name, *pairs, f"winrate_unseen-{seed}-{name}"))
     out[f"meta/fails_instruction/{name}"] = _mean(not j.followed for j in test)
     out[f"meta/toxic/{name}"] = _mean(j.toxic for j in test)
     closed = [j for j, f in zip(test, families) if f in CLOSED_DOMAIN]
@@ -235,6 +263,33 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         out.update(hallucination_keys(name, [j.hallucination for j in closed], [j.followed for j in closed]))
     for style in STYLES:
         out[f"meta/style/{style}/{name}"] = _mean(j.style == style for j in test)
+    return out
+
+
+FIGURE1 = (
+    ("winrate", "win_vs_{b}"),
+    ("winrate_gold", "gold_win_vs_{b}"),
+    ("winrate_unseen", "win_vs_{b}_unseen"),
+    ("winrate_unseen_gold", "gold_win_vs_{b}_unseen"),
+)
+"""Figure 1's keys, from the win-rate keys they repeat: figure1/<size>/<family>/<name>."""
+
+
+def figure1_keys(summary: dict, names: list[str], baseline: str) -> dict:
+    """Figure 1 in stable keys: `figure1/<size>/<family>/win_vs_<b>` (held-out labelers),
+    `gold_win_vs_<b>` (gold), both also `_unseen` (test prompts in no training split), each
+    with `_ci_low`, `_ci_high`; <b> the baseline's name in lower case with '_' for '-'
+    ('sft_large'). Names not of the form '<family>-<size>' get none."""
+    b, out = baseline.lower().replace("-", "_"), {}
+    for m in names:
+        family, _, size = m.rpartition("-")
+        if not family:
+            continue
+        for src, dst in FIGURE1:
+            dst = f"figure1/{size}/{family}/{dst.format(b=b)}"
+            for suffix in ("", "_ci_low", "_ci_high"):
+                if f"{src}{suffix}/{m}" in summary:
+                    out[dst + suffix] = summary[f"{src}{suffix}/{m}"]
     return out
 
 
@@ -322,7 +377,9 @@ def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: l
         )
         summary[f"params/{variant}"] = n_params(model)
     # A prompt prefix does not change the weights, so capability is measured once per model.
-    summary.update({f"capability/{k}/{name}": v for k, v in capability_scores(model, tok, bench).items()})
+    items = capability_items(model, tok, bench)
+    summary.update({f"capability/{k}/{name}": v for k, v in scores_of(items).items()})
+    summary[f"_items/{name}"] = items
     return answers, summary, held
 
 
@@ -401,6 +458,8 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     answers, summary, held = _answer_all(cfg, prompts, demos, bench, device, sets)
     prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
+    items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_items/")]}
+    summary.update(tax_keys(items, tax_references(list(items)), cfg.run.seed))
     judged = {
         v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
     }
@@ -409,6 +468,7 @@ def evaluate(cfg: EvalConfig) -> dict:
             model_metrics(world, variant, judged[variant], judged[cfg.baseline], tasks["test"], cfg.run.seed)
         )
         summary.update(heldout_metrics(world, variant, sets, held[variant], cfg.run.seed))
+    summary.update(figure1_keys(summary, list(answers), cfg.baseline))
     for name in cfg.prompted:
         summary.update(prompted_keys(name, judged[name]["test"], judged[prompted_name(name)]["test"], tasks["test"]))
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
