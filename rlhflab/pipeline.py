@@ -69,6 +69,9 @@ against 175B SFT."""
 OWN_SFT_RIVALS = ("PPO-small", "PPO-ptx-small")
 """Judged head to head against the SFT model of their own size, the policy they started from."""
 
+HEAD_TO_HEAD = [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + [(m, "SFT-small") for m in OWN_SFT_RIVALS]
+"""The eval's head-to-head pairs (a, b): how often a's answer beats b's."""
+
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
     "default": {
@@ -362,7 +365,7 @@ class Pipeline:
             rl_runs=rl_runs,
             prompted=[m for m in models if m.startswith("GPT-")],
             baseline=FIGURE1_BASELINE,
-            head_to_head=[f"PPO-ptx-small:{m}" for m in HEADLINE_RIVALS] + [f"{m}:SFT-small" for m in OWN_SFT_RIVALS],
+            head_to_head=[f"{a}:{b}" for a, b in HEAD_TO_HEAD],
             reward_model=str(rm),
             out_dir=str(self.root / "eval"),
         )
@@ -549,8 +552,7 @@ def run_cli(args) -> int:
         cap = ev.get(f"capability/mean/{name}", float("nan"))
         unseen = ev.get(f"gold_unseen/{name}", float("nan"))
         print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {unseen:.3f}   {win:<36} {cap:.3f}")
-    pairs = [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + [(m, "SFT-small") for m in OWN_SFT_RIVALS]
-    for a, b in pairs:
+    for a, b in HEAD_TO_HEAD:
         key = f"{a}/{b}"
         print(
             f"{a} preferred to {b}: {ev[f'h2h/{key}']:.2f} "

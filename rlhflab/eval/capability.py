@@ -18,6 +18,7 @@ import torch
 
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import InputError
+from rlhflab.eval.heldout import BOOTSTRAP
 from rlhflab.generation import generate
 from rlhflab.models import context_length, token_logprobs
 from rlhflab.text import pad_right
@@ -152,9 +153,6 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
     """Each benchmark's score (reading F1, exact match, choice accuracy, webtext token
     accuracy) and their `mean`."""
     return scores_of(capability_items(model, tokenizer, bench))
-
-
-BOOTSTRAP = 1000
 
 
 def tax_keys(items: dict[str, Items], reference: dict[str, str], seed: int, n: int = BOOTSTRAP) -> dict:
