@@ -178,8 +178,9 @@ class RunConfig:
     pretrainings, the two SFTs, PPO, PPO-ptx and the β sweep) then get cores // jobs threads
     each, and a stage that every other one waits for (world, RM, eval) all of them."""
     isolate_stages: bool = True
-    """Run each stage in a fresh process (spawned; it re-imports torch, ~4 s). In one
-    process the later stages ran slower than on their own (PPO 185 s against 137 s)."""
+    """Run each stage in a fresh process (forked from a server that imported torch and
+    transformers once: training.stage_context). In one process the later stages ran slower
+    than on their own (PPO 185 s against 137 s)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(temperature=1.0))
     """The evaluations (world, models, reward_model, out_dir are set by the pipeline). Answers
     are sampled at T = 1, the temperature PPO trains and is measured at; greedy decoding
@@ -201,22 +202,22 @@ class Job:
     needs: tuple[str, ...] = ()
 
 
-def _stage_child(conn, fn, args, threads: int | None, log: str | None) -> None:
-    """A stage in its own spawned process: its thread count, its output to `log` (when it
-    runs beside another stage), and its result or its own exception sent back."""
+def _stage_child(conn, fn, args, env: dict, threads: int, log: str | None) -> None:
+    """A stage in its own process (training.stage_context): the caller's environment, its
+    thread count, its output to `log` (when it runs beside another stage), and its result
+    or its own exception sent back."""
     import os
     import sys
 
+    from rlhflab.training import apply_env
+
+    apply_env(env, threads)
     if log is not None:
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         sys.stdout.flush()
         sys.stderr.flush()
         os.dup2(fd, 1)
         os.dup2(fd, 2)
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
     try:
         fn(*args)
         conn.send((True, None))
@@ -390,7 +391,7 @@ class Pipeline:
     def schedule(self, jobs: list[Job], lanes: int | None = None) -> None:
         """Run every unfinished job once its `needs` have finished, at most `lanes` at once.
 
-        Each stage runs in a fresh spawned process (`isolate_stages`; the stages hand off
+        Each stage runs in a fresh process (training.stage_context; `isolate_stages`; the stages hand off
         through their directories only, docs/design.md §2). A stage that can run beside
         another (neither needs the other) gets cores // lanes threads and writes its output
         to `<root>/logs/<name>.log`; a stage every other one waits for or follows gets all
@@ -452,17 +453,22 @@ class Pipeline:
                 proc.join()
 
     def _launch(self, job: Job, alone: bool, lanes: int) -> dict:
-        import multiprocessing
+        import os
+
+        import torch
+
+        from rlhflab.training import stage_context
 
         fn, args = job.make()
-        threads = None if alone else max(1, cpu_cores() // lanes)
+        threads = torch.get_num_threads() if alone else max(1, cpu_cores() // lanes)
         log = None
         if not alone:
             log = self.root / "logs" / f"{job.name.replace('/', '-')}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-        ctx = multiprocessing.get_context("spawn")  # not fork: torch's OpenMP pool is not fork-safe
+        ctx = stage_context()  # not a fork of this process: torch's OpenMP pool is not fork-safe
         parent, child = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_stage_child, args=(child, fn, args, threads, str(log) if log else None))
+        child_args = (child, fn, args, dict(os.environ), threads, str(log) if log else None)
+        proc = ctx.Process(target=_stage_child, args=child_args)
         proc.start()
         child.close()
         where = f" ({threads} thread{'s' * (threads != 1)}, output in {log})" if log else ""
@@ -557,6 +563,12 @@ def run_cli(args) -> int:
         print(
             f"{a} preferred to {b}: {ev[f'h2h/{key}']:.2f} "
             f"[{ev[f'h2h_ci_low/{key}']:.2f}, {ev[f'h2h_ci_high/{key}']:.2f}] (held-out labelers)"
+            + (
+                f"; unseen prompts {ev[f'h2h_unseen/{key}']:.2f} "
+                f"[{ev[f'h2h_unseen_ci_low/{key}']:.2f}, {ev[f'h2h_unseen_ci_high/{key}']:.2f}]"
+                if f"h2h_unseen/{key}" in ev
+                else ""
+            )
         )
     print(f"report: {Path(cfg.out_dir) / 'report.html'}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -57,15 +58,18 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     for stage in ("sft-small", "rm", "ppo-small", "sweep/beta-0"):
         assert (out / stage / "config.yaml").is_file() and (out / stage / "metrics.jsonl").is_file()
 
-    # Again: nothing is redone, so nothing changes.
+    # Again: nothing finished is redone, so nothing changes (the eval's own determinism is
+    # test_evaluate's; the RM report is the cheapest stage to redo).
     before = (out / "rm" / "model" / "model.safetensors").read_bytes()
-    (out / "eval" / "summary.json").unlink()  # only the evaluation is unfinished now
+    report = (out / "rm-eval" / "summary.json").read_text()
+    (out / "rm-eval" / "summary.json").unlink()  # only the RM report is unfinished now
     assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0
     second = capsys.readouterr().out
-    assert all(f"[run] {s}: done already, skipped" in second for s in STAGES[:-1])
-    assert "[run] eval: finished" in second
+    assert all(f"[run] {s}: done already, skipped" in second for s in STAGES if s != "rm-eval")
+    assert "[run] rm-eval: finished" in second
     assert (out / "rm" / "model" / "model.safetensors").read_bytes() == before
-    assert json.loads((out / "eval" / "summary.json").read_text()) == summary  # evaluation is deterministic
+    assert (out / "rm-eval" / "summary.json").read_text() == report
+    assert json.loads((out / "eval" / "summary.json").read_text()) == summary
 
 
 def test_bad_override_is_refused_before_anything_is_written(tmp_path, capsys):
@@ -179,3 +183,22 @@ def test_side_by_side_keeps_call_order_threads_and_errors():
     assert side_by_side(_threads_and_square, [(3,)], jobs=2) == [_threads_and_square(3)]  # one call: here
     with pytest.raises(ValueError, match="negative: -1"):
         side_by_side(_threads_and_square, [(2,), (-1,)], jobs=2)
+
+
+def _env_and_modules(name: str) -> tuple[str | None, bool]:
+    import sys
+
+    return os.environ.get(name), "transformers" in sys.modules
+
+
+def test_stage_processes_start_with_the_callers_environment_and_torch_loaded(monkeypatch):
+    """They fork from a server started once (training.stage_context): the environment is the
+    caller's at each call, not the server's, and torch and transformers are imported already."""
+    from rlhflab.training import side_by_side
+
+    side_by_side(_env_and_modules, [("RLHFLAB_TEST_ENV",)] * 2, jobs=2)  # the server is up now
+    for value in ("one", "two"):
+        monkeypatch.setenv("RLHFLAB_TEST_ENV", value)
+        assert side_by_side(_env_and_modules, [("RLHFLAB_TEST_ENV",)] * 2, jobs=2) == [(value, True)] * 2
+    monkeypatch.delenv("RLHFLAB_TEST_ENV")
+    assert side_by_side(_env_and_modules, [("RLHFLAB_TEST_ENV",)] * 2, jobs=2) == [(None, True)] * 2
