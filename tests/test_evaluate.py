@@ -250,6 +250,11 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     pair = "PPO-ptx-small/GPT-prompted-small"
     assert s1[f"h2h_ci_low/{pair}"] <= s1[f"h2h/{pair}"] <= s1[f"h2h_ci_high/{pair}"]
     assert s1[f"h2h_gold_ci_low/{pair}"] <= s1[f"h2h_gold/{pair}"] <= s1[f"h2h_gold_ci_high/{pair}"]
+    # The same pairs on the unseen prompts, present exactly when there are some.
+    assert (f"h2h_unseen/{pair}" in s1) == (s1["n/test_unseen"] > 0)
+    if s1["n/test_unseen"]:
+        assert s1["h2h_unseen/SFT-small/SFT-small"] == 0.5 == s1["h2h_unseen_gold/SFT-small/SFT-small"]
+        assert s1[f"h2h_unseen_ci_low/{pair}"] <= s1[f"h2h_unseen/{pair}"] <= s1[f"h2h_unseen_ci_high/{pair}"]
     assert {"bon/1/kl", "bon/4/gold", "bon/4/rm", "bon_fit/gold/r2", "bon_fit/rm/alpha"} <= set(s1)
     assert s1["bon/1/rm"] <= s1["bon/2/rm"] <= s1["bon/4/rm"] <= s1["bon/8/rm"]  # RM-best of more samples scores higher
     assert all(isinstance(v, (int, float)) for v in s1.values())

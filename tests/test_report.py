@@ -88,6 +88,9 @@ def eval_summary() -> dict:
             "h2h_ci_low/PPO-ptx-small/GPT-large": 0.66,
             "h2h_ci_high/PPO-ptx-small/GPT-large": 0.76,
             "h2h_gold/PPO-ptx-small/GPT-large": 0.83,
+            "h2h_unseen/PPO-ptx-small/GPT-large": 0.64,
+            "h2h_unseen_ci_low/PPO-ptx-small/GPT-large": 0.55,
+            "h2h_unseen_ci_high/PPO-ptx-small/GPT-large": 0.72,
         }
     )
     return s
@@ -234,6 +237,8 @@ def test_report_is_self_contained_and_renders(tmp_path, browser, artifacts_dir):
     assert "&lt;b&gt;hi&lt;/b&gt;" in html  # model text is escaped, never injected
     assert re.search(r"preferred <strong>PPO-ptx-small</strong> to GPT-large in <strong>71%</strong>.*66%.76%", html)
     assert "gold, unseen prompts" in html and "93 of them do not" in html
+    assert "prompts no training split has, 64% (55%–72%)" in html  # the headline on unseen prompts
+    assert "capability against KL during PPO" in html
     gold = eval_summary()
     assert f"GPT-prompted-small: gold {gold['gold/GPT-small']:.3f} → {gold['gold/GPT-prompted-small']:.3f}" in html
     assert "List two &lt;foods&gt;. → rice and beans." in html and "0.100, 0.400" in html  # the prefix kept

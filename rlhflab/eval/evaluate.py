@@ -20,7 +20,9 @@ summary.json keys (all numbers; see docs/evaluation.md):
   figure1/<size>/<family>/<win_vs_<b>|gold_win_vs_<b>> (+ _unseen; + _ci_low, _ci_high)
                           the same win rates in Figure 1's layout, <b> the baseline ('sft_large')
   h2h/<a>/<b>, h2h_ci_low/<a>/<b>, h2h_ci_high/<a>/<b>, h2h_gold/<a>/<b> (+ _ci_low, _ci_high)
-                          each `head_to_head` pair: <a>'s win rate against <b>, as above
+                          each `head_to_head` pair: <a>'s win rate against <b>, as above;
+                          h2h_unseen/<a>/<b>, h2h_unseen_gold/<a>/<b> (+ _ci_low, _ci_high)
+                          the same on the n/test_unseen prompts
   likert/<m>              mean 1–7 Likert score from one held-out labeler per answer
   gold/<m>, rm/<m>        mean gold quality; mean reward-model score (with reward_model)
   gold_unseen/<m>         mean gold on the n/test_unseen test prompts in no training split
@@ -242,6 +244,16 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def unseen_win_keys(world, prefix: str, name: str, judged: list, base: list, tasks: list, seed: str) -> dict:
+    """`win_keys` as <prefix>_unseen on the test prompts in no training split (none: {})."""
+    seen = world.seen_prompts()
+    unseen = [(a, b) for a, b, t in zip(judged, base, tasks) if t.prompt not in seen]
+    if not unseen:
+        return {}
+    pairs = [a for a, _ in unseen], [b for _, b in unseen]
+    return win_keys(world, f"{prefix}_unseen", name, *pairs, f"{prefix}_unseen-{seed}")
+
+
 def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed: int) -> dict:
     """Every per-model key of summary.json except capability, params and rm."""
     test, families, seen = [j for _, j in judged["test"]], [t.family for t in tasks], world.seen_prompts()
@@ -251,10 +263,7 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         f"likert/{name}": likert_mean(world, test, f"likert-{seed}-{name}"),
     }
     out.update(win_keys(world, "winrate", name, judged["test"], base["test"], f"winrate-{seed}-{name}"))
-    unseen = [(a, b) for a, b, t in zip(judged["test"], base["test"], tasks) if t.prompt not in seen]
-    if unseen:
-        pairs = [a for a, _ in unseen], [b for _, b in unseen]
-        out.update(win_keys(world, "winrate_unseen", name, *pairs, f"winrate_unseen-{seed}-{name}"))
+    out.update(unseen_win_keys(world, "winrate", name, judged["test"], base["test"], tasks, f"{seed}-{name}"))
     out[f"meta/fails_instruction/{name}"] = _mean(not j.followed for j in test)
     out[f"meta/toxic/{name}"] = _mean(j.toxic for j in test)
     closed = [j for j, f in zip(test, families) if f in CLOSED_DOMAIN]
@@ -474,6 +483,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     for a, b in (pair.split(":") for pair in cfg.head_to_head):  # seeded per pair, so order-free
         h2h = (judged[a]["test"], judged[b]["test"], f"h2h-{cfg.run.seed}-{a}-{b}")
         summary.update(win_keys(world, "h2h", f"{a}/{b}", *h2h))
+        unseen = (judged[a]["test"], judged[b]["test"], tasks["test"], f"{cfg.run.seed}-{a}-{b}")
+        summary.update(unseen_win_keys(world, "h2h", f"{a}/{b}", *unseen))
     summary.update({f"n/{s}": len(prompts[s]) for s in SPLITS})
     summary.update(sets.sizes())
     summary["n/closed_domain"] = sum(t.family in CLOSED_DOMAIN for t in tasks["test"])

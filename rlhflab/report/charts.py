@@ -224,9 +224,9 @@ def overopt_figure(bon: list[dict], rl_runs: dict[str, list[dict]]) -> str | Non
 # --------------------------------------------------------------------------- training curves
 
 
-def _series(rows: list[dict], key: str) -> tuple[list, list]:
+def _series(rows: list[dict], key: str, x: str = "step") -> tuple[list, list]:
     number = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
-    pts = [(r["step"], r[key]) for r in rows if number(r.get(key)) and number(r.get("step"))]
+    pts = [(r[x], r[key]) for r in rows if number(r.get(key)) and number(r.get(x))]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -241,9 +241,12 @@ def _human(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k" if n >= 1e3 else f"{n:.0f}"
 
 
-def curves_figure(panels: list[tuple[str, list[tuple[str, list[dict], str]]]], ncols: int = 3) -> str | None:
-    """Small multiples: each panel (title, [(label, metrics rows, key)]) draws one line per entry."""
-    drawn = [(t, [(lab, *_series(rows, key)) for lab, rows, key in lines]) for t, lines in panels]
+def curves_figure(
+    panels: list[tuple[str, list[tuple[str, list[dict], str]]]], ncols: int = 3, x: str = "step", xlabel: str = "step"
+) -> str | None:
+    """Small multiples: each panel (title, [(label, metrics rows, key)]) draws one line per entry,
+    `key` against the rows' `x`."""
+    drawn = [(t, [(lab, *_series(rows, key, x)) for lab, rows, key in lines]) for t, lines in panels]
     drawn = [(t, [line for line in lines if line[1]]) for t, lines in drawn]
     drawn = [(t, lines) for t, lines in drawn if lines]
     if not drawn:
@@ -259,7 +262,7 @@ def curves_figure(panels: list[tuple[str, list[tuple[str, list[dict], str]]]], n
             else:
                 ax.plot(xs, ys, marker="o" if len(xs) < 25 else None, ms=3, lw=1.2, label=lab)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         if len(lines) > 1 or lines[0][0]:
             ax.legend(fontsize=6.5)
     for ax in list(axes.flat)[len(drawn) :]:

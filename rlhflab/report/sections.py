@@ -142,8 +142,19 @@ def _head_to_head(s: dict) -> str:
     return "".join(
         f"<p>Head to head, held-out labelers preferred <strong>{escape(p.split('/')[0])}</strong> to "
         f"{escape(p.split('/')[1])} in <strong>{s[f'h2h/{p}']:.0%}</strong> of test prompts (95% CI "
-        f"{s[f'h2h_ci_low/{p}']:.0%}–{s[f'h2h_ci_high/{p}']:.0%}); by gold quality, in {s[f'h2h_gold/{p}']:.0%}.</p>"
+        f"{s[f'h2h_ci_low/{p}']:.0%}–{s[f'h2h_ci_high/{p}']:.0%}); by gold quality, in {s[f'h2h_gold/{p}']:.0%}"
+        f"{_unseen_h2h(s, p)}.</p>"
         for p in pairs
+    )
+
+
+def _unseen_h2h(s: dict, p: str) -> str:
+    """'; on the N unseen prompts, R% (CI)' where eval measured it, else ''."""
+    if f"h2h_unseen/{p}" not in s:
+        return ""
+    return (
+        f"; on the {s.get('n/test_unseen', 0):.0f} prompts no training split has, {s[f'h2h_unseen/{p}']:.0%} "
+        f"({s[f'h2h_unseen_ci_low/{p}']:.0%}–{s[f'h2h_unseen_ci_high/{p}']:.0%})"
     )
 
 
@@ -307,10 +318,22 @@ def s_capability(run: RunFiles) -> str:
         "(§4.2: mixing pretraining gradients into PPO).",
         "no capability keys in eval/summary.json.",
     )
-    lines = _lines(run, ("ppo", "ppoptx"), "eval/capability/mean")
-    curves = charts.curves_figure([("capability (mean) during PPO", lines)])
+    rl = {st: rows for st, rows in run.metrics.items() if st.startswith(("ppo", "sweep/"))}
+    panels = [
+        (f"capability ({bench}) against KL", [(st, rows, f"eval/capability/{bench}") for st, rows in rl.items()])
+        for bench in ("mean", "webtext")
+    ]
+    curves = charts.curves_figure(panels, ncols=2, x="eval/kl", xlabel="KL(π ‖ π_SFT) of validation samples")
     return fig + (
-        figure(curves, "capability during PPO", "The same mean score measured during PPO training.", "")
+        figure(
+            curves,
+            "capability against KL during PPO",
+            "The tax as PPO pays it: the mean benchmark score and the pretraining text's token accuracy "
+            "(webtext) on the first items of each benchmark, measured every few steps against the KL of the "
+            "policy's validation samples from SFT, for every PPO run (the β sweep runs reach the largest KL). "
+            "PPO-ptx's pretraining gradients hold them up at the same KL (§4.2).",
+            "",
+        )
         if curves
         else ""
     )
