@@ -97,3 +97,31 @@ def test_tax_intervals_are_paired_across_models():
     assert out["tax_delta/PPO-small/mean"] == pytest.approx(0.125)
     assert "tax_delta/SFT-small/mean" not in out
     assert tax_keys(items, {"PPO-small": "SFT-small"}, seed=0) == out  # seeded
+
+
+def test_few_shot_puts_other_solved_items_first_and_fits_the_context(tmp_path):
+    from rlhflab.eval.capability import TASKS, few_shot, solved
+
+    world = tmp_path / "world"
+    build(world, seed=1, scale="small", vocab_size=400)
+    bench, tok = load_benchmarks(world, limit=6), load_tokenizer(world / "tokenizer")
+    fs = few_shot(bench, 2, tok, n_pos=None)
+    assert set(fs) == set(TASKS)  # webtext has no few-shot form
+    for name in TASKS:
+        for i, (item, shot) in enumerate(zip(bench[name], fs[name])):
+            lines = shot["context"].split("\n")
+            assert lines[-1] == item["context"] and len(lines) == 3
+            assert lines[:2] == [solved(name, bench[name][(i + j) % 6]) for j in (1, 2)]  # never its own answer
+            assert {k: v for k, v in shot.items() if k != "context"} == {
+                k: v for k, v in item.items() if k != "context"
+            }
+    # The corpus's own form where the world wrote it, else context and answer.
+    item = bench["arithmetic"][0]
+    assert solved("arithmetic", item).startswith(item["context"]) and solved("arithmetic", item).endswith("animals.")
+    plain = {k: v for k, v in item.items() if k != "solved"}
+    assert solved("arithmetic", plain) == f"{item['context']} {item['answer']}"
+    # A short context keeps the newest shots that fit, then none.
+    one = len(tok(fs["reading"][0]["context"].split("\n", 1)[1])["input_ids"]) + 1 + 16
+    tight = few_shot(bench, 2, tok, n_pos=one)["reading"][0]["context"]
+    assert tight.split("\n") == fs["reading"][0]["context"].split("\n")[1:]
+    assert few_shot(bench, 2, tok, n_pos=8)["reading"][0]["context"] == bench["reading"][0]["context"]

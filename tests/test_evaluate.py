@@ -236,6 +236,13 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
         assert s1[d] == pytest.approx(s1[f"tax/PPO-ptx-small/{b}"] - s1[f"tax/SFT-small/{b}"], abs=1e-6)
         assert s1[d + "_ci_low"] <= s1[d] + 1e-9 and s1[d] - 1e-9 <= s1[d + "_ci_high"]
     assert "tax_delta/SFT-small/mean" in s1 and "tax_delta/GPT-small/mean" not in s1  # SFT against its base
+    # Table 14's few-shot column: the four task benchmarks, their own mean, the same pairing.
+    for m in ("GPT-small", "PPO-ptx-small"):
+        few = {b: s1[f"tax_fewshot/{m}/{b}"] for b in ("reading", "arithmetic", "continuation", "cipher")}
+        assert f"tax_fewshot/{m}/webtext" not in s1 and all(0 <= v <= 1 for v in few.values())
+        assert s1[f"tax_fewshot/{m}/mean"] == pytest.approx(sum(few.values()) / 4, abs=1e-3)
+    d = "tax_fewshot_delta/PPO-ptx-small/mean"
+    assert s1[d] == pytest.approx(s1["tax_fewshot/PPO-ptx-small/mean"] - s1["tax_fewshot/SFT-small/mean"], abs=1e-6)
     # Figure 1's layout repeats the win rates against the baseline, per size and family.
     for m, (fam, size) in {
         "GPT-prompted-small": ("GPT-prompted", "small"),

@@ -78,6 +78,9 @@ def eval_summary() -> dict:
             for i, b in enumerate(("reading", "arithmetic", "continuation", "cipher", "webtext")):
                 s[f"capability/{b}/{m}"] = cap * (0.8 + 0.1 * i)
             s[f"capability/mean/{m}"] = cap
+            for key, shift in (("tax", 0.0), ("tax_fewshot", 0.05)):
+                s[f"{key}/{m}/mean"] = cap + shift
+                s[f"{key}/{m}/mean_ci_low"], s[f"{key}/{m}/mean_ci_high"] = cap + shift - 0.02, cap + shift + 0.02
     for size in ("small", "large"):  # how the few-shot prefix changes GPT's answers, per family
         for i, f in enumerate(("brainstorming", "open_qa")):
             s.update({f"prompted/{size}/{f}/gold_plain": 0.1 * i, f"prompted/{size}/{f}/gold": 0.1 * i + 0.2})
@@ -239,6 +242,8 @@ def test_report_is_self_contained_and_renders(tmp_path, browser, artifacts_dir):
     assert "gold, unseen prompts" in html and "93 of them do not" in html
     assert "prompts no training split has, 64% (55%–72%)" in html  # the headline on unseen prompts
     assert "capability against KL during PPO" in html
+    cap = MODELS["PPO-ptx-small"][3]  # Table 14's layout, zero- and few-shot, with intervals
+    assert "<td>mean (few-shot)</td>" in html and f"{cap + 0.05:.2f} [{cap + 0.03:.2f}–{cap + 0.07:.2f}]" in html
     gold = eval_summary()
     assert f"GPT-prompted-small: gold {gold['gold/GPT-small']:.3f} → {gold['gold/GPT-prompted-small']:.3f}" in html
     assert "List two &lt;foods&gt;. → rice and beans." in html and "0.100, 0.400" in html  # the prefix kept

@@ -24,6 +24,8 @@ from rlhflab.models import context_length, token_logprobs
 from rlhflab.text import pad_right
 
 BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher", "webtext")
+TASKS = BENCHMARKS[:4]
+"""The benchmarks with a few-shot form (webtext is text to predict, not a task)."""
 
 
 def load_benchmarks(world_dir: str | Path, limit: int | None = None) -> dict[str, list[dict]]:
@@ -37,6 +39,37 @@ def load_benchmarks(world_dir: str | Path, limit: int | None = None) -> dict[str
             )
         rows = [obj for _, obj in iter_jsonl(path)]
         out[name] = rows[:limit] if limit else rows
+    return out
+
+
+def solved(name: str, item: dict) -> str:
+    """A task item with its answer, as a few-shot example: the corpus's own form where the
+    world wrote it (`solved`), else the context and the answer."""
+    if "solved" in item:
+        return item["solved"]
+    if name == "continuation":
+        return item["context"] + item["endings"][item["label"]]
+    return f"{item['context']} {item['answer']}"
+
+
+def few_shot(bench: dict[str, list[dict]], k: int, tokenizer, n_pos: int | None, room: int = 16) -> dict:
+    """The task benchmarks in Table 14's few-shot form: each item's context after up to `k`
+    solved items of its benchmark (the ones that follow it, wrapping: never itself), one a
+    line in one document, the oldest dropped first until the context and `room` new tokens
+    fit `n_pos`. Webtext has no few-shot form and is left out."""
+    out = {}
+    for name in TASKS:
+        items = bench.get(name) or []
+        rows = []
+        for i, item in enumerate(items):
+            shots = [solved(name, items[(i + j) % len(items)]) for j in range(1, min(k, len(items) - 1) + 1)]
+            context = "\n".join([*shots, item["context"]])
+            while shots and n_pos is not None and len(_context_ids(tokenizer, context)) + room > n_pos:
+                shots.pop(0)
+                context = "\n".join([*shots, item["context"]])
+            rows.append({**item, "context": context})
+        if rows:
+            out[name] = rows
     return out
 
 
@@ -155,10 +188,12 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
     return scores_of(capability_items(model, tokenizer, bench))
 
 
-def tax_keys(items: dict[str, Items], reference: dict[str, str], seed: int, n: int = BOOTSTRAP) -> dict:
+def tax_keys(
+    items: dict[str, Items], reference: dict[str, str], seed: int, n: int = BOOTSTRAP, prefix: str = "tax"
+) -> dict:
     """The alignment tax with 95% percentile bootstrap intervals (Table 14's per-benchmark
-    form): `tax/<m>/<bench>` (+ `_ci_low`, `_ci_high`) for every model, bench one of the
-    benchmarks or `mean`; and `tax_delta/<m>/<bench>` (+ CI), <m>'s score minus that of
+    form): `<prefix>/<m>/<bench>` (+ `_ci_low`, `_ci_high`) for every model, bench one of the
+    benchmarks or `mean`; and `<prefix>_delta/<m>/<bench>` (+ CI), <m>'s score minus that of
     `reference[m]`, a paired bootstrap. Every model is resampled with the same draws of items
     (they all answered the same items), so a difference's interval leaves out the items'
     common difficulty."""
@@ -190,13 +225,13 @@ def tax_keys(items: dict[str, Items], reference: dict[str, str], seed: int, n: i
         point = scores_of(per)
         for b, r in reps[m].items():
             lo, hi = interval(r)
-            out.update({f"tax/{m}/{b}": point[b], f"tax/{m}/{b}_ci_low": lo, f"tax/{m}/{b}_ci_high": hi})
+            out.update({f"{prefix}/{m}/{b}": point[b], f"{prefix}/{m}/{b}_ci_low": lo, f"{prefix}/{m}/{b}_ci_high": hi})
         ref = reference.get(m)
         if ref not in items:
             continue
         ref_point = scores_of(items[ref])
         for b in reps[m].keys() & reps[ref].keys():
             lo, hi = interval(reps[m][b] - reps[ref][b])
-            out[f"tax_delta/{m}/{b}"] = point[b] - ref_point[b]
-            out.update({f"tax_delta/{m}/{b}_ci_low": lo, f"tax_delta/{m}/{b}_ci_high": hi})
+            d = f"{prefix}_delta/{m}/{b}"
+            out.update({d: point[b] - ref_point[b], f"{d}_ci_low": lo, f"{d}_ci_high": hi})
     return out

@@ -49,6 +49,9 @@ summary.json keys (all numbers; see docs/evaluation.md):
   tax/<m>/<bench> (+ _ci_low, _ci_high)   the same score with a 95% bootstrap CI over items
   tax_delta/<m>/<bench> (+ _ci_low, _ci_high)   <m>'s score minus its reference's (SFT-<size>
                           for PPO and PPO-ptx, GPT-<size> for SFT), paired bootstrap CI
+  tax_fewshot/<m>/<bench>, tax_fewshot_delta/<m>/<bench> (+ _ci_low, _ci_high)   the same with
+                          `capability_shots` solved items before each one (Table 14's few-shot
+                          column; the four task benchmarks and their mean, no webtext)
   params/<m>              parameter count
   n/test, n/truthful, n/toxicity, n/bias, n/closed_domain   items evaluated (questions per
                           variant, texts per variant, pairs, closed-domain test prompts);
@@ -74,7 +77,7 @@ import yaml
 from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, describe, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import ConfigError, InputError
-from rlhflab.eval.capability import capability_items, load_benchmarks, scores_of, tax_keys
+from rlhflab.eval.capability import capability_items, few_shot, load_benchmarks, scores_of, tax_keys
 from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
 from rlhflab.eval.judging import likert_mean, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
@@ -123,6 +126,9 @@ class EvalConfig:
     """Sampling temperature for answers; 0: greedy (deterministic, the default)."""
     capability_items: int = 0
     """Items per capability benchmark; 0: all."""
+    capability_shots: int = 2
+    """Solved items of its benchmark before each task item in the few-shot measurement
+    (Table 14's few-shot column: tax_fewshot/ keys); as many as fit the context. 0: zero-shot only."""
     head_to_head: list[str] = field(default_factory=list)
     """Extra pairs 'A:B' judged like the baseline comparison: how often A's answer beats B's
     (the paper's headline: 1.3B InstructGPT preferred to 175B GPT-3, §1)."""
@@ -148,6 +154,7 @@ class EvalConfig:
     def validate(self):
         check(bool(self.world), "world", self.world, "give the lab world directory")
         check(self.prefix_shots >= 1, "prefix_shots", self.prefix_shots, "must be >= 1")
+        check(self.capability_shots >= 0, "capability_shots", self.capability_shots, "must be >= 0")
         check(self.prefix_candidates >= 1, "prefix_candidates", self.prefix_candidates, "must be >= 1")
         check(self.prefix_prompts >= 1, "prefix_prompts", self.prefix_prompts, "must be >= 1")
         check(bool(self.models), "models", self.models, "give at least one name: model directory")
@@ -389,6 +396,10 @@ def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: l
     items = capability_items(model, tok, bench)
     summary.update({f"capability/{k}/{name}": v for k, v in scores_of(items).items()})
     summary[f"_items/{name}"] = items
+    if cfg.capability_shots:
+        summary[f"_items_fewshot/{name}"] = capability_items(
+            model, tok, few_shot(bench, cfg.capability_shots, tok, n_pos)
+        )
     return answers, summary, held
 
 
@@ -467,8 +478,9 @@ def evaluate(cfg: EvalConfig) -> dict:
 
     answers, summary, held = _answer_all(cfg, prompts, demos, bench, device, sets)
     prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
-    items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_items/")]}
-    summary.update(tax_keys(items, tax_references(list(items)), cfg.run.seed))
+    for kind, prefix in (("_items", "tax"), ("_items_fewshot", "tax_fewshot")):
+        items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith(f"{kind}/")]}
+        summary.update(tax_keys(items, tax_references(list(items)), cfg.run.seed, prefix=prefix))
     judged = {
         v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
     }

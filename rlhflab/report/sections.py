@@ -318,6 +318,7 @@ def s_capability(run: RunFiles) -> str:
         "(§4.2: mixing pretraining gradients into PPO).",
         "no capability keys in eval/summary.json.",
     )
+    fig += _table14(run.eval)
     rl = {st: rows for st, rows in run.metrics.items() if st.startswith(("ppo", "sweep/"))}
     panels = [
         (f"capability ({bench}) against KL", [(st, rows, f"eval/capability/{bench}") for st, rows in rl.items()])
@@ -336,6 +337,29 @@ def s_capability(run: RunFiles) -> str:
         )
         if curves
         else ""
+    )
+
+
+def _ci_keys(key: str) -> tuple[str, str]:
+    return f"{key}_ci_low", f"{key}_ci_high"
+
+
+def _table14(s: dict) -> str:
+    """Table 14's layout: a row per benchmark, zero-shot and few-shot, a column per model;
+    each cell the score [95% bootstrap interval] of the tax/ and tax_fewshot/ keys."""
+    names = charts.models_matching(s, "tax/{m}/mean")
+    rows = [
+        [f"{bench} ({label})", *[_cell(s, f"{key}/{{m}}/{bench}", *_ci_keys(f"{key}/{{m}}/{bench}"), m) for m in names]]
+        for key, label in (("tax", "zero-shot"), ("tax_fewshot", "few-shot"))
+        for bench in [*BENCHMARKS, "mean"]
+        if any(f"{key}/{m}/{bench}" in s for m in names)
+    ]
+    if not rows:
+        return ""
+    return table(["benchmark", *names], rows) + (
+        '<p class="caption">Each cell: score [95% bootstrap interval over items]. Few-shot: solved items of the '
+        "same benchmark before each one, as many as fit the context (its mean is over the four task benchmarks; "
+        "webtext has no few-shot form). Compare PPO with SFT of its size, and PPO-ptx with both (Table 14).</p>"
     )
 
 

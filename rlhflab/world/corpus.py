@@ -157,15 +157,15 @@ def benchmarks(facts: F.Facts, seed: int, n: int) -> dict[str, list[dict]]:
     """Held-out capability items (fresh draws; the corpus only has their kind)."""
     rng = random.Random(f"bench-{seed}")
     out: dict[str, list[dict]] = {"reading": [], "arithmetic": [], "continuation": [], "cipher": []}
-    for _ in range(n):
+    for _ in range(n):  # `solved`: the item as the corpus writes one (a few-shot example)
         q, a = reading_item(facts, rng)
-        out["reading"].append({"context": q, "answer": a.strip()})
+        out["reading"].append({"context": q, "answer": a.strip(), "solved": q + a})
         q, a = arithmetic_item(facts, rng)
-        out["arithmetic"].append({"context": q, "answer": a.split()[0]})
+        out["arithmetic"].append({"context": q, "answer": a.split()[0], "solved": q + a})
         ctx, endings, right = story_item(facts, rng)
-        out["continuation"].append({"context": ctx, "endings": endings, "label": right})
+        out["continuation"].append({"context": ctx, "endings": endings, "label": right, "solved": ctx + endings[right]})
         q, a = cipher_item(facts, rng)
-        out["cipher"].append({"context": q, "answer": a.strip(" .")})
+        out["cipher"].append({"context": q, "answer": a.strip(" ."), "solved": q + a})
     # The pretraining distribution itself, from a stream of its own so the items above stay
     # as they were: what PPO trades away and PPO-ptx keeps (§4.2, the alignment tax).
     rng = random.Random(f"webtext-{seed}")
