@@ -391,8 +391,8 @@ class Pipeline:
     def schedule(self, jobs: list[Job], lanes: int | None = None) -> None:
         """Run every unfinished job once its `needs` have finished, at most `lanes` at once.
 
-        Each stage runs in a fresh process (training.stage_context; `isolate_stages`; the stages hand off
-        through their directories only, docs/design.md §2). A stage that can run beside
+        Each stage runs in a fresh process (`isolate_stages`, training.stage_context; the
+        stages hand off through their directories only, docs/design.md §2). A stage that can run beside
         another (neither needs the other) gets cores // lanes threads and writes its output
         to `<root>/logs/<name>.log`; a stage every other one waits for or follows gets all
         cores and the terminal. The thread count depends on the graph only, never on

@@ -257,9 +257,11 @@ def stage_context():
     STAGE_PRELOAD forks each one, so a stage starts in a fraction of a second. The server
     never runs a torch op, so its children start with no OpenMP pool to inherit (a fork of
     a process that ran one is not safe). A child starts with the server's environment:
-    `apply_env` in it restores the caller's."""
+    `apply_env` in it restores the caller's. Where there is no fork server (Windows): spawn."""
     import multiprocessing
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(STAGE_PRELOAD)
     return ctx

@@ -332,7 +332,8 @@ def s_capability(run: RunFiles) -> str:
             "The tax as PPO pays it: the mean benchmark score and the pretraining text's token accuracy "
             "(webtext) on the first items of each benchmark, measured every few steps against the KL of the "
             "policy's validation samples from SFT, for every PPO run (the β sweep runs reach the largest KL). "
-            "PPO-ptx's pretraining gradients hold them up at the same KL (§4.2).",
+            "Look for PPO's scores falling as the KL grows and PPO-ptx's held up by its pretraining gradients "
+            "(§4.2).",
             "",
         )
         if curves
