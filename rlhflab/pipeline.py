@@ -364,6 +364,9 @@ class Pipeline:
             world=str(world),
             models={k: str(v) for k, v in models.items()},
             rl_runs=rl_runs,
+            capability_models={
+                f"PPO-beta{b:g}-small": str(self.root / f"sweep/beta-{b:g}" / "policy") for b in self.cfg.sweep_betas
+            },
             prompted=[m for m in models if m.startswith("GPT-")],
             baseline=FIGURE1_BASELINE,
             head_to_head=[f"{a}:{b}" for a, b in HEAD_TO_HEAD],

@@ -127,6 +127,7 @@ def lab(tmp_path_factory):
         "run": {"device": "cpu"},
         "out_dir": str(root / "out1"),
         "head_to_head": ["PPO-ptx-small:GPT-prompted-small", "SFT-small:SFT-small"],
+        "capability_models": {"PPO-beta0-small": models["GPT-small"]},  # GPT-small's weights again
     }
     (root / "eval.yaml").write_text(yaml.safe_dump(cfg))
     return root, tok
@@ -175,6 +176,8 @@ def test_config_validation(lab):
         load_config(EvalConfig, root / "eval.yaml", ["baseline=PPO-large"])
     with pytest.raises(ConfigError, match="prompted"):
         load_config(EvalConfig, root / "eval.yaml", ["prompted=[GPT-large]"])
+    with pytest.raises(ConfigError, match="capability_models"):
+        load_config(EvalConfig, root / "eval.yaml", ["capability_models={SFT-small: x}"])
     for bad in ("PPO-ptx-small", "PPO-ptx-small:GPT-large", "a:b:c"):
         with pytest.raises(ConfigError, match="head_to_head"):
             load_config(EvalConfig, root / "eval.yaml", [f"head_to_head=[{bad}]"])
@@ -241,6 +244,13 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
         few = {b: s1[f"tax_fewshot/{m}/{b}"] for b in ("reading", "arithmetic", "continuation", "cipher")}
         assert f"tax_fewshot/{m}/webtext" not in s1 and all(0 <= v <= 1 for v in few.values())
         assert s1[f"tax_fewshot/{m}/mean"] == pytest.approx(sum(few.values()) / 4, abs=1e-3)
+    # A capability-only model: its tax keys (GPT-small's, the same weights), paired with SFT-small.
+    for key in ("tax", "tax_fewshot"):
+        for b in ("reading", "mean", *(("webtext",) if key == "tax" else ())):
+            assert s1[f"{key}/PPO-beta0-small/{b}"] == s1[f"{key}/GPT-small/{b}"]
+        d = f"{key}_delta/PPO-beta0-small/mean"
+        assert s1[d] == pytest.approx(s1[f"{key}/GPT-small/mean"] - s1[f"{key}/SFT-small/mean"], abs=1e-6)
+    assert not [k for k in s1 if "PPO-beta0-small" in k and not k.startswith("tax")]
     d = "tax_fewshot_delta/PPO-ptx-small/mean"
     assert s1[d] == pytest.approx(s1["tax_fewshot/PPO-ptx-small/mean"] - s1["tax_fewshot/SFT-small/mean"], abs=1e-6)
     # Figure 1's layout repeats the win rates against the baseline, per size and family.

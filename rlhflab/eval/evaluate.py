@@ -49,6 +49,7 @@ summary.json keys (all numbers; see docs/evaluation.md):
   tax/<m>/<bench> (+ _ci_low, _ci_high)   the same score with a 95% bootstrap CI over items
   tax_delta/<m>/<bench> (+ _ci_low, _ci_high)   <m>'s score minus its reference's (SFT-<size>
                           for PPO and PPO-ptx, GPT-<size> for SFT), paired bootstrap CI
+                          (and for each of `capability_models`, SFT-<size>: it has only tax keys)
   tax_fewshot/<m>/<bench>, tax_fewshot_delta/<m>/<bench> (+ _ci_low, _ci_high)   the same with
                           `capability_shots` solved items before each one (Table 14's few-shot
                           column; the four task benchmarks and their mean, no webtext)
@@ -126,6 +127,10 @@ class EvalConfig:
     """Sampling temperature for answers; 0: greedy (deterministic, the default)."""
     capability_items: int = 0
     """Items per capability benchmark; 0: all."""
+    capability_models: dict[str, str] = field(default_factory=dict)
+    """Name -> model directory measured on the capability benchmarks only (tax/ and tax_fewshot/
+    keys, nothing else): `rlhflab run` gives the β sweep's policies, 'PPO-beta0.02-small'.
+    A name '<family>-<size>' is paired with SFT-<size> in the tax_delta/ keys."""
     capability_shots: int = 2
     """Solved items of its benchmark before each task item in the few-shot measurement
     (Table 14's few-shot column: tax_fewshot/ keys); as many as fit the context. 0: zero-shot only."""
@@ -158,14 +163,18 @@ class EvalConfig:
         check(self.prefix_candidates >= 1, "prefix_candidates", self.prefix_candidates, "must be >= 1")
         check(self.prefix_prompts >= 1, "prefix_prompts", self.prefix_prompts, "must be >= 1")
         check(bool(self.models), "models", self.models, "give at least one name: model directory")
-        for name, path in self.models.items():
+        for name in self.capability_models:
+            check(name not in self.models, "capability_models", name, "is also in models")
+        for where, name, path in [("models", *kv) for kv in self.models.items()] + [
+            ("capability_models", *kv) for kv in self.capability_models.items()
+        ]:
             check(
                 isinstance(name, str) and "/" not in name and name != "",
-                "models",
+                where,
                 name,
                 "model names must be non-empty and contain no '/'",
             )
-            check(isinstance(path, str) and path != "", f"models.{name}", path, "must be a directory")
+            check(isinstance(path, str) and path != "", f"{where}.{name}", path, "must be a directory")
         for name in self.prompted:
             check(name in self.models, "prompted", name, f"must name a model in models ({list(self.models)})")
         check(self.baseline in self.names(), "baseline", self.baseline, f"must be one of {self.names()}")
@@ -244,6 +253,13 @@ def tax_references(names: list[str]) -> dict[str, str]:
         if family in TAX_REFERENCE and ref in names:
             out[name] = ref
     return out
+
+
+def capability_references(names: list[str], measured: list[str]) -> dict[str, str]:
+    """'PPO-beta0.02-small' -> 'SFT-small' for names of '<family>-<size>' whose SFT-<size>
+    is among `measured` (the β sweep's policies start from it, as PPO does)."""
+    refs = {n: f"SFT-{n.rpartition('-')[2]}" for n in names if n.rpartition("-")[0]}
+    return {n: r for n, r in refs.items() if r in measured}
 
 
 def _mean(xs) -> float:
@@ -393,14 +409,24 @@ def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: l
         )
         summary[f"params/{variant}"] = n_params(model)
     # A prompt prefix does not change the weights, so capability is measured once per model.
-    items = capability_items(model, tok, bench)
-    summary.update({f"capability/{k}/{name}": v for k, v in scores_of(items).items()})
-    summary[f"_items/{name}"] = items
-    if cfg.capability_shots:
-        summary[f"_items_fewshot/{name}"] = capability_items(
-            model, tok, few_shot(bench, cfg.capability_shots, tok, n_pos)
-        )
+    summary.update(_capability_items(cfg, name, model, tok, bench))
+    summary.update({f"capability/{k}/{name}": v for k, v in scores_of(summary[f"_items/{name}"]).items()})
     return answers, summary, held
+
+
+def _capability_items(cfg: EvalConfig, name: str, model, tok, bench: dict) -> dict:
+    """The model's items, zero-shot (`_items/<name>`) and few-shot (`_items_fewshot/<name>`)."""
+    out = {f"_items/{name}": capability_items(model, tok, bench)}
+    if cfg.capability_shots:
+        fewshot = few_shot(bench, cfg.capability_shots, tok, context_length(model.config))
+        out[f"_items_fewshot/{name}"] = capability_items(model, tok, fewshot)
+    return out
+
+
+def _capability_model(cfg: EvalConfig, name: str, path: str, bench: dict, device) -> dict:
+    """A model of `capability_models`: its capability items and nothing else."""
+    model = load_causal_lm(path).to(device).eval()
+    return _capability_items(cfg, name, model, load_tokenizer(path), bench)
 
 
 def _prefix_for(cfg: EvalConfig, model, tok, n_pos, demos: list[dict], prompts: list[str], device):
@@ -434,6 +460,9 @@ def _answer_all(
         answers.update(a)
         summary.update(s)
         held.update(h)
+    calls = [(cfg, name, path, bench, device) for name, path in cfg.capability_models.items()]
+    for s in side_by_side(_capability_model, calls, jobs):
+        summary.update(s)
     return answers, summary, held
 
 
@@ -458,7 +487,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     from rlhflab.world import load_world
 
     world = load_world(cfg.world)
-    for name, path in {**cfg.models, "reward_model": cfg.reward_model or None}.items():
+    for name, path in {**cfg.models, **cfg.capability_models, "reward_model": cfg.reward_model or None}.items():
         if path is not None and not (Path(path) / "config.json").is_file():
             raise InputError(f"not a model directory (no config.json) for {name!r}", file=str(path))
     set_seed(cfg.run.seed)
@@ -480,7 +509,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
     for kind, prefix in (("_items", "tax"), ("_items_fewshot", "tax_fewshot")):
         items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith(f"{kind}/")]}
-        summary.update(tax_keys(items, tax_references(list(items)), cfg.run.seed, prefix=prefix))
+        refs = tax_references(list(items)) | capability_references(list(cfg.capability_models), list(items))
+        summary.update(tax_keys(items, refs, cfg.run.seed, prefix=prefix))
     judged = {
         v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
     }
