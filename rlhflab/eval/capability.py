@@ -188,6 +188,24 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
     return scores_of(capability_items(model, tokenizer, bench))
 
 
+TAX_REFERENCE = {"SFT": "GPT", "PPO": "SFT"}
+"""Whose capability a model's is measured against (tax_delta keys), by the first word of its
+family: its own size's model one stage before it (SFT against the base model; PPO, PPO-ptx and
+the β sweep's PPO-beta<β> against SFT, as Table 14 reads)."""
+
+
+def tax_references(names: list[str]) -> dict[str, str]:
+    """'PPO-ptx-small' -> 'SFT-small' and so on (TAX_REFERENCE), for names of
+    '<family>-<size>' whose reference is among `names`."""
+    out = {}
+    for name in names:
+        family, _, size = name.rpartition("-")
+        ref = f"{TAX_REFERENCE.get(family.split('-')[0])}-{size}"
+        if family and ref in names:
+            out[name] = ref
+    return out
+
+
 def tax_keys(
     items: dict[str, Items], reference: dict[str, str], seed: int, n: int = BOOTSTRAP, prefix: str = "tax"
 ) -> dict:

@@ -78,9 +78,9 @@ import yaml
 from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, describe, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import ConfigError, InputError
-from rlhflab.eval.capability import capability_items, few_shot, load_benchmarks, scores_of, tax_keys
+from rlhflab.eval.capability import capability_items, few_shot, load_benchmarks, scores_of, tax_keys, tax_references
 from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
-from rlhflab.eval.judging import likert_mean, win_keys
+from rlhflab.eval.judging import figure1_keys, likert_mean, unseen_win_keys, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
 from rlhflab.eval.prompted import choose_prefix, prompted_keys, prompted_name, with_prefix
 from rlhflab.generation import generate, generator_for
@@ -238,43 +238,9 @@ def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
     ).texts
 
 
-TAX_REFERENCE = {"SFT": "GPT", "PPO": "SFT", "PPO-ptx": "SFT"}
-"""Whose capability a model's is measured against (tax_delta keys): its own size's model one
-stage before it (SFT against the base model; PPO and PPO-ptx against SFT, as Table 14 reads)."""
-
-
-def tax_references(names: list[str]) -> dict[str, str]:
-    """'PPO-small' -> 'SFT-small' and so on (TAX_REFERENCE), for names of '<family>-<size>'
-    whose reference is among `names`."""
-    out = {}
-    for name in names:
-        family, _, size = name.rpartition("-")
-        ref = f"{TAX_REFERENCE.get(family)}-{size}"
-        if family in TAX_REFERENCE and ref in names:
-            out[name] = ref
-    return out
-
-
-def capability_references(names: list[str], measured: list[str]) -> dict[str, str]:
-    """'PPO-beta0.02-small' -> 'SFT-small' for names of '<family>-<size>' whose SFT-<size>
-    is among `measured` (the β sweep's policies start from it, as PPO does)."""
-    refs = {n: f"SFT-{n.rpartition('-')[2]}" for n in names if n.rpartition("-")[0]}
-    return {n: r for n, r in refs.items() if r in measured}
-
-
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
-
-
-def unseen_win_keys(world, prefix: str, name: str, judged: list, base: list, tasks: list, seed: str) -> dict:
-    """`win_keys` as <prefix>_unseen on the test prompts in no training split (none: {})."""
-    seen = world.seen_prompts()
-    unseen = [(a, b) for a, b, t in zip(judged, base, tasks) if t.prompt not in seen]
-    if not unseen:
-        return {}
-    pairs = [a for a, _ in unseen], [b for _, b in unseen]
-    return win_keys(world, f"{prefix}_unseen", name, *pairs, f"{prefix}_unseen-{seed}")
 
 
 def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed: int) -> dict:
@@ -295,33 +261,6 @@ def model_metrics(world, name: str, judged: dict, base: dict, tasks: list, seed:
         out.update(hallucination_keys(name, [j.hallucination for j in closed], [j.followed for j in closed]))
     for style in STYLES:
         out[f"meta/style/{style}/{name}"] = _mean(j.style == style for j in test)
-    return out
-
-
-FIGURE1 = (
-    ("winrate", "win_vs_{b}"),
-    ("winrate_gold", "gold_win_vs_{b}"),
-    ("winrate_unseen", "win_vs_{b}_unseen"),
-    ("winrate_unseen_gold", "gold_win_vs_{b}_unseen"),
-)
-"""Figure 1's keys, from the win-rate keys they repeat: figure1/<size>/<family>/<name>."""
-
-
-def figure1_keys(summary: dict, names: list[str], baseline: str) -> dict:
-    """Figure 1 in stable keys: `figure1/<size>/<family>/win_vs_<b>` (held-out labelers),
-    `gold_win_vs_<b>` (gold), both also `_unseen` (test prompts in no training split), each
-    with `_ci_low`, `_ci_high`; <b> the baseline's name in lower case with '_' for '-'
-    ('sft_large'). Names not of the form '<family>-<size>' get none."""
-    b, out = baseline.lower().replace("-", "_"), {}
-    for m in names:
-        family, _, size = m.rpartition("-")
-        if not family:
-            continue
-        for src, dst in FIGURE1:
-            dst = f"figure1/{size}/{family}/{dst.format(b=b)}"
-            for suffix in ("", "_ci_low", "_ci_high"):
-                if f"{src}{suffix}/{m}" in summary:
-                    out[dst + suffix] = summary[f"{src}{suffix}/{m}"]
     return out
 
 
@@ -509,8 +448,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
     for kind, prefix in (("_items", "tax"), ("_items_fewshot", "tax_fewshot")):
         items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith(f"{kind}/")]}
-        refs = tax_references(list(items)) | capability_references(list(cfg.capability_models), list(items))
-        summary.update(tax_keys(items, refs, cfg.run.seed, prefix=prefix))
+        summary.update(tax_keys(items, tax_references(list(items)), cfg.run.seed, prefix=prefix))
     judged = {
         v: {s: [(r, world.judge(p, r)) for p, r in zip(prompts[s], a[s])] for s in SPLITS} for v, a in answers.items()
     }

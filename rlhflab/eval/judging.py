@@ -64,3 +64,40 @@ def win_keys(world, prefix: str, name: str, judged: list, base: list, seed: str)
 def likert_mean(world, judgements: list, seed: str) -> float:
     rng = random.Random(seed)
     return sum(rng.choice(world.heldout_labelers).likert(j, rng) for j in judgements) / max(1, len(judgements))
+
+
+def unseen_win_keys(world, prefix: str, name: str, judged: list, base: list, tasks: list, seed: str) -> dict:
+    """`win_keys` as <prefix>_unseen on the test prompts in no training split (none: {})."""
+    seen = world.seen_prompts()
+    unseen = [(a, b) for a, b, t in zip(judged, base, tasks) if t.prompt not in seen]
+    if not unseen:
+        return {}
+    pairs = [a for a, _ in unseen], [b for _, b in unseen]
+    return win_keys(world, f"{prefix}_unseen", name, *pairs, f"{prefix}_unseen-{seed}")
+
+
+FIGURE1 = (
+    ("winrate", "win_vs_{b}"),
+    ("winrate_gold", "gold_win_vs_{b}"),
+    ("winrate_unseen", "win_vs_{b}_unseen"),
+    ("winrate_unseen_gold", "gold_win_vs_{b}_unseen"),
+)
+"""Figure 1's keys, from the win-rate keys they repeat: figure1/<size>/<family>/<name>."""
+
+
+def figure1_keys(summary: dict, names: list[str], baseline: str) -> dict:
+    """Figure 1 in stable keys: `figure1/<size>/<family>/win_vs_<b>` (held-out labelers),
+    `gold_win_vs_<b>` (gold), both also `_unseen` (test prompts in no training split), each
+    with `_ci_low`, `_ci_high`; <b> the baseline's name in lower case with '_' for '-'
+    ('sft_large'). Names not of the form '<family>-<size>' get none."""
+    b, out = baseline.lower().replace("-", "_"), {}
+    for m in names:
+        family, _, size = m.rpartition("-")
+        if not family:
+            continue
+        for src, dst in FIGURE1:
+            dst = f"figure1/{size}/{family}/{dst.format(b=b)}"
+            for suffix in ("", "_ci_low", "_ci_high"):
+                if f"{src}{suffix}/{m}" in summary:
+                    out[dst + suffix] = summary[f"{src}{suffix}/{m}"]
+    return out
