@@ -166,16 +166,33 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
         return model.score(h.float()).squeeze(-1) + reward_bias(model)
 
 
-def reward_scores(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def reward_scores(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    score_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """r_θ(x, y): the scalar head at the last real token, plus the config's bias.  (B,)
 
     The same number as a plain `AutoModelForSequenceClassification(...).logits[:, 0]` of an
     RM saved by rlhflab, when the bias is folded (`fold_reward_bias`) and the config's pad
     differs from eos (`hf_pad_token_id`), on right-padded input: HF numbers positions from
     0 whatever the mask, so left padding needs `position_ids(mask)` passed to it.
+
+    Packed rows (`packing.pack`: several responses per row over one copy of their prompt):
+    the 4D `attention_mask`, `position_ids` and `score_at` = (rows, cols) of each sequence's
+    last token from the `Packed`; (N,), the score each sequence gets alone in a padded row.
     """
-    values = token_values(model, input_ids, attention_mask)  # (B, T)
-    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    if score_at is None:
+        values = token_values(model, input_ids, attention_mask)  # (B, T)
+        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    out = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    h = out.last_hidden_state[score_at]  # (N, H) each sequence's last token
+    with torch.autocast(h.device.type, enabled=False):  # the scalar head in fp32, as in token_values
+        return model.score(h.float()).squeeze(-1) + reward_bias(model)
 
 
 def reward_bias(model) -> float:

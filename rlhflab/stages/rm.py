@@ -1,8 +1,9 @@
 """Stage 2: the reward model, trained on K-wise rankings (§3.5 "Reward modeling").
 
     SFT model + fresh scalar head ──▶ r_θ(x, y) read at the last real token (eos)
-    one prompt's K responses = ONE batch element: K forward passes, C(K,2) comparisons,
+    one prompt's K responses = ONE batch element: K scores, C(K,2) comparisons,
         loss = −1/C(K,2) · Σ_(w,l) log σ(r_θ(x, y_w) − r_θ(x, y_l))      (ties dropped)
+    (the K responses packed over one copy of the prompt: packing.py, same scores)
     one epoch, cosine to 10% ──▶ gain: samples of the RL's initial policy score std 1
     ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
 
@@ -43,6 +44,7 @@ from rlhflab.models import (
     reward_scores,
     scale_reward,
 )
+from rlhflab.packing import additive_mask, pack, supports_packing
 from rlhflab.text import encode_pair, encode_query, pad_right
 from rlhflab.training import (
     Loop,
@@ -84,6 +86,13 @@ class RMConfig:
     """Prompts per optimizer step; each holds all C(K,2) comparisons of its K responses."""
     micro_batch_size: int = 0
     """Prompts per forward pass, gradients accumulated over the batch (0: the whole batch)."""
+    pack: bool = True
+    """Train on packed rows: a prompt's K responses over one copy of the prompt, several to a
+    row under a 4D attention mask (packing.py), the same scores as one padded row per
+    response (False) in fewer token slots. Needs eager or sdpa attention; a model with
+    another kind trains on padded rows."""
+    pack_width: int = 0
+    """Token slots per packed row (0: twice the longest prompt + response of the micro-batch)."""
     train: TrainFields = train_fields(lr=3e-4, save_every=200)
     """Optimisation. lr: App. C.2 used 9e-6 for the 6B RM; the lab's ~0.2M-parameter model
     sees ~200 updates in its one epoch and needs far larger steps (lab world, val accuracy:
@@ -109,6 +118,7 @@ class RMConfig:
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
         check(self.micro_batch_size >= 0, "micro_batch_size", self.micro_batch_size, "must be >= 0")
+        check(self.pack_width >= 0, "pack_width", self.pack_width, "must be >= 0 (0: twice the longest sequence)")
         check(self.train.lr > 0, "train.lr", self.train.lr, "must be > 0")
         check(0 <= self.final_lr_ratio <= 1, "final_lr_ratio", self.final_lr_ratio, "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
@@ -126,14 +136,17 @@ class Comparison:
     """K sequences query + response (text.py layout), response i at index i."""
     pairs: list[tuple[int, int]]
     """(winner, loser) indices into `sequences`; ties give none (§3.5)."""
+    prompt_lens: list[int] = field(default_factory=list)
+    """Tokens of the query at the start of each sequence, for packing (empty: none shared)."""
 
 
 @dataclass
 class RMBatch:
     input_ids: torch.Tensor
-    """(N, T) every response of every prompt, right-padded; N = Σ K_i."""
+    """(N, T) every response of every prompt, right-padded, N = Σ K_i; packed: (B, T'),
+    several responses per row over one copy of their prompt (packing.py)."""
     attention_mask: torch.Tensor
-    """(N, T)"""
+    """(N, T); packed: (B, 1, T', T')."""
     winners: torch.Tensor
     """(P,) row of the preferred response of each comparison; P = Σ (pairs of prompt i)."""
     losers: torch.Tensor
@@ -146,10 +159,21 @@ class RMBatch:
     """K_i, the number of responses of prompt i."""
     pairs: list[list[tuple[int, int]]] = field(default_factory=list)
     """Per prompt, (winner, loser) indices local to that prompt."""
+    position_ids: torch.Tensor | None = None
+    """Packed only: (B, T') each response's positions continue its prompt's."""
+    score_at: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Packed only: (rows, cols), each (N,): where response n's last token sits."""
 
     def to(self, device) -> RMBatch:
         tensors = ("input_ids", "attention_mask", "winners", "losers", "weights")
-        return dataclasses.replace(self, **{k: getattr(self, k).to(device) for k in tensors})
+        moved = {k: getattr(self, k).to(device) for k in tensors}
+        if self.position_ids is not None:
+            moved.update(position_ids=self.position_ids.to(device), score_at=tuple(t.to(device) for t in self.score_at))
+        return dataclasses.replace(self, **moved)
+
+    def scores(self, scorer) -> torch.Tensor:
+        """`scorer(ids, mask, position_ids, score_at)` (reward_scores): (N,) in row order."""
+        return scorer(self.input_ids, self.attention_mask, self.position_ids, self.score_at)
 
 
 # --------------------------------------------------------------------------- loss
@@ -177,8 +201,13 @@ def batch_loss(scores: torch.Tensor, batch: RMBatch) -> tuple[torch.Tensor, floa
     return loss, float(correct.mean())
 
 
-def collate(comparisons: list[Comparison], pad_id: int) -> RMBatch:
-    """All K_i responses of each prompt into one padded batch; its pairs as global rows."""
+def collate(
+    comparisons: list[Comparison], pad_id: int, pack_width: int | None = None, additive: bool = True
+) -> RMBatch:
+    """All K_i responses of each prompt into one batch; its pairs as global rows (response
+    j of prompt i is row offsets[i] + j). `pack_width` None: one right-padded row per
+    response; else packed rows of that many token slots (0: twice the longest sequence),
+    each prompt once per row it shares (`packing.pack`; `additive`: the mask's kind)."""
     seqs, offsets, winners, losers, weights = [], [], [], [], []
     for c in comparisons:
         off = len(seqs)
@@ -187,7 +216,16 @@ def collate(comparisons: list[Comparison], pad_id: int) -> RMBatch:
         winners += [off + w for w, _ in c.pairs]
         losers += [off + lose for _, lose in c.pairs]
         weights += [1.0 / (len(c.pairs) * len(comparisons))] * len(c.pairs)
-    ids, mask = pad_right(seqs, pad_id)
+    extra = {}
+    if pack_width is None:
+        ids, mask = pad_right(seqs, pad_id)
+    else:
+        groups, order = _prompt_groups(comparisons, offsets)
+        packed = pack(groups, pad_id, pack_width or 2 * max(map(len, seqs)))
+        rows, cols = torch.empty_like(packed.rows), torch.empty_like(packed.cols)
+        rows[order], cols[order] = packed.rows, packed.cols  # packing order -> row order
+        ids, mask = packed.input_ids, packed.attention_mask(additive)
+        extra = dict(position_ids=packed.position_ids, score_at=(rows, cols))
     return RMBatch(
         ids,
         mask,
@@ -197,7 +235,24 @@ def collate(comparisons: list[Comparison], pad_id: int) -> RMBatch:
         offsets,
         [len(c.sequences) for c in comparisons],
         [c.pairs for c in comparisons],
+        **extra,
     )
+
+
+def _prompt_groups(comparisons: list[Comparison], offsets: list[int]):
+    """(prompt, responses) groups for `packing.pack`: a prompt's responses that start with
+    the same query tokens share one copy of it (a chat template's may differ per response);
+    and `order`, the batch row of each packed sequence in packing order."""
+    groups, order = [], []
+    for c, off in zip(comparisons, offsets, strict=True):
+        by_query: dict[tuple, list[int]] = {}
+        lens = c.prompt_lens or [0] * len(c.sequences)
+        for j, (seq, n) in enumerate(zip(c.sequences, lens, strict=True)):
+            by_query.setdefault(tuple(seq[:n]), []).append(j)
+        for query, members in by_query.items():
+            groups.append((list(query), [c.sequences[j][len(query) :] for j in members]))
+            order += [off + j for j in members]
+    return groups, torch.tensor(order)
 
 
 def _n_correct(scores: list[float], pairs) -> float:
@@ -226,7 +281,8 @@ def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int 
                 line=r.line,
                 field="prompt",
             )
-        seqs = [encode_sequence(tokenizer, r.prompt, resp, where) for resp in r.responses]
+        pairs = [encode_pair(tokenizer, r.prompt, resp, where) for resp in r.responses]
+        seqs = [q + a for q, a in pairs]
         for i, s in enumerate(seqs):
             if max_len is not None and len(s) > max_len:
                 raise InputError(
@@ -235,7 +291,7 @@ def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int 
                     line=r.line,
                     field=f"responses[{i}]",
                 )
-        out.append(Comparison(seqs, r.pairs()))
+        out.append(Comparison(seqs, r.pairs(), [len(q) for q, _ in pairs]))
     return out
 
 
@@ -430,6 +486,9 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
     # reward_scores calls model.base_model and model.score: trained through a root forward
     # that DDP and FSDP see (distributed.Forward); in one process, the model itself.
     scorer = distributed.wrap(model, config.train.parallel, dist, forward=reward_scores)
+    packing = (config.pack_width, additive_mask(model)) if config.pack and supports_packing(model) else None
+    if config.pack and packing is None and dist.is_main:
+        print(f"rm: {model.config._attn_implementation} attention takes no 4D mask; training on padded rows")
 
     def end_of_epoch(epoch: int, state: dict) -> dict:  # held-out loss and accuracy
         record = {"epoch": epoch + 1}
@@ -449,7 +508,7 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
             epochs=config.epochs,
             steps_per_epoch=math.ceil(n / bs),
             batch=lambda e, b: [train_set[i] for i in shuffled_batch(n, bs, config.run.seed, e, b)],
-            loss=lambda chunk, scale: _loss(scorer, chunk, pad_id, config, device, scale, dist),
+            loss=lambda chunk, scale: _loss(scorer, chunk, pad_id, config, device, scale, dist, packing),
             end_of_epoch=end_of_epoch,
         ),
         callback=callback,
@@ -483,11 +542,20 @@ def train(config: RMConfig, callback=None) -> tuple[Path, dict]:
 
 
 def _loss(
-    scorer, chunk: list[Comparison], pad_id: int, config: RMConfig, device, scale: float = 1.0, dist=distributed.SINGLE
+    scorer,
+    chunk: list[Comparison],
+    pad_id: int,
+    config: RMConfig,
+    device,
+    scale: float = 1.0,
+    dist=distributed.SINGLE,
+    packing: tuple[int, bool] | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Forward and backward of one batch of prompts (this rank's part), micro-batches
-    accumulating gradients; `scorer(ids, mask)` is reward_scores through DDP/FSDP.
+    accumulating gradients; `scorer` is reward_scores through DDP/FSDP; `packing`: None
+    (padded rows) or (pack_width, additive mask) for `collate`.
     Returns (the part's loss, {rm/accuracy: (pairs ordered right, pairs)})."""
+    width, additive = packing if packing is not None else (None, True)
     micro = config.micro_batch_size or len(chunk)
     parts = [chunk[i : i + micro] for i in range(0, len(chunk), micro)]
     # Every rank runs as many forwards and backwards (FSDP's all-gathers, one gradient
@@ -496,10 +564,10 @@ def _loss(
     total_loss, correct = torch.zeros((), device=device), 0.0
     for j in range(n_parts):
         real = j < len(parts)
-        part = collate(parts[j] if real else parts[-1], pad_id).to(device)
+        part = collate(parts[j] if real else parts[-1], pad_id, width, additive).to(device)
         with distributed.no_sync(scorer, active=j < n_parts - 1):
             with autocast(device, config.train.precision):
-                scores = scorer(part.input_ids, part.attention_mask)  # (N,), fp32
+                scores = part.scores(scorer)  # (N,), fp32
             loss, accuracy = batch_loss(scores, part)
             weight = len(part.offsets) / len(chunk) if real else 0.0  # the loss: a mean over prompts
             (loss * weight * scale).backward()
