@@ -65,7 +65,9 @@ def test_packed_scores_and_gradients_equal_padded(tmp_path, arch, attention):
     model.set_attn_implementation(attention)
     assert supports_packing(model)
     rows = [
-        parse_ranking({"prompt": "name a color", "ranking": [3, 0, 2, 1], "responses": ["red", "blue", "a", "red red"]}),
+        parse_ranking(
+            {"prompt": "name a color", "ranking": [3, 0, 2, 1], "responses": ["red", "blue", "a", "red red"]}
+        ),
         parse_ranking({"prompt": "summarize this : birds fly south", "chosen": "birds fly", "rejected": "no"}),
         parse_ranking({"prompt": "yes", "ranking": [1, 0, 2], "responses": ["no no no no no", "yes", "ok ."]}),
     ]
