@@ -191,3 +191,17 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
         report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"]
     )
     assert "rlhflab/TRL" in bench.format_report(report)
+
+
+def test_rm_bench_times_padded_against_packed_rows_with_the_same_scores(capsys):
+    assert cli.main(["bench", "--rm", "--steps", "2", "--precision", "fp32", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert set(r["ms_per_step"]) == {"padded", "packed"} and all(v > 0 for v in r["ms_per_step"].values())
+    assert r["token_slots_per_step"]["packed"] < r["token_slots_per_step"]["padded"]
+    assert r["max_score_diff"] < 1e-4  # fp32: both sides compute the same scores
+    assert r["packed_over_padded_time"] > 0 and r["workload"]["precision"] == "fp32"
+
+
+def test_rm_bench_refuses_ppo_only_options(capsys):
+    assert cli.main(["bench", "--rm", "--nproc", "2"]) != 0
+    assert "--rm times rlhflab's RM step alone" in capsys.readouterr().err

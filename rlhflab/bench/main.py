@@ -439,7 +439,12 @@ def add_arguments(parser) -> None:
         default="cpu",
         help="which fixed workload (default cpu; gpu needs CUDA)",
     )
-    parser.add_argument("--steps", type=int, help="PPO steps per side, the first left out (default: the workload's)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        help="PPO steps per side, the first left out (default: the workload's); with --rm: RM steps "
+        "per side (default 30)",
+    )
     parser.add_argument(
         "--vs",
         choices=["trl"],
@@ -478,6 +483,12 @@ def add_arguments(parser) -> None:
         default="ddp",
         help="with --nproc: DDP (default) or FSDP2 for the policy and the value model (train.parallel)",
     )
+    parser.add_argument(
+        "--rm",
+        action="store_true",
+        help="time the reward model's training step instead: padded rows against packed rows "
+        "(rm pack), on lab-shaped rankings, on the CPU (--steps per side, default 30)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
     parser.add_argument(
@@ -485,12 +496,15 @@ def add_arguments(parser) -> None:
         choices=["auto", "fp32", "bf16"],
         default="auto",
         help="both sides: fp32, or bf16 autocast over fp32 weights (rlhflab's "
-        "precision=bf16, TRL's bf16=True); auto (default) is bf16 where the "
-        "device has bf16 matrix units (a GPU, a CPU with AMX), else fp32",
+        "precision=bf16, TRL's bf16=True); auto (default) is what rlhflab run picks: bf16 "
+        "where bf16 matmuls are natively fast (a GPU with bf16; a CPU with AMX or AVX-512 "
+        "BF16 where a timed matmul confirms it), else fp32",
     )
 
 
 def run_cli(args) -> int:
+    if args.rm:
+        return _run_rm(args)
     w = WORKLOADS[args.workload]
     if args.threads is not None:
         if args.threads < 1:
@@ -513,4 +527,24 @@ def run_cli(args) -> int:
         parallel=args.parallel,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def _run_rm(args) -> int:
+    from rlhflab.bench.rm_pack import bench_rm, format_rm_report
+
+    if args.vs or args.nproc != 1 or args.lora_r or args.gradient_checkpointing or args.workload != "cpu":
+        raise InputError(
+            "--rm times rlhflab's RM step alone, on the CPU: no --vs/--nproc/--lora-r/--workload", field="rm"
+        )
+    if args.threads is not None and args.threads < 1:
+        raise InputError("must be >= 1", field="threads")
+    quiet = args.json or os.environ.get("RLHFLAB_QUIET")
+    report = bench_rm(
+        args.steps if args.steps is not None else 30,
+        args.precision,
+        args.threads if args.threads is not None else 2,
+        log=(lambda *a: None) if quiet else (lambda msg: print(msg, flush=True)),
+    )
+    print(json.dumps(report, indent=2) if args.json else format_rm_report(report))
     return 0
