@@ -13,6 +13,11 @@ too long for one row is split, each piece repeating its prompt. On the lab's ran
 (K = 4..9 responses of ~13 tokens under a ~16-token prompt) a step of 8 prompts is
 ~1,100 token slots packed against ~2,600 padded (BENCHMARKS.md).
 
+Two users: the reward model's training rows (stages/rm.py: a prompt and its K ranked
+responses) and the capability benchmarks' multiple choice (eval/capability.py: a context
+and its endings, each ending's log-likelihood read where its tokens are predicted:
+`prompt_ends`, `starts`, `cols`).
+
 Only attention implementations that take a custom 4D mask pack (`supports_packing`):
 `eager` (an additive float mask) and `sdpa` (a boolean one); FlashAttention and flex
 attention do not, and their callers fall back to padded rows.
@@ -55,6 +60,11 @@ class Packed:
     """(N,) the row of sequence n's last token."""
     cols: torch.Tensor
     """(N,) its column."""
+    starts: torch.Tensor
+    """(N,) the column of response n's first token (same row)."""
+    prompt_ends: torch.Tensor
+    """(N,) the column of the last token of response n's prompt (−1: an empty prompt); its
+    output predicts the response's first token."""
 
     def to(self, device) -> Packed:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)})
@@ -118,12 +128,13 @@ def pack(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, width: in
     pos = torch.zeros((B, T), dtype=torch.long)
     group = torch.full((B, T), -1, dtype=torch.long)
     segment = torch.full((B, T), -1, dtype=torch.long)
-    at_row, at_col = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)
+    at_row, at_col, start, prompt_end = (torch.zeros(n, dtype=torch.long) for _ in range(4))
     for b, row in enumerate(rows):
         t = 0
         for i in row:
             prompt, responses = pieces[i]
             L = len(prompt)
+            last_of_prompt = t + L - 1 if L else -1
             ids[b, t : t + L] = torch.tensor(prompt, dtype=torch.long)
             pos[b, t : t + L] = torch.arange(L)
             group[b, t : t + L] = i
@@ -134,5 +145,5 @@ def pack(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, width: in
                 group[b, t : t + len(r)] = i
                 segment[b, t : t + len(r)] = k
                 t += len(r)
-                at_row[k], at_col[k] = b, t - 1
-    return Packed(ids, pos, group, segment, at_row, at_col)
+                at_row[k], at_col[k], start[k], prompt_end[k] = b, t - 1, t - len(r), last_of_prompt
+    return Packed(ids, pos, group, segment, at_row, at_col, start, prompt_end)

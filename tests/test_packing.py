@@ -97,3 +97,36 @@ def test_responses_with_different_query_tokens_do_not_share_a_prompt(tmp_path):
         alone = reward_scores(model, *pad_right(c.sequences, tok.pad_token_id))
         got = packed.scores(lambda *x: reward_scores(model, *x))
     torch.testing.assert_close(got, alone, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch,attention", [("gpt2", "eager"), ("llama", "sdpa")])
+def test_packed_ending_likelihoods_equal_one_padded_row_per_ending(tmp_path, arch, attention):
+    """The capability benchmarks' multiple choice: each context once, its endings after it."""
+    from rlhflab.eval import capability
+    from rlhflab.models import load_causal_lm
+
+    tok = tiny_tokenizer()
+    model = load_causal_lm((gpt2_dir if arch == "gpt2" else llama_dir)(tmp_path / arch, tok)).eval()
+    model.set_attn_implementation(attention)
+    items = [
+        {"context": "the cat sat on the", "endings": [" mat", " dog ran away", " sun"], "label": 0},
+        {"context": "birds fly", "endings": [" south in winter", " no"], "label": 1},
+        {"context": "say yes", "endings": [" yes", " no no", " ok", " maybe so"], "label": 2},
+    ]
+    groups = [
+        (
+            capability._context_ids(tok, x["context"]),
+            [tok(e, add_special_tokens=False)["input_ids"] for e in x["endings"]],
+        )
+        for x in items
+    ]
+    with torch.no_grad():
+        padded = [
+            m for ctx, ends in groups for m in capability._choice_means_padded(model, ctx, ends, tok.pad_token_id)
+        ]
+        packed = capability._choice_means_packed(model, groups, tok.pad_token_id)
+    assert packed == pytest.approx(padded, abs=1e-5)
+    assert len(set(round(m, 3) for m in padded)) > 1  # the endings do score differently
+    hits = capability._choice_hits(model, tok, items, batch_items=2)  # packed, two forwards
+    best = [max(range(len(e)), key=lambda k, o=o: padded[o + k]) for o, e in zip([0, 3, 5], [g[1] for g in groups])]
+    assert hits == [float(b == x["label"]) for b, x in zip(best, items)]

@@ -21,6 +21,7 @@ from rlhflab.errors import InputError
 from rlhflab.eval.heldout import BOOTSTRAP
 from rlhflab.generation import generate
 from rlhflab.models import context_length, token_logprobs
+from rlhflab.packing import additive_mask, pack, supports_packing
 from rlhflab.text import pad_right
 
 BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher", "webtext")
@@ -103,19 +104,61 @@ def _f1(pred: str, gold: str) -> float:
 
 
 @torch.no_grad()
-def _choice_hits(model, tokenizer, items: list[dict]) -> list[float]:
-    """1.0 per item whose correct ending has the highest mean log-likelihood, else 0.0."""
+def _choice_hits(model, tokenizer, items: list[dict], batch_items: int = 32) -> list[float]:
+    """1.0 per item whose correct ending has the highest mean log-likelihood, else 0.0.
+
+    `batch_items` items to a forward, each context once with its endings after it
+    (packing.py: each ending sees its context and itself only, so its log-likelihood is the
+    one it gets alone); a model whose attention takes no 4D mask scores an item at a time,
+    one padded row per ending (`_choice_means_padded`)."""
+    groups = [
+        (
+            _context_ids(tokenizer, item["context"]),
+            [tokenizer(e, add_special_tokens=False)["input_ids"] for e in item["endings"]],
+        )
+        for item in items
+    ]
+    if supports_packing(model):
+        means = []
+        for i in range(0, len(groups), batch_items):
+            means += _choice_means_packed(model, groups[i : i + batch_items], tokenizer.pad_token_id)
+    else:
+        means = [_choice_means_padded(model, ctx, ends, tokenizer.pad_token_id) for ctx, ends in groups]
     hits = []
-    for item in items:
-        ctx = _context_ids(tokenizer, item["context"])
-        ends = [tokenizer(e, add_special_tokens=False)["input_ids"] for e in item["endings"]]
-        ids, mask = pad_right([ctx + e for e in ends], tokenizer.pad_token_id)
-        ids, mask = ids.to(model.device), mask.to(model.device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
-        scores = [float(lp[k, len(ctx) - 1 : len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
+    for item, (_, ends) in zip(items, groups, strict=True):
+        scores = means[: len(ends)]
+        means = means[len(ends) :]
         hits.append(float(max(range(len(ends)), key=scores.__getitem__) == item["label"]))
     return hits
+
+
+def _choice_means_padded(model, ctx: list[int], ends: list[list[int]], pad_id: int) -> list[float]:
+    """Mean log-likelihood of each ending after `ctx`: one right-padded row per ending."""
+    ids, mask = pad_right([ctx + e for e in ends], pad_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    lp = token_logprobs(logits, ids[:, 1:])  # (K, T-1)
+    return [float(lp[k, len(ctx) - 1 : len(ctx) - 1 + len(e)].mean()) for k, e in enumerate(ends)]
+
+
+def _choice_means_packed(model, groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[float]:
+    """`_choice_means_padded` of every (context, endings) group, in one packed forward;
+    the logits read only where an ending token is predicted."""
+    p = pack(groups, pad_id, 2 * max(len(c) + max(map(len, e)) for c, e in groups)).to(model.device)
+    out = model(
+        input_ids=p.input_ids, attention_mask=p.attention_mask(additive_mask(model)), position_ids=p.position_ids
+    )
+    # Ending n's token j is predicted at its prompt's last token (j = 0), else at token j − 1.
+    rows, pred, target, owner = [], [], [], []
+    for n, (r, s, e, c) in enumerate(zip(p.rows.tolist(), p.starts.tolist(), p.cols.tolist(), p.prompt_ends.tolist())):
+        rows += [r] * (e - s + 1)
+        pred += [c, *range(s, e)]
+        target += range(s, e + 1)
+        owner += [n] * (e - s + 1)
+    rows, pred, target, owner = (torch.tensor(x, device=model.device) for x in (rows, pred, target, owner))
+    lp = token_logprobs(out.logits[rows, pred], p.input_ids[rows, target]).float()  # (M,) one per ending token
+    sums = torch.zeros(len(p.rows), device=lp.device).index_add_(0, owner, lp)
+    return (sums / (p.cols - p.starts + 1).to(lp.device)).tolist()
 
 
 @torch.no_grad()
