@@ -21,6 +21,8 @@ import time
 WARMUP = 3
 """Steps per side left out of the figures."""
 LAB_LARGE = dict(n_layer=4, n_embd=192, n_head=6, vocab_size=1024, n_positions=256)
+"""The lab's large model (models.LAB_SIZES), dropout off as the lab trains it."""
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
 def rankings(n_prompts: int, seed: int = 0):
@@ -66,7 +68,7 @@ def bench_rm(steps: int = 30, precision: str = "auto", threads: int | None = 2, 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = GPT2ForSequenceClassification(GPT2Config(num_labels=1, pad_token_id=0, **LAB_LARGE))
+    model = GPT2ForSequenceClassification(GPT2Config(num_labels=1, pad_token_id=0, **LAB_LARGE, **NO_DROPOUT))
     fast_kernels(model.train(), device, precision)
     config = RMConfig(base="-", rankings="-")
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, precision=precision))
