@@ -180,7 +180,7 @@ def reward_scores(
     differs from eos (`hf_pad_token_id`), on right-padded input: HF numbers positions from
     0 whatever the mask, so left padding needs `position_ids(mask)` passed to it.
 
-    Packed rows (`packing.pack`: several responses per row over one copy of their prompt):
+    Packed rows (`text.pack`: several responses per row over one copy of their prompt):
     the 4D `attention_mask`, `position_ids` and `score_at` = (rows, cols) of each sequence's
     last token from the `Packed`; (N,), the score each sequence gets alone in a padded row.
     """

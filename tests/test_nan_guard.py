@@ -130,8 +130,8 @@ def _nan_in_sft_grads(monkeypatch, bad):
 def _nan_in_rm_rewards(monkeypatch, bad, grads: bool = False):
     real, step = rm.reward_scores, training_steps()
 
-    def scores(model, ids, mask):
-        out = real(model, ids, mask)
+    def scores(model, *args):
+        out = real(model, *args)
         if torch.is_grad_enabled():
             step["n"] += 1  # one forward per step: micro_batch_size is the whole batch
             if bad(step["n"]):

@@ -7,9 +7,8 @@ import torch
 
 from rlhflab.data import parse_ranking
 from rlhflab.models import load_reward_model, reward_scores
-from rlhflab.packing import pack, supports_packing
 from rlhflab.stages import rm
-from rlhflab.text import pad_right
+from rlhflab.text import pack, pad_right, supports_packing
 
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
 

@@ -9,6 +9,7 @@ measured steps into the figures the report prints.
 from __future__ import annotations
 
 import json
+import platform
 import random
 import resource
 from dataclasses import dataclass
@@ -236,3 +237,14 @@ def peak_memory(device: str) -> tuple[int, str]:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as /proc/cpuinfo gives it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -43,6 +43,7 @@ from rlhflab.bench.common import (
     WORKLOADS,
     Workload,
     build_inputs,
+    cpu_name,
     n_params,
     peak_memory,
     side_result,
@@ -319,7 +320,7 @@ def machine_info(w: Workload) -> dict:
     info = {
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -327,16 +328,6 @@ def machine_info(w: Workload) -> dict:
     if w.device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --------------------------------------------------------------------------- printing

@@ -1,6 +1,6 @@
 """`rlhflab bench --rm`: the reward model's training step on padded rows (one row per
 response, how a K-wise batch is usually fed) against packed rows (RMConfig.pack:
-each prompt once, its responses after it under a 4D mask, packing.py).
+each prompt once, its responses after it under a 4D mask, text.pack).
 
 The model has the lab's large shape (GPT-2, 4 layers, d 192, 6 heads, vocab 1024; random
 init, from config); the rankings have the lab's shape: per prompt a query of 8..24
@@ -51,11 +51,11 @@ def bench_rm(steps: int = 30, precision: str = "auto", threads: int | None = 2, 
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     from rlhflab import distributed
-    from rlhflab.bench.main import _cpu_name
+    from rlhflab.bench.common import cpu_name
     from rlhflab.errors import InputError
     from rlhflab.models import reward_scores
-    from rlhflab.packing import additive_mask
     from rlhflab.stages.rm import RMConfig, _loss, collate
+    from rlhflab.text import additive_mask
     from rlhflab.training import adam, autocast, choose_precision, fast_kernels
 
     if steps < 2:
@@ -111,7 +111,7 @@ def bench_rm(steps: int = 30, precision: str = "auto", threads: int | None = 2, 
             "threads": torch.get_num_threads(),
             "pack_width": config.pack_width,
         },
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "ms_per_step": {k: 1e3 * statistics.median(v) for k, v in times.items()},
         "token_slots_per_step": slots,
         "packed_over_padded_time": statistics.median(

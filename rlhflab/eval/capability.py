@@ -21,8 +21,7 @@ from rlhflab.errors import InputError
 from rlhflab.eval.heldout import BOOTSTRAP
 from rlhflab.generation import generate
 from rlhflab.models import context_length, token_logprobs
-from rlhflab.packing import additive_mask, pack, supports_packing
-from rlhflab.text import pad_right
+from rlhflab.text import additive_mask, pack, pad_right, supports_packing
 
 BENCHMARKS = ("reading", "arithmetic", "continuation", "cipher", "webtext")
 TASKS = BENCHMARKS[:4]
@@ -108,7 +107,7 @@ def _choice_hits(model, tokenizer, items: list[dict], batch_items: int = 32) -> 
     """1.0 per item whose correct ending has the highest mean log-likelihood, else 0.0.
 
     `batch_items` items to a forward, each context once with its endings after it
-    (packing.py: each ending sees its context and itself only, so its log-likelihood is the
+    (text.pack: each ending sees its context and itself only, so its log-likelihood is the
     one it gets alone); a model whose attention takes no 4D mask scores an item at a time,
     one padded row per ending (`_choice_means_padded`)."""
     groups = [

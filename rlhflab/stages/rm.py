@@ -3,7 +3,7 @@
     SFT model + fresh scalar head ──▶ r_θ(x, y) read at the last real token (eos)
     one prompt's K responses = ONE batch element: K scores, C(K,2) comparisons,
         loss = −1/C(K,2) · Σ_(w,l) log σ(r_θ(x, y_w) − r_θ(x, y_l))      (ties dropped)
-    (the K responses packed over one copy of the prompt: packing.py, same scores)
+    (the K responses packed over one copy of the prompt: text.pack, same scores)
     one epoch, cosine to 10% ──▶ gain: samples of the RL's initial policy score std 1
     ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
 
@@ -44,8 +44,7 @@ from rlhflab.models import (
     reward_scores,
     scale_reward,
 )
-from rlhflab.packing import additive_mask, pack, supports_packing
-from rlhflab.text import encode_pair, encode_query, pad_right
+from rlhflab.text import additive_mask, encode_pair, encode_query, pack, pad_right, supports_packing
 from rlhflab.training import (
     Loop,
     autocast,
@@ -88,7 +87,7 @@ class RMConfig:
     """Prompts per forward pass, gradients accumulated over the batch (0: the whole batch)."""
     pack: bool = True
     """Train on packed rows: a prompt's K responses over one copy of the prompt, several to a
-    row under a 4D attention mask (packing.py), the same scores as one padded row per
+    row under a 4D attention mask (text.pack), the same scores as one padded row per
     response (False) in fewer token slots. Needs eager or sdpa attention; a model with
     another kind trains on padded rows."""
     pack_width: int = 0
@@ -144,7 +143,7 @@ class Comparison:
 class RMBatch:
     input_ids: torch.Tensor
     """(N, T) every response of every prompt, right-padded, N = Σ K_i; packed: (B, T'),
-    several responses per row over one copy of their prompt (packing.py)."""
+    several responses per row over one copy of their prompt (text.pack)."""
     attention_mask: torch.Tensor
     """(N, T); packed: (B, 1, T', T')."""
     winners: torch.Tensor
@@ -207,7 +206,7 @@ def collate(
     """All K_i responses of each prompt into one batch; its pairs as global rows (response
     j of prompt i is row offsets[i] + j). `pack_width` None: one right-padded row per
     response; else packed rows of that many token slots (0: twice the longest sequence),
-    each prompt once per row it shares (`packing.pack`; `additive`: the mask's kind)."""
+    each prompt once per row it shares (`text.pack`; `additive`: the mask's kind)."""
     seqs, offsets, winners, losers, weights = [], [], [], [], []
     for c in comparisons:
         off = len(seqs)
@@ -240,7 +239,7 @@ def collate(
 
 
 def _prompt_groups(comparisons: list[Comparison], offsets: list[int]):
-    """(prompt, responses) groups for `packing.pack`: a prompt's responses that start with
+    """(prompt, responses) groups for `text.pack`: a prompt's responses that start with
     the same query tokens share one copy of it (a chat template's may differ per response);
     and `order`, the batch row of each packed sequence in packing order."""
     groups, order = [], []
