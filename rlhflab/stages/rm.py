@@ -91,7 +91,9 @@ class RMConfig:
     response (False) in fewer token slots. Needs eager or sdpa attention; a model with
     another kind trains on padded rows."""
     pack_width: int = 0
-    """Token slots per packed row (0: twice the longest prompt + response of the micro-batch)."""
+    """Token slots per packed row (0: twice the longest prompt + response of the micro-batch).
+    The 4D mask holds rows × width² entries (fp32 for eager attention, bool for sdpa): with
+    long sequences, a smaller micro_batch_size keeps it small."""
     train: TrainFields = train_fields(lr=3e-4, save_every=200)
     """Optimisation. lr: App. C.2 used 9e-6 for the 6B RM; the lab's ~0.2M-parameter model
     sees ~200 updates in its one epoch and needs far larger steps (lab world, val accuracy:
