@@ -30,7 +30,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("rlhflab.stages.rm", "stage 2: reward model on K-wise rankings"),
     "ppo": ("rlhflab.stages.ppo.loop", "stage 3: PPO / PPO-ptx against the reward model"),
     "eval": ("rlhflab.eval.evaluate", "the paper's evaluations (lab world), or RM win rates and KL of your models"),
-    "bench": ("rlhflab.bench.main", "time fixed PPO workloads, against the matmul limit and optionally TRL (--vs trl)"),
+    "bench": (
+        "rlhflab.bench.main",
+        "time fixed PPO workloads, against the matmul limit and optionally TRL (--vs trl); --rm: the RM "
+        "step, padded vs packed",
+    ),
     "report": ("rlhflab.report.sections", "write the self-contained HTML report of a run directory"),
     "sim": ("rlhflab.sim.server", "the interactive policy simulator (web page)"),
     "label": ("rlhflab.label.cli", "the labeling app: serve, add-labeler, load, export"),

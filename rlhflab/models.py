@@ -161,7 +161,11 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
 def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The scalar head at every position (the value function's per-token output), plus
     whatever bias is left in the config (`reward_bias`).  (B, T)"""
-    h = hidden_states(model, input_ids, attention_mask)
+    return _head(model, hidden_states(model, input_ids, attention_mask))
+
+
+def _head(model, h: torch.Tensor) -> torch.Tensor:
+    """The scalar head on hidden states (..., H), plus the config's bias.  (...)"""
     with torch.autocast(h.device.type, enabled=False):  # the scalar head in fp32 under bf16 autocast
         return model.score(h.float()).squeeze(-1) + reward_bias(model)
 
@@ -190,9 +194,7 @@ def reward_scores(
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
-    h = out.last_hidden_state[score_at]  # (N, H) each sequence's last token
-    with torch.autocast(h.device.type, enabled=False):  # the scalar head in fp32, as in token_values
-        return model.score(h.float()).squeeze(-1) + reward_bias(model)
+    return _head(model, out.last_hidden_state[score_at])  # at each sequence's last token
 
 
 def reward_bias(model) -> float:

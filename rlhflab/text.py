@@ -189,7 +189,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 
 
 # --------------------------------------------------------------------------- packed rows
-# Packed rows: Shared-prompt packing: a prompt's K responses scored over ONE copy of the prompt.
+# Packed rows: a prompt's K responses scored over ONE copy of the prompt.
 #
 #     padded (one row per response)          packed (rows of up to `width` tokens)
 #     [prompt A][resp A1] pad pad            [prompt A][A1][A2][A3][prompt B][B1] pad
@@ -217,7 +217,7 @@ PACKABLE_ATTENTION = ("eager", "sdpa")
 
 
 def supports_packing(model) -> bool:
-    """Whether `model`'s attention takes a custom 4D mask (see the module docstring)."""
+    """Whether `model`'s attention takes a custom 4D mask (the section comment above)."""
     return getattr(model.config, "_attn_implementation", None) in PACKABLE_ATTENTION
 
 
@@ -271,14 +271,16 @@ class Packed:
         return zeros.masked_fill(~allow, torch.finfo(torch.float32).min)
 
 
-def pack(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, width: int) -> Packed:
-    """Pack (prompt ids, [response ids, ...]) groups into rows of at most `width` tokens.
+def pack(groups: list[tuple[list[int], list[list[int]]]], pad_id: int, width: int = 0) -> Packed:
+    """Pack (prompt ids, [response ids, ...]) groups into rows of at most `width` tokens
+    (0: twice the longest prompt + response).
 
     Sequence n is the n-th response in the order given (groups flattened). A group is cut
     into pieces of prompt + as many of its responses as fit in `width` (at least one: a
     longer pair gets a row of its own, as wide as it needs); pieces go into rows first-fit,
     longest first. Every response must have at least one token (rlhflab's end with eos).
     """
+    width = width or 2 * max((len(p) + len(r) for p, rs in groups for r in rs), default=1)
     pieces, n = [], 0  # (prompt, [(response, n), ...]) each within width where it can be
     for prompt, responses in groups:
         cur, size = [], len(prompt)

@@ -143,7 +143,7 @@ def _choice_means_padded(model, ctx: list[int], ends: list[list[int]], pad_id: i
 def _choice_means_packed(model, groups: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[float]:
     """`_choice_means_padded` of every (context, endings) group, in one packed forward;
     the logits read only where an ending token is predicted."""
-    p = pack(groups, pad_id, 2 * max(len(c) + max(map(len, e)) for c, e in groups)).to(model.device)
+    p = pack(groups, pad_id).to(model.device)
     out = model(
         input_ids=p.input_ids, attention_mask=p.attention_mask(additive_mask(model)), position_ids=p.position_ids
     )

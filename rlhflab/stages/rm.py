@@ -222,7 +222,7 @@ def collate(
         ids, mask = pad_right(seqs, pad_id)
     else:
         groups, order = _prompt_groups(comparisons, offsets)
-        packed = pack(groups, pad_id, pack_width or 2 * max(map(len, seqs)))
+        packed = pack(groups, pad_id, pack_width)
         rows, cols = torch.empty_like(packed.rows), torch.empty_like(packed.cols)
         rows[order], cols[order] = packed.rows, packed.cols  # packing order -> row order
         ids, mask = packed.input_ids, packed.attention_mask(additive)
