@@ -43,11 +43,23 @@ def agreement(a: list[dict], b: list[dict]) -> float:
     return round(agree / max(total, 1), 4)
 
 
-def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config: SampleConfig, seed: int = 0) -> dict:
-    """Sample from `policy` on the world's RM prompts, rank, write the three files + summary."""
+def build(
+    world_dir: str | Path,
+    policy: str | Path,
+    out_dir: str | Path,
+    config: SampleConfig,
+    seed: int = 0,
+    also_train: tuple[str | Path, ...] = (),
+) -> dict:
+    """Sample from `policy` on the world's RM prompts, rank, write the three files + summary.
+    `also_train`: more policies for the training prompts, which are dealt out in turn
+    (`policy` takes prompts 0, n, 2n, ... of n policies); the validation samples stay `policy`'s
+    (the RM's gain is set on them: the policy PPO starts from, docs/design.md)."""
     world_dir, out = Path(world_dir), Path(out_dir)
     world = load_world(world_dir)
     summary: dict = {"stage": "comparisons", "policy": str(policy)}
+    if also_train:
+        summary["train_policies"] = [str(p) for p in (policy, *also_train)]
     for split, seed_offset in (("train", 0), ("val", 1)):
         prompts = _prompts(world_dir / f"rm_{split}.jsonl", out / f"{split}_prompts.jsonl")
         cfg = dataclasses.replace(
@@ -57,8 +69,11 @@ def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config
             out=str(out / f"{split}_samples.jsonl"),
             run=dataclasses.replace(config.run, seed=seed + seed_offset),
         )
-        _, metrics = sample(cfg)
-        rows = [obj for _, obj in iter_jsonl(cfg.out)]
+        if split == "train" and also_train:
+            rows, metrics = _sample_dealt(cfg, (policy, *also_train), out, seed)
+        else:
+            _, metrics = sample(cfg)
+            rows = [obj for _, obj in iter_jsonl(cfg.out)]
         pools = [("train", split)] + ([("heldout", "heldout")] if split == "val" else [])
         ranked = {}
         for pool, name in pools:
@@ -68,3 +83,26 @@ def build(world_dir: str | Path, policy: str | Path, out_dir: str | Path, config
     summary["comparisons/labeler_agreement"] = agreement(ranked["val"], ranked["heldout"])
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _sample_dealt(cfg: SampleConfig, policies: tuple, out: Path, seed: int) -> tuple[list[dict], dict]:
+    """K samples a prompt, prompt i from policies[i % n], each policy with its own seed; the
+    rows, policy by policy, written to cfg.out, and each policy's metrics under p<j>/."""
+    prompts = [obj for _, obj in iter_jsonl(cfg.prompts)]
+    parts, metrics = [], {}
+    for j, policy in enumerate(policies):
+        mine = out / f"train_prompts_p{j}.jsonl"
+        write_jsonl(mine, prompts[j :: len(policies)])
+        part = dataclasses.replace(
+            cfg,
+            policy=str(policy),
+            prompts=str(mine),
+            out=str(out / f"train_samples_p{j}.jsonl"),
+            run=dataclasses.replace(cfg.run, seed=seed + 2 + j),  # 0 and 1: the splits' own seeds
+        )
+        _, m = sample(part)
+        metrics.update({f"p{j}/{k}": v for k, v in m.items()})
+        parts.append([obj for _, obj in iter_jsonl(part.out)])
+    rows = [row for part in parts for row in part]
+    write_jsonl(Path(cfg.out), rows)
+    return rows, metrics
