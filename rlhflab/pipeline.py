@@ -66,11 +66,13 @@ FIGURE1_BASELINE = "SFT-large"
 """Every win rate of the lab's eval is against the largest SFT model, as Figure 1 measures
 against 175B SFT."""
 
-OWN_SFT_RIVALS = ("PPO-small", "PPO-ptx-small")
-"""Judged head to head against the SFT model of their own size, the policy they started from."""
 
-HEAD_TO_HEAD = [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + [(m, "SFT-small") for m in OWN_SFT_RIVALS]
-"""The eval's head-to-head pairs (a, b): how often a's answer beats b's."""
+def head_to_head(rlhf_sizes) -> list[tuple[str, str]]:
+    """The eval's head-to-head pairs (a, b), how often a's answer beats b's: the headline, then
+    PPO and PPO-ptx of each size against the SFT model of their size, the policy they started from."""
+    own = [(f"{m}-{s}", f"SFT-{s}") for s in SIZES if s in rlhf_sizes for m in ("PPO", "PPO-ptx")]
+    return [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + own
+
 
 # Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
 PRESETS: dict[str, dict] = {
@@ -98,6 +100,10 @@ PRESETS: dict[str, dict] = {
         "sweep_betas": [0.0],
     },
 }
+PRESETS["figure1"] = {**PRESETS["default"], "rlhf_sizes": list(SIZES), "comparisons_from": list(SIZES)}
+"""Figure 1's every point: the default run, plus PPO and PPO-ptx from SFT-large, with the RM's
+training comparisons ranked on samples of both SFT models (README, "What a run shows today",
+says what they cost and what the second SFT model's samples change)."""
 
 
 # Paths the pipeline sets for each stage; placeholders so the nested configs validate.
@@ -151,8 +157,16 @@ class RunConfig:
     sft_large: SFTConfig = field(default_factory=SFTConfig)
     """Stage 1 on the large base."""
     comparisons: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=48))
-    """Stage 2a: K = 4-9 samples of SFT-small per RM prompt, ranked by the simulated labelers
-    (policy, prompts, out, seed are set by the pipeline)."""
+    """Stage 2a: K = 4-9 samples per RM prompt (of SFT-small, or of each SFT model in
+    `comparisons_from`), ranked by the simulated labelers (policy, prompts, out, seed are set by
+    the pipeline)."""
+    comparisons_from: list[Literal["small", "large"]] = field(default_factory=lambda: ["small"])
+    """The SFT models whose samples the labelers rank on the RM's training prompts, the prompts
+    dealt out between them in turn; the validation comparisons (and the RM's gain, set on
+    them) stay SFT-small's. §3.1 collects comparisons on the models being trained. Ranking the
+    small policy's samples only (the default), PPO-large fell below SFT-large (gold 0.52
+    against 0.65); with both (`--preset figure1`) it rose to 0.69 (README, "Figure 1 at both
+    sizes")."""
     rm_base: Literal["small", "large"] = "large"
     """Which SFT model the reward model starts from. §3.5 trains one 6B RM for every policy
     size; on the lab world the large one ranks SFT-small's samples far better (within-prompt
@@ -168,6 +182,11 @@ class RunConfig:
     the mix ratio are far below App. C.4's 27.8 and 8: with those the lab policy's KL to SFT
     passed 50 nats and the gold of its samples fell from 0.43 to 0.12 (the ptx term
     outweighed the PPO loss)."""
+    rlhf_sizes: list[Literal["small", "large"]] = field(default_factory=lambda: ["small"])
+    """The sizes PPO and PPO-ptx run at, each from the SFT model of its size with the one reward
+    model (§3.5); Figure 1 has every size (`--preset figure1`). 'small' is always among them:
+    the headline, the β sweep and the walkthrough are the small model's. PPO and PPO-ptx large took 1.9-2.2x
+    their small runs' time in the figure1 runs (2-core Zen 4 EPYC; BENCHMARKS.md, "The lab run")."""
     sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
     """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
     chart: gold and RM score against sqrt(KL). [] skips them."""
@@ -190,6 +209,10 @@ class RunConfig:
         check(self.seed >= 0, "seed", self.seed, "must be non-negative")
         check(self.jobs >= 0, "jobs", self.jobs, "must be >= 0 (0: auto)")
         check(all(b >= 0 for b in self.sweep_betas), "sweep_betas", self.sweep_betas, "must be >= 0")
+        sizes = self.rlhf_sizes
+        check("small" in sizes and len(set(sizes)) == len(sizes), "rlhf_sizes", sizes, "must hold 'small', once")
+        src = self.comparisons_from
+        check("small" in src and len(set(src)) == len(src), "comparisons_from", src, "must hold 'small', once")
 
 
 @dataclass
@@ -261,14 +284,18 @@ class Pipeline:
             out.append(Job(f"pretrain-{size}", lambda s=size: self._pretrain(s, world), ("world",)))
         for size in ("large", "small"):
             out.append(Job(f"sft-{size}", lambda s=size: self._sft(s, world), (f"pretrain-{size}",)))
-        out.append(Job("comparisons", lambda: self._comparisons(world), ("sft-small",)))
+        sampled = tuple(f"sft-{s}" for s in SIZES if s in self.cfg.comparisons_from)
+        out.append(Job("comparisons", lambda: self._comparisons(world), sampled))
         out.append(Job("rm", lambda: self._rm(world), (f"sft-{self.cfg.rm_base}", "comparisons")))
-        rl = ("rm", "sft-small")
-        out.append(Job("ppo-small", lambda: self._ppo("ppo-small", self.cfg.ppo, world, rm, False), rl))
-        out.append(Job("ppoptx-small", lambda: self._ppo("ppoptx-small", self.cfg.ppo_ptx, world, rm, True), rl))
+        for size in ("large", "small"):  # the large runs first: the longer
+            if size in self.cfg.rlhf_sizes:
+                rl, runs = ("rm", f"sft-{size}"), (("ppoptx", self.cfg.ppo_ptx, True), ("ppo", self.cfg.ppo, False))
+                for kind, cfg, ptx in runs:
+                    name = f"{kind}-{size}"
+                    out.append(Job(name, lambda n=name, c=cfg, p=ptx, s=size: self._ppo(n, c, world, rm, p, s), rl))
         for beta in self.cfg.sweep_betas:
             name, cfg = f"sweep/beta-{beta:g}", dataclasses.replace(self.cfg.ppo, kl_coef=beta)
-            out.append(Job(name, lambda n=name, c=cfg: self._ppo(n, c, world, rm, False), rl))
+            out.append(Job(name, lambda n=name, c=cfg: self._ppo(n, c, world, rm, False), ("rm", "sft-small")))
         out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
         out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
         return out
@@ -277,8 +304,10 @@ class Pipeline:
         """The evaluated models by name (the paper's GPT, SFT, PPO, PPO-ptx)."""
         models = {f"GPT-{s}": self.root / f"pretrain-{s}" / "model" for s in SIZES}
         models.update({f"SFT-{s}": self.root / f"sft-{s}" / "model" for s in SIZES})
-        models["PPO-small"] = self.root / "ppo-small" / "policy"
-        models["PPO-ptx-small"] = self.root / "ppoptx-small" / "policy"
+        for s in SIZES:
+            if s in self.cfg.rlhf_sizes:
+                models[f"PPO-{s}"] = self.root / f"ppo-{s}" / "policy"
+                models[f"PPO-ptx-{s}"] = self.root / f"ppoptx-{s}" / "policy"
         return models
 
     def _world(self, path: Path):
@@ -306,8 +335,9 @@ class Pipeline:
     def _comparisons(self, world: Path):
         from rlhflab.stages.comparisons import build
 
-        out = self.root / "comparisons"
-        return build, (world, self.root / "sft-small" / "model", out, self.cfg.comparisons, self.cfg.seed)
+        out, sft = self.root / "comparisons", lambda s: self.root / f"sft-{s}" / "model"
+        also = tuple(sft(s) for s in SIZES if s in self.cfg.comparisons_from and s != "small")
+        return build, (world, sft("small"), out, self.cfg.comparisons, self.cfg.seed, also)
 
     def _rm(self, world: Path):
         from rlhflab.stages.rm import train
@@ -338,12 +368,12 @@ class Pipeline:
             c / "heldout.jsonl",
         )
 
-    def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool):
+    def _ppo(self, name: str, base: PPOConfig, world: Path, rm: Path, ptx: bool, size: str = "small"):
         from rlhflab.stages.ppo import train
 
         cfg = dataclasses.replace(
             base,
-            policy=str(self.root / "sft-small" / "model"),
+            policy=str(self.root / f"sft-{size}" / "model"),
             reward_model=str(rm),
             prompts=str(world / "ppo_train.jsonl"),
             val_prompts=str(world / "ppo_val.jsonl"),
@@ -357,7 +387,8 @@ class Pipeline:
         from rlhflab.eval.evaluate import evaluate
 
         models = self.models()
-        runs = ["ppo-small", "ppoptx-small"] + [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
+        runs = [f"{r}-{s}" for s in SIZES if s in self.cfg.rlhf_sizes for r in ("ppo", "ppoptx")]
+        runs += [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
         cfg = dataclasses.replace(
             self.cfg.eval,
@@ -369,7 +400,7 @@ class Pipeline:
             },
             prompted=[m for m in models if m.startswith("GPT-")],
             baseline=FIGURE1_BASELINE,
-            head_to_head=[f"{a}:{b}" for a, b in HEAD_TO_HEAD],
+            head_to_head=[f"{a}:{b}" for a, b in head_to_head(self.cfg.rlhf_sizes)],
             reward_model=str(rm),
             out_dir=str(self.root / "eval"),
         )
@@ -543,7 +574,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset",
         choices=sorted(PRESETS),
         default="default",
-        help="'default': the full lab run; 'smoke': a one-minute check",
+        help="'default': the full lab run; 'figure1': the default plus PPO and PPO-ptx at the large size "
+        "(Figure 1's every point), the RM's comparisons ranked on both SFT models' samples; 'smoke': a "
+        "one-minute check",
     )
 
 
@@ -561,7 +594,7 @@ def run_cli(args) -> int:
         cap = ev.get(f"capability/mean/{name}", float("nan"))
         unseen = ev.get(f"gold_unseen/{name}", float("nan"))
         print(f"  {name:<18} {ev[f'gold/{name}']:.3f}  {unseen:.3f}   {win:<36} {cap:.3f}")
-    for a, b in HEAD_TO_HEAD:
+    for a, b in head_to_head(cfg.rlhf_sizes):
         key = f"{a}/{b}"
         print(
             f"{a} preferred to {b}: {ev[f'h2h/{key}']:.2f} "

@@ -20,15 +20,21 @@ STAGES = [
     "rm-eval",
     "ppo-small",
     "ppoptx-small",
+    "ppo-large",
+    "ppoptx-large",
     "sweep/beta-0",
     "eval",
 ]
 
 
+# figure1's additions: PPO at both sizes, the RM's comparisons from both SFT models
+SMOKE = ["run", "--preset", "smoke", "--rlhf_sizes=[small, large]", "--comparisons_from=[small, large]"]
+
+
 @pytest.mark.slow
 def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0
+    assert main([*SMOKE, f"--out_dir={out}"]) == 0
     first = capsys.readouterr().out
     assert [s for s in STAGES if f"[run] {s}: finished" in first] == STAGES
     assert (out / "report.html").stat().st_size > 10_000
@@ -43,10 +49,19 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
         "rl_fit/beta-0/gold/r2",
         "h2h/PPO-ptx-small/GPT-large",
         "h2h_ci_low/PPO-ptx-small/GPT-prompted-large",
+        "h2h/PPO-ptx-large/SFT-large",
+        "figure1/large/PPO-ptx/win_vs_sft_large",
+        "tax_delta/PPO-large/webtext",
+        "rl/ppoptx-large/final_kl",
     } <= set(summary)
     assert "PPO-ptx-small preferred to GPT-large:" in first
+    assert "PPO-large preferred to SFT-large:" in first
     row = next(x for x in first.splitlines() if x.strip().startswith("SFT-small "))
     assert row.split()[1:3] == [f"{summary['gold/SFT-small']:.3f}", f"{summary['gold_unseen/SFT-small']:.3f}"]
+    assert json.loads((out / "comparisons" / "summary.json").read_text())["train_policies"] == [
+        str(out / "sft-small" / "model"),
+        str(out / "sft-large" / "model"),
+    ]
     rankings = (out / "comparisons" / "train.jsonl").read_text().splitlines()
     assert rankings and all(json.loads(r)["prompt"] for r in rankings)  # the RM's data: SFT samples
     assert "rm/spearman_gold_within_prompt" in json.loads((out / "rm-eval" / "summary.json").read_text())
@@ -63,13 +78,65 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     before = (out / "rm" / "model" / "model.safetensors").read_bytes()
     report = (out / "rm-eval" / "summary.json").read_text()
     (out / "rm-eval" / "summary.json").unlink()  # only the RM report is unfinished now
-    assert main(["run", "--preset", "smoke", f"--out_dir={out}"]) == 0
+    assert main([*SMOKE, f"--out_dir={out}"]) == 0
     second = capsys.readouterr().out
     assert all(f"[run] {s}: done already, skipped" in second for s in STAGES if s != "rm-eval")
     assert "[run] rm-eval: finished" in second
     assert (out / "rm" / "model" / "model.safetensors").read_bytes() == before
     assert (out / "rm-eval" / "summary.json").read_text() == report
     assert json.loads((out / "eval" / "summary.json").read_text()) == summary
+
+
+def test_figure1_preset_runs_ppo_and_ppo_ptx_from_sft_large_too(tmp_path):
+    """The default runs RLHF at the small size; `figure1` adds both PPO runs from SFT-large,
+    judged against SFT-large head to head, with the one reward model, trained on rankings of
+    both SFT models' samples."""
+    from rlhflab.config import load_config
+    from rlhflab.pipeline import Pipeline, RunConfig, _base, head_to_head
+
+    def graph(preset: str):
+        pipe = Pipeline(load_config(RunConfig, overrides=[f"out_dir={tmp_path}"], base=_base(preset)))
+        return pipe, {j.name: j for j in pipe.jobs()}
+
+    pipe, jobs = graph("default")
+    assert pipe.cfg.rlhf_sizes == ["small"] and not {"ppo-large", "ppoptx-large"} & set(jobs)
+    assert jobs["comparisons"].needs == ("sft-small",)
+    assert "PPO-large" not in pipe.models() and ("PPO-ptx-large", "SFT-large") not in head_to_head(["small"])
+    pipe, jobs = graph("figure1")
+    for name in ("ppo-large", "ppoptx-large"):
+        assert jobs[name].needs == ("rm", "sft-large") and name in jobs["eval"].needs
+        _train, (cfg,) = jobs[name].make()
+        assert (cfg.policy, cfg.reward_model) == (str(tmp_path / "sft-large" / "model"), str(tmp_path / "rm" / "model"))
+        assert (cfg.ptx_data is not None) == (name == "ppoptx-large")
+    assert jobs["ppo-small"].needs == ("rm", "sft-small") and jobs["sweep/beta-0"].needs == ("rm", "sft-small")
+    assert jobs["comparisons"].needs == ("sft-small", "sft-large")  # the RM ranks both SFT models' samples
+    assert pipe.models()["PPO-ptx-large"] == tmp_path / "ppoptx-large" / "policy"
+    pairs = head_to_head(pipe.cfg.rlhf_sizes)
+    assert {("PPO-large", "SFT-large"), ("PPO-ptx-large", "SFT-large"), ("PPO-ptx-small", "SFT-small")} <= set(pairs)
+
+
+@pytest.mark.parametrize("key", ["rlhf_sizes", "comparisons_from"])
+@pytest.mark.parametrize("sizes", ["[large]", "[small, small]"])
+def test_sizes_without_the_small_model_or_twice_are_refused(tmp_path, capsys, sizes, key):
+    out = tmp_path / "run"
+    assert main(["run", "--preset", "smoke", f"--out_dir={out}", f"--{key}={sizes}"]) == 2
+    assert key in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_comparisons_from_both_sft_models_waits_for_both(tmp_path):
+    from rlhflab.config import load_config
+    from rlhflab.pipeline import Pipeline, RunConfig, _base
+
+    def comparisons(*overrides):
+        cfg = load_config(RunConfig, overrides=[f"out_dir={tmp_path}", *overrides], base=_base("default"))
+        return next(j for j in Pipeline(cfg).jobs() if j.name == "comparisons")
+
+    assert comparisons().needs == ("sft-small",) and comparisons().make()[1][5] == ()
+    both = comparisons("comparisons_from=[small, large]")
+    assert both.needs == ("sft-small", "sft-large")
+    _build, args = both.make()
+    assert args[1] == tmp_path / "sft-small" / "model" and args[5] == (tmp_path / "sft-large" / "model",)
 
 
 def test_bad_override_is_refused_before_anything_is_written(tmp_path, capsys):
