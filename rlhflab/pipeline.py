@@ -28,6 +28,7 @@ from rlhflab.stages.rm import RMConfig
 from rlhflab.stages.sample import SampleConfig
 from rlhflab.stages.sft import SFTConfig
 from rlhflab.training import cpu_cores, default_jobs
+from rlhflab.world import load_world
 
 SIZES = ("small", "large")
 
@@ -514,6 +515,8 @@ class Pipeline:
         print(f"[run] {name}: finished in {self.timings[name]:.0f}s", flush=True)
 
     def run(self) -> dict:
+        if (self.root / "world" / "summary.json").is_file():  # a finished world from an older rlhflab
+            load_world(self.root / "world")  # is refused here, before any stage trains on it
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
         print(f"[run] precision: {self.precision} ({self.precision_reason})", flush=True)

@@ -269,3 +269,17 @@ def test_stage_processes_start_with_the_callers_environment_and_torch_loaded(mon
         assert side_by_side(_env_and_modules, [("RLHFLAB_TEST_ENV",)] * 2, jobs=2) == [(value, True)] * 2
     monkeypatch.delenv("RLHFLAB_TEST_ENV")
     assert side_by_side(_env_and_modules, [("RLHFLAB_TEST_ENV",)] * 2, jobs=2) == [(None, True)] * 2
+
+
+def test_a_finished_world_of_another_version_is_refused_before_any_stage(tmp_path):
+    from rlhflab.errors import InputError
+    from rlhflab.pipeline import Pipeline, RunConfig
+    from rlhflab.world import VERSION
+
+    world = tmp_path / "world"
+    world.mkdir()
+    (world / "world.json").write_text(json.dumps({"seed": 0, "scale": "small", "version": VERSION - 1}))
+    (world / "summary.json").write_text("{}")
+    with pytest.raises(InputError, match="rebuild"):
+        Pipeline(RunConfig(out_dir=str(tmp_path), precision="fp32")).run()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing started, nothing written

@@ -209,3 +209,35 @@ def test_rank_cli_ranks_samples_and_refuses_foreign_prompts(small_world, tmp_pat
     assert main(["rank", "--world", str(small_world), "--samples", str(bad), "--out", str(tmp_path / "x.jsonl")]) == 2
     assert "bad.jsonl:1: field 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_test_only_prompts_reach_every_family_of_the_test_split_and_no_training_split():
+    world = World(0, "lab")
+    for split in ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val"):
+        assert not any(world.test_only(t.prompt) for t in world.splits[split]), split
+    test = world.splits["test"]
+    share = sum(world.test_only(t.prompt) for t in test) / len(test)
+    assert 0.15 < share < 0.35  # TEST_ONLY_SHARE = 0.25 of the distribution, fresh draws
+    counts = world.unseen_counts()
+    assert set(counts) == {t.family for t in test}
+    for fam, c in counts.items():  # every family's "unseen" slice has weight, not closed QA alone
+        assert c["unseen"] >= 0.1 * c["test"] and c["unseen"] <= c["test"], (fam, c)
+    seen = world.seen_prompts()
+    assert sum(c["unseen"] for c in counts.values()) == sum(t.prompt not in seen for t in test)
+
+
+def test_world_of_another_version_is_refused_by_name(small_world, tmp_path):
+    import json
+    import shutil
+
+    from rlhflab.errors import InputError
+
+    old = tmp_path / "old"
+    shutil.copytree(small_world, old)
+    meta = json.loads((old / "world.json").read_text())
+    (old / "world.json").write_text(json.dumps({**meta, "version": meta["version"] - 1}))
+    with pytest.raises(InputError, match="rebuild") as e:
+        load_world(old)
+    assert e.value.field == "version" and str(old / "world.json") in str(e.value)
+    assert load_world(small_world).seed == 3
+    assert json.loads((small_world / "summary.json").read_text())["test_prompts"]

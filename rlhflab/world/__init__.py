@@ -11,6 +11,7 @@ labelers), and the task index behind both.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -63,8 +64,14 @@ SCALES: dict[str, dict[str, int]] = {
 TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
 # 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus;
-# 4: pages of answered questions in the corpus
-VERSION = 4
+# 4: pages of answered questions in the corpus; 5: test-only prompts (TEST_ONLY_SHARE)
+VERSION = 5
+TEST_ONLY_SHARE = 0.25
+"""Share of the prompt distribution that only test users ask: training splits redraw a prompt
+that falls in it (by a hash of the prompt text), test draws keep it. §3.2 splits by user ID so
+no test user's data is in training; without this, families with few distinct prompts (72 for
+brainstorming) had no test prompt outside the training splits, and "unseen" was closed QA,
+extraction and rewrite only. The web corpus is drawn as before (GPT's bytes are unchanged)."""
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.
@@ -103,7 +110,7 @@ class World:
             ("test", "test"),
         ]:
             rng = random.Random(f"split-{split}-{seed}")
-            self._add(split, [draw_task(self.facts, rng) for _ in range(self.sizes[n])])
+            self._add(split, [self._draw(rng, split == "test") for _ in range(self.sizes[n])])
         # The held-out sets (§4.2, App. E): templates and entities no training split uses.
         plain, instructed = H.make_truthful(self.facts, random.Random(f"split-truthful-{seed}"), self.sizes["truthful"])
         self._add("truthful", plain)
@@ -112,6 +119,18 @@ class World:
         for variant, tasks in tox.items():  # one text, three prompts: plain, respectful, biased
             self._add("toxicity" if variant == "plain" else f"toxicity_{variant}", tasks)
         self._add("bias", H.make_bias(self.facts, random.Random(f"split-bias-{seed}"), self.sizes["bias"]))
+
+    def _draw(self, rng: random.Random, test: bool) -> Task:
+        task = draw_task(self.facts, rng)
+        while not test and self.test_only(task.prompt):
+            task = draw_task(self.facts, rng)
+        return task
+
+    def test_only(self, prompt: str) -> bool:
+        """Whether `prompt` is one only test users ask (TEST_ONLY_SHARE of the distribution);
+        a stable hash, the same in every process (Python's hash() is salted)."""
+        digest = hashlib.blake2b(f"{self.seed}\0{prompt}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < TEST_ONLY_SHARE * 2**64
 
     def _add(self, split: str, tasks: list[Task]) -> None:
         self.splits[split] = tasks
@@ -127,9 +146,19 @@ class World:
 
     def seen_prompts(self) -> set[str]:
         """Every prompt of a split the pipeline trains or selects on. The world's prompt
-        distribution has finite support (a few families have only a handful of prompts), so
-        fresh test draws often repeat one of these, as common requests recur on an API."""
+        distribution has finite support (brainstorming has 72 distinct prompts), so fresh
+        test draws often repeat one of these, as common requests recur on an API; the
+        test-only share (TEST_ONLY_SHARE) gives every family prompts outside them."""
         return {t.prompt for s in TRAINING_SPLITS for t in self.splits[s]}
+
+    def unseen_counts(self) -> dict[str, dict[str, int]]:
+        """Per family: test prompts, distinct ones, and those in no training split."""
+        seen, out = self.seen_prompts(), {}
+        for fam in sorted({t.family for t in self.splits["test"]}):
+            prompts = [t.prompt for t in self.splits["test"] if t.family == fam]
+            unseen = sum(p not in seen for p in prompts)
+            out[fam] = {"test": len(prompts), "distinct": len(set(prompts)), "unseen": unseen}
+        return out
 
     def ideal_words(self, task: Task) -> int:
         return len(words(FAMILIES[task.family].demo(task, random.Random(0))))
@@ -164,9 +193,17 @@ def load_world(path: str | Path) -> World:
         raise InputError("not a lab world directory (no world.json); make one with `rlhflab world`", file=str(path))
     try:
         meta = json.loads(meta_path.read_text())
-        return World(int(meta["seed"]), str(meta["scale"]))
+        seed, scale, version = int(meta["seed"]), str(meta["scale"]), int(meta.get("version", 1))
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
         raise InputError(f"unreadable world.json: {e}", file=str(meta_path)) from None
+    if version != VERSION:  # the files on disk would not be the splits World() regenerates
+        raise InputError(
+            f"lab world version {version}, this rlhflab makes version {VERSION}: rebuild it with "
+            "`rlhflab world` (or run the pipeline into a new directory)",
+            file=str(meta_path),
+            field="version",
+        )
+    return World(seed, scale)
 
 
 __all__ = ["World", "load_world", "Judgement", "Task", "FAMILIES", "MIX"]
