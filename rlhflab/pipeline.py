@@ -166,8 +166,8 @@ class RunConfig:
     dealt out between them in turn; the validation comparisons (and the RM's gain, set on
     them) stay SFT-small's. §3.1 collects comparisons on the models being trained. Ranking the
     small policy's samples only (the default), PPO-large fell below SFT-large (gold 0.52
-    against 0.65); with both (`--preset figure1`) it rose to 0.69 (README, "Figure 1 at both
-    sizes")."""
+    against 0.65, world v4); with both (`--preset figure1`) it rose to 0.69, and to 0.71
+    against 0.67 on world v5 (README, "Figure 1 at both sizes")."""
     rm_base: Literal["small", "large"] = "large"
     """Which SFT model the reward model starts from. §3.5 trains one 6B RM for every policy
     size; on the lab world the large one ranks SFT-small's samples far better (within-prompt
@@ -186,7 +186,7 @@ class RunConfig:
     rlhf_sizes: list[Literal["small", "large"]] = field(default_factory=lambda: ["small"])
     """The sizes PPO and PPO-ptx run at, each from the SFT model of its size with the one reward
     model (§3.5); Figure 1 has every size (`--preset figure1`). 'small' is always among them:
-    the headline, the β sweep and the walkthrough are the small model's. PPO and PPO-ptx large took 1.9-2.2x
+    the headline, the β sweep and the walkthrough are the small model's. PPO and PPO-ptx large took 1.8-2.2x
     their small runs' time in the figure1 runs (2-core Zen 4 EPYC; BENCHMARKS.md, "The lab run")."""
     sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
     """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
