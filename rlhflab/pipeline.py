@@ -19,7 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import yaml
+
 from rlhflab.config import add_config_arguments, check, config_from_args, save_config, validate
+from rlhflab.errors import ConfigError, InputError
 from rlhflab.eval.evaluate import EvalConfig
 from rlhflab.stages.ppo.config import PPOConfig
 from rlhflab.stages.pretrain import PretrainConfig
@@ -515,8 +518,7 @@ class Pipeline:
         print(f"[run] {name}: finished in {self.timings[name]:.0f}s", flush=True)
 
     def run(self) -> dict:
-        if (self.root / "world" / "summary.json").is_file():  # a finished world from an older rlhflab
-            load_world(self.root / "world")  # is refused here, before any stage trains on it
+        self._check_resumable()
         self.root.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.root / "config.yaml")
         print(f"[run] precision: {self.precision} ({self.precision_reason})", flush=True)
@@ -536,8 +538,45 @@ class Pipeline:
         results["timings"] = {**self.timings, "total": round(time.time() - t0, 1)}
         return results
 
+    def _check_resumable(self) -> None:
+        """A run directory holds one run: finished stages of another config or of an older
+        world are refused here, before any stage starts, rather than reused."""
+        world = self.root / "world"
+        if (world / "summary.json").is_file():
+            try:
+                load_world(world)
+            except InputError as e:
+                msg = f"{e.message.split(':')[0]}: {self.root} was made by another rlhflab; run into a new --out_dir"
+                raise InputError(msg, file=e.file, field=e.field) from None
+        saved = self.root / "config.yaml"
+        if not saved.is_file():
+            return
+        old = _flat(yaml.safe_load(saved.read_text()) or {})
+        new = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.cfg))))
+        changed = sorted(k for k in old.keys() | new.keys() if k not in RERUN_FREE and old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"this run directory holds a run of another config (differs in {', '.join(changed[:6])}"
+                f"{', ...' if len(changed) > 6 else ''}), whose finished stages would be reused: run into a new "
+                "--out_dir, or delete this config.yaml and the stage directories to redo",
+                file=str(saved),
+                field=changed[0],
+            )
+
     def _summary(self, name: str) -> dict:
         return json.loads((self.root / name / "summary.json").read_text())
+
+
+RERUN_FREE = {"out_dir", "jobs", "isolate_stages"}
+"""RunConfig keys a rerun into the same directory may change: they move no stage's output."""
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """Nested dicts as {dotted key: value}."""
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
 
 
 def _alone(jobs: list[Job]) -> set[str]:

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from rlhflab.cli import main
+from rlhflab.errors import InputError
 
 STAGES = [
     "world",
@@ -272,7 +273,6 @@ def test_stage_processes_start_with_the_callers_environment_and_torch_loaded(mon
 
 
 def test_a_finished_world_of_another_version_is_refused_before_any_stage(tmp_path):
-    from rlhflab.errors import InputError
     from rlhflab.pipeline import Pipeline, RunConfig
     from rlhflab.world import VERSION
 
@@ -280,6 +280,27 @@ def test_a_finished_world_of_another_version_is_refused_before_any_stage(tmp_pat
     world.mkdir()
     (world / "world.json").write_text(json.dumps({"seed": 0, "scale": "small", "version": VERSION - 1}))
     (world / "summary.json").write_text("{}")
-    with pytest.raises(InputError, match="rebuild"):
+    with pytest.raises(InputError, match="new --out_dir"):
         Pipeline(RunConfig(out_dir=str(tmp_path), precision="fp32")).run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing started, nothing written
+
+
+def test_a_run_directory_of_another_config_is_refused_by_key_and_kept(tmp_path, capsys):
+    """`--preset figure1` into the directory of a default run would reuse its RM and eval."""
+    from rlhflab.config import load_config, save_config
+    from rlhflab.pipeline import Pipeline, RunConfig, _base
+
+    def cfg(out, preset="figure1", *more):
+        return load_config(RunConfig, overrides=[f"out_dir={out}", "precision=fp32", *more], base=_base(preset))
+
+    save_config(cfg(tmp_path), tmp_path / "config.yaml")
+    before = (tmp_path / "config.yaml").read_text()
+    assert main(["run", f"--out_dir={tmp_path}", "--precision=fp32"]) == 2  # the default preset
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.yaml" in err[0] and "comparisons_from, rlhf_sizes" in err[0], err
+    assert (tmp_path / "config.yaml").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # nothing started
+    # The same run, where only what moves no stage's output differs, may resume.
+    Pipeline(cfg(tmp_path, "figure1", "jobs=1", "isolate_stages=false"))._check_resumable()
+    with pytest.raises(InputError, match="ppo.kl_coef"):
+        Pipeline(cfg(tmp_path, "figure1", "ppo.kl_coef=0.3"))._check_resumable()

@@ -218,12 +218,26 @@ def test_test_only_prompts_reach_every_family_of_the_test_split_and_no_training_
     test = world.splits["test"]
     share = sum(world.test_only(t.prompt) for t in test) / len(test)
     assert 0.15 < share < 0.35  # TEST_ONLY_SHARE = 0.25 of the distribution, fresh draws
-    counts = world.unseen_counts()
+    counts = world.test_prompt_counts()
     assert set(counts) == {t.family for t in test}
     for fam, c in counts.items():  # every family's "unseen" slice has weight, not closed QA alone
-        assert c["unseen"] >= 0.1 * c["test"] and c["unseen"] <= c["test"], (fam, c)
-    seen = world.seen_prompts()
-    assert sum(c["unseen"] for c in counts.values()) == sum(t.prompt not in seen for t in test)
+        assert c["unseen"] >= 0.1 * c["test"], (fam, c)
+    # Redrawn within the family: the training splits keep the family mix.
+    rm = [t.family for t in world.splits["rm"]]
+    for fam, share in MIX.items():
+        assert abs(rm.count(fam) / len(rm) - share) < 0.012, fam
+
+
+def test_the_web_corpus_never_draws_a_test_only_prompt():
+    from rlhflab.world.corpus import web_document
+
+    world = World(0, "lab")
+    rng = random.Random("corpus-0")
+    firsts = {web_document(world.facts, rng).split("\n")[0] for _ in range(20000)}  # a page's instruction
+    test = {t.prompt for t in world.splits["test"]}
+    reserved = {p for p in test if world.test_only(p)}
+    assert len(reserved) > 150 and not reserved & firsts
+    assert len((test - reserved) & firsts) > 100  # the other test prompts are on the web as before
 
 
 def test_world_of_another_version_is_refused_by_name(small_world, tmp_path):
@@ -240,4 +254,5 @@ def test_world_of_another_version_is_refused_by_name(small_world, tmp_path):
         load_world(old)
     assert e.value.field == "version" and str(old / "world.json") in str(e.value)
     assert load_world(small_world).seed == 3
-    assert json.loads((small_world / "summary.json").read_text())["test_prompts"]
+    counts = json.loads((small_world / "summary.json").read_text())["test_prompts"]
+    assert sum(c["test"] for c in counts.values()) == 40 and counts == load_world(small_world).test_prompt_counts()

@@ -11,7 +11,6 @@ labelers), and the task index behind both.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 from rlhflab.errors import InputError
 from rlhflab.world import facts as F
 from rlhflab.world import heldout as H
-from rlhflab.world.corpus import draw_task
+from rlhflab.world.corpus import TEST_ONLY_SHARE, draw_task, test_only
 from rlhflab.world.gold import Judgement, judge, write
 from rlhflab.world.labelers import Labeler, make_pool
 from rlhflab.world.tasks import FAMILIES, MIX, Task, words
@@ -64,14 +63,9 @@ SCALES: dict[str, dict[str, int]] = {
 TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_val")
 N_LABELERS, N_HELDOUT = 12, 6
 # 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus;
-# 4: pages of answered questions in the corpus; 5: test-only prompts (TEST_ONLY_SHARE)
-VERSION = 5
-TEST_ONLY_SHARE = 0.25
-"""Share of the prompt distribution that only test users ask: training splits redraw a prompt
-that falls in it (by a hash of the prompt text), test draws keep it. §3.2 splits by user ID so
-no test user's data is in training; without this, families with few distinct prompts (72 for
-brainstorming) had no test prompt outside the training splits, and "unseen" was closed QA,
-extraction and rewrite only. The web corpus is drawn as before (GPT's bytes are unchanged)."""
+# 4: pages of answered questions in the corpus; 5: test-only prompts out of the training splits;
+# 6: out of the corpus and mismatched answers too, redrawn within the family (corpus.test_only)
+VERSION = 6
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.
@@ -110,7 +104,7 @@ class World:
             ("test", "test"),
         ]:
             rng = random.Random(f"split-{split}-{seed}")
-            self._add(split, [self._draw(rng, split == "test") for _ in range(self.sizes[n])])
+            self._add(split, [draw_task(self.facts, rng, test=split == "test") for _ in range(self.sizes[n])])
         # The held-out sets (§4.2, App. E): templates and entities no training split uses.
         plain, instructed = H.make_truthful(self.facts, random.Random(f"split-truthful-{seed}"), self.sizes["truthful"])
         self._add("truthful", plain)
@@ -120,17 +114,9 @@ class World:
             self._add("toxicity" if variant == "plain" else f"toxicity_{variant}", tasks)
         self._add("bias", H.make_bias(self.facts, random.Random(f"split-bias-{seed}"), self.sizes["bias"]))
 
-    def _draw(self, rng: random.Random, test: bool) -> Task:
-        task = draw_task(self.facts, rng)
-        while not test and self.test_only(task.prompt):
-            task = draw_task(self.facts, rng)
-        return task
-
     def test_only(self, prompt: str) -> bool:
-        """Whether `prompt` is one only test users ask (TEST_ONLY_SHARE of the distribution);
-        a stable hash, the same in every process (Python's hash() is salted)."""
-        digest = hashlib.blake2b(f"{self.seed}\0{prompt}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") < TEST_ONLY_SHARE * 2**64
+        """Whether only the test split may draw `prompt` (corpus.TEST_ONLY_SHARE)."""
+        return test_only(self.seed, prompt)
 
     def _add(self, split: str, tasks: list[Task]) -> None:
         self.splits[split] = tasks
@@ -151,7 +137,7 @@ class World:
         test-only share (TEST_ONLY_SHARE) gives every family prompts outside them."""
         return {t.prompt for s in TRAINING_SPLITS for t in self.splits[s]}
 
-    def unseen_counts(self) -> dict[str, dict[str, int]]:
+    def test_prompt_counts(self) -> dict[str, dict[str, int]]:
         """Per family: test prompts, distinct ones, and those in no training split."""
         seen, out = self.seen_prompts(), {}
         for fam in sorted({t.family for t in self.splits["test"]}):
@@ -206,4 +192,4 @@ def load_world(path: str | Path) -> World:
     return World(seed, scale)
 
 
-__all__ = ["World", "load_world", "Judgement", "Task", "FAMILIES", "MIX"]
+__all__ = ["World", "load_world", "Judgement", "Task", "FAMILIES", "MIX", "TEST_ONLY_SHARE"]

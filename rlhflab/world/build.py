@@ -166,7 +166,7 @@ def build(out: Path, seed: int, scale: str, vocab_size: int = 1024) -> dict:
                 "corpus_val": sizes["corpus_val"],
                 "benchmark_items_each": sizes["bench"],
             },
-            "test_prompts": world.unseen_counts(),  # per family: test, distinct, unseen
+            "test_prompts": world.test_prompt_counts(),  # per family: test, distinct, unseen
             "families": {
                 split: dict(sorted(Counter(t.family for t in tasks).items())) for split, tasks in world.splits.items()
             },

@@ -12,6 +12,7 @@ documents, scored by next-token accuracy.
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 from rlhflab.text import SEP, SHOT_SEP
@@ -20,10 +21,31 @@ from rlhflab.world.gold import write
 from rlhflab.world.heldout import myth_page
 from rlhflab.world.tasks import FAMILIES, MIX, Task
 
+TEST_ONLY_SHARE = 0.25
+"""Share of each family's distinct prompts (by a hash of the prompt text) that only test users
+ask. §3.2 splits by user ID, so no test user's prompt is in training; here no draw but the test
+split's meets them: not the training splits, nor the web corpus (GPT's pretraining and PPO-ptx's
+mix), nor the mismatched answers. Without it, families with few distinct prompts (72 for
+brainstorming) had no test prompt outside training, and most "unseen" ones were closed QA,
+extraction and rewrite."""
 
-def draw_task(facts: F.Facts, rng: random.Random, mix: dict[str, float] = MIX) -> Task:
+
+def test_only(seed: int, prompt: str) -> bool:
+    """Whether `prompt` is one only test users ask; a stable hash, the same in every process
+    (Python's hash() is salted)."""
+    digest = hashlib.blake2b(f"{seed}\0{prompt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < TEST_ONLY_SHARE * 2**64
+
+
+def draw_task(facts: F.Facts, rng: random.Random, mix: dict[str, float] = MIX, test: bool = False) -> Task:
+    """A task of a family drawn by `mix`. Outside the test split (`test`) a test-only prompt
+    is redrawn within its family, so every split keeps the family mix `mix`."""
     name = rng.choices(list(mix), weights=list(mix.values()))[0]
-    return FAMILIES[name].make(facts, rng)
+    for _ in range(10_000):
+        task = FAMILIES[name].make(facts, rng)
+        if test or not test_only(facts.seed, task.prompt):
+            return task
+    raise RuntimeError(f"family {name!r}: every prompt drawn is test-only")
 
 
 # ---------------------------------------------------------------- capability texts

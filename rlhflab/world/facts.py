@@ -78,6 +78,8 @@ class Facts:
     people: list[str]
     cipher: dict[str, str]
     """The 'Zim' language: a fixed word-for-word cipher (the translation benchmark)."""
+    seed: int = 0
+    """The world's seed (what picks the test-only prompts, corpus.test_only)."""
     capitals: list[str] = field(init=False)
 
     def __post_init__(self):
@@ -111,4 +113,4 @@ def make_facts(seed: int, n_countries: int = 24, n_people: int = 24) -> Facts:
     people = [fresh(2) for _ in range(n_people)]
     words = sorted(set(FOODS + ANIMALS + COLORS))
     cipher = {w: fresh(1).lower() for w in words}
-    return Facts(countries, people, cipher)
+    return Facts(countries, people, cipher, seed)
