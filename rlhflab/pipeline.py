@@ -71,7 +71,7 @@ FIGURE1_BASELINE = "SFT-large"
 against 175B SFT."""
 
 
-def head_to_head(rlhf_sizes) -> list[tuple[str, str]]:
+def head_to_head(rlhf_sizes: list[str]) -> list[tuple[str, str]]:
     """The eval's head-to-head pairs (a, b), how often a's answer beats b's: the headline, then
     PPO and PPO-ptx of each size against the SFT model of their size, the policy they started from."""
     own = [(f"{m}-{s}", f"SFT-{s}") for s in SIZES if s in rlhf_sizes for m in ("PPO", "PPO-ptx")]
@@ -178,11 +178,12 @@ class RunConfig:
     rm: RMConfig = field(default_factory=RMConfig)
     """Stage 2b: one reward model for every policy, trained on the comparisons."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF))
-    """Stage 3, PPO on the small SFT policy (policy, reward_model, prompts, world, out_dir set by the pipeline)."""
+    """Stage 3, PPO on the SFT policy of each of `rlhf_sizes` (policy, reward_model, prompts, world, out_dir set
+    by the pipeline)."""
     ppo_ptx: PPOConfig = field(
         default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF, ptx_coef=LAB_PTX_COEF, ptx_per_episode=0.5)
     )
-    """Stage 3, PPO-ptx on the small SFT policy with the web corpus as the pretraining mix. γ and
+    """Stage 3, PPO-ptx on the SFT policy of each size, the web corpus as the pretraining mix. γ and
     the mix ratio are far below App. C.4's 27.8 and 8: with those the lab policy's KL to SFT
     passed 50 nats and the gold of its samples fell from 0.43 to 0.12 (the ptx term
     outweighed the PPO loss)."""
@@ -293,15 +294,21 @@ class Pipeline:
         out.append(Job("rm", lambda: self._rm(world), (f"sft-{self.cfg.rm_base}", "comparisons")))
         for size in ("large", "small"):  # the large runs first: the longer
             if size in self.cfg.rlhf_sizes:
-                rl, runs = ("rm", f"sft-{size}"), (("ppoptx", self.cfg.ppo_ptx, True), ("ppo", self.cfg.ppo, False))
-                for kind, cfg, ptx in runs:
-                    name = f"{kind}-{size}"
-                    out.append(Job(name, lambda n=name, c=cfg, p=ptx, s=size: self._ppo(n, c, world, rm, p, s), rl))
+                out += self._rl_jobs(size, world, rm)
         for beta in self.cfg.sweep_betas:
             name, cfg = f"sweep/beta-{beta:g}", dataclasses.replace(self.cfg.ppo, kl_coef=beta)
             out.append(Job(name, lambda n=name, c=cfg: self._ppo(n, c, world, rm, False), ("rm", "sft-small")))
         out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
         out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
+        return out
+
+    def _rl_jobs(self, size: str, world: Path, rm: Path) -> list[Job]:
+        """PPO-ptx and PPO (the longer first) from the SFT model of `size`, with the one RM."""
+        out = []
+        for kind, cfg, ptx in (("ppoptx", self.cfg.ppo_ptx, True), ("ppo", self.cfg.ppo, False)):
+            name = f"{kind}-{size}"
+            make = lambda n=name, c=cfg, p=ptx: self._ppo(n, c, world, rm, p, size)
+            out.append(Job(name, make, ("rm", f"sft-{size}")))
         return out
 
     def models(self) -> dict[str, Path]:
@@ -353,8 +360,8 @@ class Pipeline:
             rankings=str(comparisons / "train.jsonl"),
             val_rankings=str(comparisons / "val.jsonl"),
             demos=str(world / "sft_train.jsonl"),
-            # SFT-small's samples on the RM's validation prompts: the policy PPO starts from,
-            # on prompts the RM did not train on
+            # SFT-small's samples on the RM's validation prompts (the default's one PPO start; the
+            # large size's PPO sees the same RM scale), on prompts the RM did not train on
             policy_samples=str(comparisons / "val_samples.jsonl"),
             out_dir=str(self.root / "rm"),
         )

@@ -44,3 +44,8 @@ def test_training_prompts_dealt_between_two_policies_validation_stays_the_first(
     # validation: the first policy's alone, the same as without a second one
     build(world, a, tmp_path / "alone", cfg, seed=0)
     assert rows("val_samples.jsonl") == [json.loads(x) for x in (tmp_path / "alone" / "val_samples.jsonl").open()]
+    # part 1 is b's: the same prompts and seed sampled from a instead give other answers
+    build(world, a, tmp_path / "aa", cfg, seed=0, also_train=(a,))
+    aa = [json.loads(x) for x in (tmp_path / "aa" / "train_samples_p1.jsonl").open()]
+    assert [r["prompt"] for r in aa] == prompts[1::2]
+    assert [r["responses"] for r in aa] != [r["responses"] for r in parts[1]]

@@ -54,7 +54,7 @@ def build(
     """Sample from `policy` on the world's RM prompts, rank, write the three files + summary.
     `also_train`: more policies for the training prompts, which are dealt out in turn
     (`policy` takes prompts 0, n, 2n, ... of n policies); the validation samples stay `policy`'s
-    (the RM's gain is set on them: the policy PPO starts from, docs/design.md)."""
+    (the RM's gain is set on them: the small policy, where every PPO run of the default starts, docs/design.md)."""
     world_dir, out = Path(world_dir), Path(out_dir)
     world = load_world(world_dir)
     summary: dict = {"stage": "comparisons", "policy": str(policy)}
