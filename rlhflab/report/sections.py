@@ -131,7 +131,7 @@ def s_glance(run: RunFiles) -> str:
             '<p class="caption">Every number is measured on a held-out draw of test prompts; win rates are against '
             f"{escape(base)}. Gold quality is the lab world's hidden truth, which no stage trains on. The world has "
             f"few distinct prompts in some families, so many test prompts also occur in training; "
-            f"{s.get('n/test_unseen', '?')} of them do not (a quarter of the prompt distribution only test users "
+            f"{s.get('n/test_unseen', '?')} of them do not (a quarter of each family's prompts only test users "
             "ask, so every family has some), and “gold, unseen prompts” is measured on those.</p>"
         )
     )
