@@ -157,8 +157,13 @@ def to_dict(obj) -> dict:
 
 
 def flat_dict(obj, prefix: str = "") -> dict:
-    """A config as {dotted key: value}: nested config blocks flattened ('train.lr')."""
+    """A config (or its dict, as config.yaml holds it) as {dotted key: value}: nested config
+    blocks flattened ('train.lr')."""
     out: dict = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flat_dict(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: copy.deepcopy(v)})
+        return out
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):

@@ -21,8 +21,8 @@ from typing import Literal
 
 import yaml
 
-from rlhflab.config import add_config_arguments, check, config_from_args, save_config, validate
-from rlhflab.errors import ConfigError, InputError
+from rlhflab.config import add_config_arguments, check, config_from_args, flat_dict, save_config, validate
+from rlhflab.errors import InputError
 from rlhflab.eval.evaluate import EvalConfig
 from rlhflab.stages.ppo.config import PPOConfig
 from rlhflab.stages.pretrain import PretrainConfig
@@ -30,7 +30,7 @@ from rlhflab.stages.pretrain import train as pretrain
 from rlhflab.stages.rm import RMConfig
 from rlhflab.stages.sample import SampleConfig
 from rlhflab.stages.sft import SFTConfig
-from rlhflab.training import cpu_cores, default_jobs
+from rlhflab.training import check_resumable, cpu_cores, default_jobs
 from rlhflab.world import load_world
 
 SIZES = ("small", "large")
@@ -552,23 +552,16 @@ class Pipeline:
         if (world / "summary.json").is_file():
             try:
                 load_world(world)
-            except InputError as e:
-                msg = f"{e.message.split(':')[0]}: {self.root} was made by another rlhflab; run into a new --out_dir"
+            except InputError as e:  # its later stages are stale too: rebuilding the world is no cure
+                msg = f"a lab world of another version: {self.root} was made by another rlhflab; use a new --out_dir"
                 raise InputError(msg, file=e.file, field=e.field) from None
         saved = self.root / "config.yaml"
         if not saved.is_file():
             return
-        old = _flat(yaml.safe_load(saved.read_text()) or {})
-        new = _flat(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.cfg))))
-        changed = sorted(k for k in old.keys() | new.keys() if k not in RERUN_FREE and old.get(k) != new.get(k))
-        if changed:
-            raise ConfigError(
-                f"this run directory holds a run of another config (differs in {', '.join(changed[:6])}"
-                f"{', ...' if len(changed) > 6 else ''}), whose finished stages would be reused: run into a new "
-                "--out_dir, or delete this config.yaml and the stage directories to redo",
-                file=str(saved),
-                field=changed[0],
-            )
+        old = flat_dict(yaml.safe_load(saved.read_text()) or {})
+        new = flat_dict(yaml.safe_load(yaml.safe_dump(dataclasses.asdict(self.cfg))))  # lists as YAML has them
+        remedy = "its finished stages would be reused: use a new --out_dir, or delete config.yaml and stages to redo"
+        check_resumable(old, new, str(saved), ignore=RERUN_FREE, what="run", remedy=remedy)
 
     def _summary(self, name: str) -> dict:
         return json.loads((self.root / name / "summary.json").read_text())
@@ -576,14 +569,6 @@ class Pipeline:
 
 RERUN_FREE = {"out_dir", "jobs", "isolate_stages"}
 """RunConfig keys a rerun into the same directory may change: they move no stage's output."""
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    """Nested dicts as {dotted key: value}."""
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
 
 
 def _alone(jobs: list[Job]) -> set[str]:

@@ -316,17 +316,17 @@ def check_resumable(
     current: dict,
     where: str,
     ignore=("train.save_every", "run.device", "run.report_to", "train.parallel", "train.gradient_checkpointing"),
+    what: str = "checkpoint",
+    remedy: str = "remove the checkpoint directory or choose another out_dir",
 ) -> None:
-    """Refuse to resume a checkpoint made under another config (other data, lr, ...).
+    """Refuse to resume a checkpoint (or `what`) made under another config (other data, lr, ...).
     `saved` and `current` are flat ({dotted key: value}, config.flat_dict). DDP and FSDP
     take the same steps, so train.parallel (like the number of processes) may change; so
     may train.gradient_checkpointing, which changes memory, not the steps."""
     for key in sorted(set(saved) | set(current)):
         if key not in ignore and saved.get(key) != current.get(key):
             raise InputError(
-                f"the checkpoint there was made with {key}={saved.get(key)!r}, "
-                f"this run has {current.get(key)!r}; remove the checkpoint "
-                "directory or choose another out_dir",
+                f"the {what} there was made with {key}={saved.get(key)!r}, this run has {current.get(key)!r}; {remedy}",
                 file=where,
                 field=key,
             )

@@ -280,7 +280,7 @@ def test_a_finished_world_of_another_version_is_refused_before_any_stage(tmp_pat
     world.mkdir()
     (world / "world.json").write_text(json.dumps({"seed": 0, "scale": "small", "version": VERSION - 1}))
     (world / "summary.json").write_text("{}")
-    with pytest.raises(InputError, match="new --out_dir"):
+    with pytest.raises(InputError, match="a new --out_dir"):
         Pipeline(RunConfig(out_dir=str(tmp_path), precision="fp32")).run()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing started, nothing written
 
@@ -297,7 +297,7 @@ def test_a_run_directory_of_another_config_is_refused_by_key_and_kept(tmp_path, 
     before = (tmp_path / "config.yaml").read_text()
     assert main(["run", f"--out_dir={tmp_path}", "--precision=fp32"]) == 2  # the default preset
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "config.yaml" in err[0] and "comparisons_from, rlhf_sizes" in err[0], err
+    assert len(err) == 1 and "config.yaml" in err[0] and "comparisons_from=['small', 'large']" in err[0], err
     assert (tmp_path / "config.yaml").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]  # nothing started
     # The same run, where only what moves no stage's output differs, may resume.
