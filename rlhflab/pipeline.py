@@ -1,6 +1,6 @@
 """`rlhflab run`: the whole recipe on the lab world, one run directory, resumable.
 
-    world -> pretrain (small, large) -> sft -> comparisons -> rm -> ppo / ppo-ptx -> eval -> report
+    world -> pretrain (small, large) -> sft -> comparisons -> rm -> rlinit -> ppo / ppo-ptx -> eval -> report
 
 Each stage writes its own directory under the run directory and hands off through it
 only. A stage whose `summary.json` exists is finished and is not redone, so running
@@ -177,6 +177,25 @@ class RunConfig:
     Spearman with gold 0.36 vs 0.20 from the small one, same data)."""
     rm: RMConfig = field(default_factory=RMConfig)
     """Stage 2b: one reward model for every policy, trained on the comparisons."""
+    rl_init: Literal["c3", "sft"] = "sft"
+    """What PPO and PPO-ptx start from and anchor their KL to (App. C.4). 'sft': the SFT model of
+    the size (the default: see below). 'c3': App. C.3's model
+    (rlinit-<size>/), the base fine-tuned `rl_init_epochs` on the demonstrations with
+    `rl_init_ptx_fraction` pretraining text mixed in, at its size's SFT lr, batch and dropout,
+    the epoch kept whose samples on the PPO validation prompts the reward model scores best
+    (§3.5, App. C.1). It trains after the RM, so the RM can choose it; the SFT models, whose
+    samples the RM is trained on, come before the RM and are chosen by validation loss. Its
+    capability is measured as RL-init-<size>. On world v6 (the same world, base models, SFT
+    and RM, one run each, 2-core EPYC) 'c3' kept 90% of the base's capability (0.378 against
+    SFT-small's 0.221; PPO-small from it 0.354) but the RM chose its first epoch, and PPO-small
+    from it reached gold 0.299 against 0.378 from SFT-small, and lost to SFT-small head to head
+    (0.47 [0.44, 0.50]; from SFT-small 0.51): the lab's PPO gains too little over its start to
+    make up the weaker instruction following, so the default starts from SFT."""
+    rl_init_epochs: int = 2
+    """Epochs of the 'c3' RL init (App. C.3: 2)."""
+    rl_init_ptx_fraction: float = 0.1
+    """Pretraining texts' share of the 'c3' RL init's loss (App. C.3: 10%), drawn from the
+    world's web corpus."""
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF))
     """Stage 3, PPO on the SFT policy of each of `rlhf_sizes` (policy, reward_model, prompts, world, out_dir set
     by the pipeline)."""
@@ -218,6 +237,9 @@ class RunConfig:
         check("small" in sizes and len(set(sizes)) == len(sizes), "rlhf_sizes", sizes, "must hold 'small', once")
         src = self.comparisons_from
         check("small" in src and len(set(src)) == len(src), "comparisons_from", src, "must hold 'small', once")
+        check(self.rl_init_epochs >= 1, "rl_init_epochs", self.rl_init_epochs, "must be >= 1")
+        f = self.rl_init_ptx_fraction
+        check(0 < f < 1, "rl_init_ptx_fraction", f, "must be in (0, 1)")
 
 
 @dataclass
@@ -292,12 +314,18 @@ class Pipeline:
         sampled = tuple(f"sft-{s}" for s in SIZES if s in self.cfg.comparisons_from)
         out.append(Job("comparisons", lambda: self._comparisons(world), sampled))
         out.append(Job("rm", lambda: self._rm(world), (f"sft-{self.cfg.rm_base}", "comparisons")))
-        for size in ("large", "small"):  # the large runs first: the longer
-            if size in self.cfg.rlhf_sizes:
-                out += self._rl_jobs(size, world, rm)
+        sizes = [s for s in ("large", "small") if s in self.cfg.rlhf_sizes]  # the large runs first: the longer
+        if self.cfg.rl_init == "c3":
+            for size in sizes:
+                out.append(
+                    Job(f"rlinit-{size}", lambda s=size: self._rl_init(s, world, rm), (f"pretrain-{size}", "rm"))
+                )
+        for size in sizes:
+            out += self._rl_jobs(size, world, rm)
         for beta in self.cfg.sweep_betas:
             name, cfg = f"sweep/beta-{beta:g}", dataclasses.replace(self.cfg.ppo, kl_coef=beta)
-            out.append(Job(name, lambda n=name, c=cfg: self._ppo(n, c, world, rm, False), ("rm", "sft-small")))
+            make = lambda n=name, c=cfg: self._ppo(n, c, world, rm, False)
+            out.append(Job(name, make, ("rm", self._rl_start_stage("small"))))
         out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
         out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
         return out
@@ -308,8 +336,15 @@ class Pipeline:
         for kind, cfg, ptx in (("ppoptx", self.cfg.ppo_ptx, True), ("ppo", self.cfg.ppo, False)):
             name = f"{kind}-{size}"
             make = lambda n=name, c=cfg, p=ptx: self._ppo(n, c, world, rm, p, size)
-            out.append(Job(name, make, ("rm", f"sft-{size}")))
+            out.append(Job(name, make, ("rm", self._rl_start_stage(size))))
         return out
+
+    def _rl_start_stage(self, size: str) -> str:
+        """The stage whose model PPO of `size` starts from and is anchored to (`rl_init`)."""
+        return f"rlinit-{size}" if self.cfg.rl_init == "c3" else f"sft-{size}"
+
+    def rl_start(self, size: str) -> Path:
+        return self.root / self._rl_start_stage(size) / "model"
 
     def models(self) -> dict[str, Path]:
         """The evaluated models by name (the paper's GPT, SFT, PPO, PPO-ptx)."""
@@ -340,6 +375,25 @@ class Pipeline:
             data=str(world / "sft_train.jsonl"),
             val_data=str(world / "sft_val.jsonl"),
             out_dir=str(self.root / f"sft-{size}"),
+        )
+        return train, (self._seeded(cfg),)
+
+    def _rl_init(self, size: str, world: Path, rm: Path):
+        """App. C.3's model: the SFT recipe of `size`, `rl_init_epochs` long, with pretraining
+        text mixed in, its epoch chosen by the reward model."""
+        from rlhflab.stages.sft import train
+
+        cfg = dataclasses.replace(
+            getattr(self.cfg, f"sft_{size}"),
+            base=str(self.root / f"pretrain-{size}" / "model"),
+            data=str(world / "sft_train.jsonl"),
+            val_data=str(world / "sft_val.jsonl"),
+            epochs=self.cfg.rl_init_epochs,
+            ptx_data=str(world / "corpus_train.jsonl"),
+            ptx_fraction=self.cfg.rl_init_ptx_fraction,
+            reward_model=str(rm),
+            val_prompts=str(world / "ppo_val.jsonl"),
+            out_dir=str(self.root / f"rlinit-{size}"),
         )
         return train, (self._seeded(cfg),)
 
@@ -384,7 +438,7 @@ class Pipeline:
 
         cfg = dataclasses.replace(
             base,
-            policy=str(self.root / f"sft-{size}" / "model"),
+            policy=str(self.rl_start(size)),
             reward_model=str(rm),
             prompts=str(world / "ppo_train.jsonl"),
             val_prompts=str(world / "ppo_val.jsonl"),
@@ -401,14 +455,17 @@ class Pipeline:
         runs = [f"{r}-{s}" for s in SIZES if s in self.cfg.rlhf_sizes for r in ("ppo", "ppoptx")]
         runs += [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
+        capability_only = {
+            f"PPO-beta{b:g}-small": str(self.root / f"sweep/beta-{b:g}" / "policy") for b in self.cfg.sweep_betas
+        }
+        if self.cfg.rl_init == "c3":
+            capability_only.update({f"RL-init-{s}": str(self.rl_start(s)) for s in self.cfg.rlhf_sizes})
         cfg = dataclasses.replace(
             self.cfg.eval,
             world=str(world),
             models={k: str(v) for k, v in models.items()},
             rl_runs=rl_runs,
-            capability_models={
-                f"PPO-beta{b:g}-small": str(self.root / f"sweep/beta-{b:g}" / "policy") for b in self.cfg.sweep_betas
-            },
+            capability_models=capability_only,
             prompted=[m for m in models if m.startswith("GPT-")],
             baseline=FIGURE1_BASELINE,
             head_to_head=[f"{a}:{b}" for a, b in head_to_head(self.cfg.rlhf_sizes)],
@@ -538,7 +595,7 @@ class Pipeline:
         from rlhflab.report.walkthrough import write_walkthrough
 
         world, rm = self.root / "world", self.root / "rm" / "model"
-        write_walkthrough(self.root, world, rm, self.root / "ppo-small", self.root / "sft-small" / "model")
+        write_walkthrough(self.root, world, rm, self.root / "ppo-small", self.rl_start("small"))
         write_report(self.root, self.root / "report.html")
         results = {f"pretrain_{s}": self._summary(f"pretrain-{s}") for s in SIZES}
         results["eval"] = self._summary("eval")

@@ -19,6 +19,8 @@ STAGES = [
     "comparisons",
     "rm",
     "rm-eval",
+    "rlinit-small",
+    "rlinit-large",
     "ppo-small",
     "ppoptx-small",
     "ppo-large",
@@ -29,7 +31,8 @@ STAGES = [
 
 
 # figure1's additions: PPO at both sizes, the RM's comparisons from both SFT models
-SMOKE = ["run", "--preset", "smoke", "--rlhf_sizes=[small, large]", "--comparisons_from=[small, large]"]
+# and PPO from App. C.3's model (rl_init=c3)
+SMOKE = ["run", "--preset", "smoke", "--rlhf_sizes=[small, large]", "--comparisons_from=[small, large]", "--rl_init=c3"]
 
 
 @pytest.mark.slow
@@ -71,8 +74,19 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
     assert abs(step["reward"] - (step["rm_score"] - step["kl_coef"] * step["kl"])) < 1e-3
     assert len(walk["ranking"]["rm_scores"]) == len(walk["ranking"]["responses"]) >= 4
     assert "Not shown" not in (out / "report.html").read_text().split("Walkthrough", 2)[-1].split("<h2", 1)[0]
-    for stage in ("sft-small", "rm", "ppo-small", "sweep/beta-0"):
+    for stage in ("sft-small", "rm", "rlinit-small", "ppo-small", "sweep/beta-0"):
         assert (out / stage / "config.yaml").is_file() and (out / stage / "metrics.jsonl").is_file()
+    # PPO starts from App. C.3's model: demonstrations with pretraining text, its epoch the RM's choice
+    init = json.loads((out / "rlinit-small" / "summary.json").read_text())
+    assert init["selected_by"] == "reward_model" and init["ptx_texts"] > 0 and len(init["epochs"]) == 2
+    assert all("val_score" in e for e in init["epochs"])
+    assert init["best_epoch"] == max(init["epochs"], key=lambda e: e["val_score"])["epoch"]
+    import yaml
+
+    assert yaml.safe_load((out / "ppo-small" / "config.yaml").read_text())["policy"] == str(
+        out / "rlinit-small" / "model"
+    )
+    assert "tax_delta/RL-init-small/mean" in summary and "winrate/RL-init-small" not in summary
 
     # Again: nothing finished is redone, so nothing changes (the eval's own determinism is
     # test_evaluate's; the RM report is the cheapest stage to redo).
@@ -95,21 +109,30 @@ def test_figure1_preset_runs_ppo_and_ppo_ptx_from_sft_large_too(tmp_path):
     from rlhflab.config import load_config
     from rlhflab.pipeline import Pipeline, RunConfig, _base, head_to_head
 
-    def graph(preset: str):
-        pipe = Pipeline(load_config(RunConfig, overrides=[f"out_dir={tmp_path}"], base=_base(preset)))
+    def graph(preset: str, *overrides: str):
+        cfg = load_config(RunConfig, overrides=[f"out_dir={tmp_path}", *overrides], base=_base(preset))
+        pipe = Pipeline(cfg)
         return pipe, {j.name: j for j in pipe.jobs()}
 
     pipe, jobs = graph("default")
-    assert pipe.cfg.rlhf_sizes == ["small"] and not {"ppo-large", "ppoptx-large"} & set(jobs)
+    assert pipe.cfg.rlhf_sizes == ["small"] and not {"ppo-large", "ppoptx-large", "rlinit-small"} & set(jobs)
+    assert jobs["ppo-small"].needs == ("rm", "sft-small")
+    assert jobs["ppo-small"].make()[1][0].policy == str(tmp_path / "sft-small" / "model")
     assert jobs["comparisons"].needs == ("sft-small",)
     assert "PPO-large" not in pipe.models() and ("PPO-ptx-large", "SFT-large") not in head_to_head(["small"])
-    pipe, jobs = graph("figure1")
+    pipe, jobs = graph("figure1", "rl_init=c3")
     for name in ("ppo-large", "ppoptx-large"):
-        assert jobs[name].needs == ("rm", "sft-large") and name in jobs["eval"].needs
+        assert jobs[name].needs == ("rm", "rlinit-large") and name in jobs["eval"].needs
         _train, (cfg,) = jobs[name].make()
-        assert (cfg.policy, cfg.reward_model) == (str(tmp_path / "sft-large" / "model"), str(tmp_path / "rm" / "model"))
+        start = str(tmp_path / "rlinit-large" / "model")
+        assert (cfg.policy, cfg.reward_model) == (start, str(tmp_path / "rm" / "model"))
         assert (cfg.ptx_data is not None) == (name == "ppoptx-large")
-    assert jobs["ppo-small"].needs == ("rm", "sft-small") and jobs["sweep/beta-0"].needs == ("rm", "sft-small")
+    assert jobs["ppo-small"].needs == ("rm", "rlinit-small") and jobs["sweep/beta-0"].needs == ("rm", "rlinit-small")
+    assert jobs["rlinit-large"].needs == ("pretrain-large", "rm")
+    _train, (init,) = jobs["rlinit-large"].make()
+    assert (init.base, init.epochs, init.ptx_fraction) == (str(tmp_path / "pretrain-large" / "model"), 2, 0.1)
+    assert init.reward_model == str(tmp_path / "rm" / "model") and init.ptx_data.endswith("corpus_train.jsonl")
+    assert init.train.lr == pipe.cfg.sft_large.train.lr  # the size's SFT recipe, shorter and with the mix
     assert jobs["comparisons"].needs == ("sft-small", "sft-large")  # the RM ranks both SFT models' samples
     assert pipe.models()["PPO-ptx-large"] == tmp_path / "ppoptx-large" / "policy"
     pairs = head_to_head(pipe.cfg.rlhf_sizes)

@@ -230,10 +230,10 @@ def capability_scores(model, tokenizer, bench: dict[str, list[dict]]) -> dict[st
     return scores_of(capability_items(model, tokenizer, bench))
 
 
-TAX_REFERENCE = {"SFT": "GPT", "PPO": "SFT"}
+TAX_REFERENCE = {"SFT": "GPT", "RL": "GPT", "PPO": "SFT"}
 """Whose capability a model's is measured against (tax_delta keys), by the first word of its
-family: its own size's model one stage before it (SFT against the base model; PPO, PPO-ptx and
-the β sweep's PPO-beta<β> against SFT, as Table 14 reads)."""
+family: SFT and the RL init (RL-init, App. C.3's model) against the base model of their size;
+PPO, PPO-ptx and the β sweep's PPO-beta<β> against SFT of their size, as Table 14 reads."""
 
 
 def tax_references(names: list[str]) -> dict[str, str]:

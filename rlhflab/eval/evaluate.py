@@ -49,7 +49,8 @@ summary.json keys (all numbers; see docs/evaluation.md):
   tax/<m>/<bench> (+ _ci_low, _ci_high)   the same score with a 95% bootstrap CI over items
   tax_delta/<m>/<bench> (+ _ci_low, _ci_high)   <m>'s score minus its reference's (SFT-<size>
                           for PPO and PPO-ptx, GPT-<size> for SFT), paired bootstrap CI
-                          (and for each of `capability_models`, SFT-<size>: it has only tax keys)
+                          (and for each of `capability_models`, by the same rule: PPO-beta<β>
+                          against SFT, RL-init against GPT; it has only tax keys)
   tax_fewshot/<m>/<bench>, tax_fewshot_delta/<m>/<bench> (+ _ci_low, _ci_high)   the same with
                           `capability_shots` solved items before each one (Table 14's few-shot
                           column; the four task benchmarks and their mean, no webtext)
