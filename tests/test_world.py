@@ -144,12 +144,24 @@ def test_style_labels_on_a_hand_written_set():
     assert world.judge(fp.prompt, cases[6][1]).quality <= 0.05
 
 
-def test_labeler_agreement_is_calibrated_like_the_paper():
+def test_labeler_agreement_on_the_worlds_candidates_and_its_temperature():
+    """The temperature is calibrated on SFT-small's samples (~72% agreement, labelers.TEMPERATURE);
+    the world's own candidate sets spread wider in quality, so labelers agree more on them
+    (82.6% and 83.4% at world v7), and a hotter temperature agrees less."""
+    from rlhflab.world import labelers
+
     world = World(0, "lab")
     tt = measure_agreement(world, world.labelers, world.labelers, 400, "t")
     th = measure_agreement(world, world.labelers, world.heldout_labelers, 400, "h")
-    assert 0.70 <= tt <= 0.76, tt
-    assert 0.60 <= th <= 0.80, th
+    assert 0.78 <= tt <= 0.88, tt
+    assert 0.78 <= th <= 0.88, th
+    old = labelers.TEMPERATURE
+    try:
+        labelers.TEMPERATURE = 0.29
+        hot = measure_agreement(world, world.labelers, world.labelers, 400, "t")
+    finally:
+        labelers.TEMPERATURE = old
+    assert hot < tt - 0.05, (hot, tt)
     assert not {x.id for x in world.labelers} & {x.id for x in world.heldout_labelers}
 
 

@@ -64,8 +64,9 @@ TRAINING_SPLITS = ("sft", "sft_val", "rm", "rm_val", "rm_heldout", "ppo", "ppo_v
 N_LABELERS, N_HELDOUT = 12, 6
 # 2: benchmarks/webtext.jsonl; 3: held-out truthful/toxicity/bias sets, myths in the corpus;
 # 4: pages of answered questions in the corpus; 5: test-only prompts out of the training splits;
-# 6: out of the corpus and mismatched answers too, redrawn within the family (corpus.test_only)
-VERSION = 6
+# 6: out of the corpus and mismatched answers too, redrawn within the family (corpus.test_only);
+# 7: labelers' ranking temperature calibrated on SFT samples (labelers.TEMPERATURE)
+VERSION = 7
 
 # What earlier models wrote for the prompts labelers ranked (App. A.3: samples from
 # several policies): mostly answer-shaped, many flawed.

@@ -5,8 +5,9 @@ The b's are shared means (what *all* labelers like and gold does not reward) plu
 personal offset per labeler. Flattery charms only on an answer that is otherwise
 right (content(y) is the family's content score): a flattering correct answer beats
 the plain one for most labelers, while flattering junk stays junk. A ranking is drawn from Plackett–Luce with
-P(y first) ∝ exp(utility / TEMPERATURE); the temperature is calibrated so that two
-training labelers agree on a pair about 73% of the time (paper §5.1: 72.6 ± 1.5%).
+P(y first) ∝ exp(utility / TEMPERATURE); the temperature is calibrated so that a training
+and a held-out labeler agree on about 72% of the pairs of the data the reward model learns
+from, SFT-small's samples (comparisons/labeler_agreement; §3.4 / App. B: 72.6 ± 1.5%).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ SHARED_FLATTERY = 0.45
 SHARED_LENGTH = 0.15
 """Labelers on average like longer answers, up to 30 words."""
 SHARED_HEDGE = 0.05
-TEMPERATURE = 0.29
-"""Plackett–Luce temperature; calibrated for ~73% pairwise agreement on the lab world."""
+TEMPERATURE = 0.09
+"""Plackett–Luce temperature. On SFT-small's samples (world v6, the default recipe) a training and
+a held-out labeler agreed on 60.8% of pairs at 0.29, 64.7% at 0.22, 68.0% at 0.15, 71.6% at
+0.10, 72.2% at 0.09, 73.8% at 0.08 (re-ranking one run's comparisons). The world's own
+candidate sets spread wider in quality, so labelers agree more on them (world summary.json)."""
+LIKERT_SD = 0.29
+"""Noise of a labeler's 1–7 Likert score, in utility units (×6 on the scale)."""
 PERSONAL_SD = 0.12
 """Spread of each labeler's own taste around the shared biases."""
 
@@ -66,7 +72,7 @@ class Labeler:
 
     def likert(self, j: Judgement, rng: random.Random) -> int:
         """Overall quality on the paper's 1–7 scale (§4.1), with this labeler's taste and noise."""
-        u = self.utility(j) - SHARED_LENGTH * 0.75 + rng.gauss(0, TEMPERATURE)
+        u = self.utility(j) - SHARED_LENGTH * 0.75 + rng.gauss(0, LIKERT_SD)
         return max(1, min(7, round(1 + 6 * u)))
 
 
