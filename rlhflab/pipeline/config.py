@@ -1,0 +1,229 @@
+"""What `rlhflab run` runs: the lab's recipe (its constants, with the measurements that set
+them), the presets, and RunConfig, the run's one config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhflab.config import check
+from rlhflab.eval.evaluate import EvalConfig
+from rlhflab.stages.ppo.config import PPOConfig
+from rlhflab.stages.pretrain import PretrainConfig
+from rlhflab.stages.rm import RMConfig
+from rlhflab.stages.sample import SampleConfig
+from rlhflab.stages.sft import SFTConfig
+
+SIZES = ("small", "large")
+
+LAB_KL_COEF = 0.1
+"""β of the lab run's PPO. The paper's 0.02 (PPOConfig's default) lets the lab policy walk
+past the reward model's useful range: gold of samples peaks at 0.50 (KL 5 nats) and falls to
+0.35 by 4096 episodes (KL 45) in one run (in another it held 0.45 at KL 7), while β = 0.1
+holds KL near 2 nats and keeps the gain (README,
+"What a run shows today"). The β sweep (sweep_betas) shows both."""
+LAB_PTX_COEF = 0.03
+"""γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small). On the
+lab world γ = 0.1 lifted capability to 0.22 (SFT 0.10) but kept little of PPO's gold gain;
+0.03 kept most of it with capability back to 0.13."""
+
+LAB_SFT = {
+    "small": {"epochs": 4, "dropout": 0.0},
+    "large": {"epochs": 4, "dropout": 0.0, "train": {"lr": 3e-4}},
+}
+"""The lab's SFT (SFTConfig overrides by size): 4 epochs, no dropout, lr 1e-3 (small) and 3e-4
+(large), against SFTConfig's paper defaults of 16 epochs and residual dropout 0.2 (§3.5). On the lab's base models
+those erased what pretraining taught (capability mean GPT-small 0.41 -> SFT 0.15), so the
+alignment tax landed at SFT, not at PPO. Measured from one pair of base models (capability mean
+over 150 items a benchmark, gold of samples on 300 test prompts): small 16 epochs at 1e-3 with
+dropout 0.2: 0.15 / 0.35; the same without dropout: 0.15 / 0.70; 4 epochs without dropout: 0.29
+/ 0.36 (1e-3), 0.38 / 0.28 (3e-4); large 16 epochs at 3e-4 with dropout 0.2: 0.22 / 0.84, 4
+epochs without: 0.56 / 0.67. Optimizer steps x peak lr, SFT over pretraining: 0.33 (small), 0.1
+(large), against 1.33 and 0.4 before. With 3e-4 the small SFT kept more (0.38), but from its
+weaker samples PPO learned to refuse every prompt, which the reward model scored high: gold
+0.28 -> 0.20 at β = 0.02, no gain at β = 0.1."""
+
+HEADLINE_RIVALS = ("GPT-large", "GPT-prompted-large")
+"""The paper's headline (§1): the small PPO-ptx model against the ~10x larger base model,
+plain and few-shot prompted, judged head to head by the held-out labelers."""
+
+FIGURE1_BASELINE = "SFT-large"
+"""Every win rate of the lab's eval is against the largest SFT model, as Figure 1 measures
+against 175B SFT."""
+
+
+def head_to_head(rlhf_sizes: list[str]) -> list[tuple[str, str]]:
+    """The eval's head-to-head pairs (a, b), how often a's answer beats b's: the headline, then
+    PPO and PPO-ptx of each size against the SFT model of their size (their start, unless
+    `rl_init` is 'c3')."""
+    own = [(f"{m}-{s}", f"SFT-{s}") for s in SIZES if s in rlhf_sizes for m in ("PPO", "PPO-ptx")]
+    return [("PPO-ptx-small", r) for r in HEADLINE_RIVALS] + own
+
+
+# Overrides applied on top of the defaults, by preset. `smoke` is the one-minute check.
+PRESETS: dict[str, dict] = {
+    "default": {
+        "pretrain_small": {"steps": 600, "batch_size": 32},
+        "pretrain_large": {"steps": 600, "batch_size": 16},
+        "sft_small": LAB_SFT["small"],  # SFT small next to pretraining (App. C.1's proportion)
+        "sft_large": LAB_SFT["large"],
+        "rm": {
+            "train": {"lr": 1e-4},
+            "epochs": 2,
+        },  # 2nd epoch: within-prompt Spearman with gold 0.36 -> 0.46
+    },
+    "smoke": {
+        "scale": "small",
+        "rm_base": "small",
+        "pretrain_small": {"steps": 40, "batch_size": 16, "eval_every": 20, "gold_prompts": 20},
+        "pretrain_large": {"steps": 20, "batch_size": 8, "eval_every": 20, "gold_prompts": 20},
+        "sft_small": {"epochs": 2},
+        "sft_large": {"epochs": 1},
+        "comparisons": {"max_new_tokens": 16, "k_max": 5},
+        "eval": {"n_prompts": 20, "capability_items": 10, "best_of_n": [1, 2, 4], "best_of_n_prompts": 8},
+        "ppo": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 2},
+        "ppo_ptx": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 4},
+        "sweep_betas": [0.0],
+    },
+}
+PRESETS["figure1"] = {**PRESETS["default"], "rlhf_sizes": list(SIZES), "comparisons_from": list(SIZES)}
+"""Figure 1's every point: the default run, plus PPO and PPO-ptx from SFT-large, with the RM's
+training comparisons ranked on samples of both SFT models (README, "What a run shows today",
+says what they cost and what the second SFT model's samples change)."""
+
+
+# Paths the pipeline sets for each stage; placeholders so the nested configs validate.
+_SET_BY_PIPELINE = "(set by rlhflab run)"
+_FILLED: dict = {
+    "sft_small": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
+    "sft_large": {"base": _SET_BY_PIPELINE, "data": _SET_BY_PIPELINE},
+    "comparisons": {"policy": _SET_BY_PIPELINE, "prompts": _SET_BY_PIPELINE},
+    "rm": {"base": _SET_BY_PIPELINE, "rankings": _SET_BY_PIPELINE},
+    "eval": {"world": _SET_BY_PIPELINE, "models": {"SFT-small": _SET_BY_PIPELINE}},
+    "ppo": {"policy": _SET_BY_PIPELINE, "reward_model": _SET_BY_PIPELINE, "prompts": _SET_BY_PIPELINE},
+    "ppo_ptx": {"policy": _SET_BY_PIPELINE, "reward_model": _SET_BY_PIPELINE, "prompts": _SET_BY_PIPELINE},
+}
+
+
+def _base(preset: str) -> dict:
+    import copy
+
+    base = copy.deepcopy(_FILLED)
+    for key, value in PRESETS[preset].items():
+        if isinstance(value, dict):
+            base.setdefault(key, {}).update(value)
+        else:
+            base[key] = value
+    return base
+
+
+def _pretrain(size: str) -> PretrainConfig:
+    return PretrainConfig(size=size)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/lab"
+    """The run directory; every stage writes a subdirectory of it."""
+    seed: int = 0
+    """World seed and the seed of every stage."""
+    scale: Literal["lab", "small"] = "lab"
+    """Lab world size ('small' only for smoke tests)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Precision of the training stages, pretraining, SFT, RM and PPO (their own `precision`
+    is set from this): 'auto' is bf16 autocast where bf16 matmuls are natively fast (a CPU
+    with AMX or AVX-512 BF16, a GPU with bf16) and a short timed matmul at start-up confirms
+    it (training.choose_precision; the run prints why), else fp32. Sampling for comparisons
+    and evaluation run in fp32."""
+    pretrain_small: PretrainConfig = field(default_factory=lambda: _pretrain("small"))
+    """Stage 0, the small base model (world, out_dir, size, seed are set by the pipeline)."""
+    pretrain_large: PretrainConfig = field(default_factory=lambda: _pretrain("large"))
+    """Stage 0, the ~10x larger base model."""
+    sft_small: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1 on the small base (base, data, out_dir, seed are set by the pipeline)."""
+    sft_large: SFTConfig = field(default_factory=SFTConfig)
+    """Stage 1 on the large base."""
+    comparisons: SampleConfig = field(default_factory=lambda: SampleConfig(max_new_tokens=48))
+    """Stage 2a: K = 4-9 samples per RM prompt (of SFT-small, or of each SFT model in
+    `comparisons_from`), ranked by the simulated labelers (policy, prompts, out, seed are set by
+    the pipeline)."""
+    comparisons_from: list[Literal["small", "large"]] = field(default_factory=lambda: ["small"])
+    """The SFT models whose samples the labelers rank on the RM's training prompts, the prompts
+    dealt out between them in turn; the validation comparisons (and the RM's gain, set on
+    them) stay SFT-small's. §3.1 collects comparisons on the models being trained. Ranking the
+    small policy's samples only (the default), PPO-large fell below SFT-large (gold 0.52
+    against 0.65, world v4); with both (`--preset figure1`) it rose to 0.69; on world v6 PPO-large
+    is 0.65 and PPO-ptx-large 0.70 against SFT-large's 0.65 (README, "Figure 1 at both sizes")."""
+    rm_base: Literal["small", "large"] = "large"
+    """Which SFT model the reward model starts from. §3.5 trains one 6B RM for every policy
+    size; on the lab world the large one ranks SFT-small's samples far better (within-prompt
+    Spearman with gold 0.36 vs 0.20 from the small one, same data)."""
+    rm: RMConfig = field(default_factory=RMConfig)
+    """Stage 2b: one reward model for every policy, trained on the comparisons."""
+    rl_init: Literal["c3", "sft"] = "sft"
+    """What PPO and PPO-ptx start from and anchor their KL to (App. C.4). 'sft': the SFT model of
+    the size (the default: see below). 'c3': App. C.3's model
+    (rlinit-<size>/), the base fine-tuned `rl_init_epochs` on the demonstrations with
+    `rl_init_ptx_fraction` pretraining text mixed in, at its size's SFT lr, batch and dropout,
+    the epoch kept whose samples on the PPO validation prompts the reward model scores best
+    (§3.5, App. C.1). It trains after the RM, so the RM can choose it; the SFT models, whose
+    samples the RM is trained on, come before the RM and are chosen by validation loss. Its
+    capability is measured as RL-init-<size>. On world v6 (the same world, base models, SFT
+    and RM, one run each, 2-core EPYC) 'c3' kept 90% of the base's capability (0.378 against
+    SFT-small's 0.221; PPO-small from it 0.354) but the RM chose its first epoch, and PPO-small
+    from it reached gold 0.299 against 0.378 from SFT-small, and lost to SFT-small head to head
+    (0.47 [0.44, 0.50]; from SFT-small 0.51): the lab's PPO gains too little over its start to
+    make up the weaker instruction following, so the default starts from SFT."""
+    rl_init_epochs: int = 2
+    """Epochs of the 'c3' RL init (App. C.3: 2)."""
+    rl_init_ptx_fraction: float = 0.1
+    """Pretraining texts' share of the 'c3' RL init's loss (App. C.3: 10%), drawn from the
+    world's web corpus."""
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF))
+    """Stage 3, PPO from the `rl_init` policy of each of `rlhf_sizes` (policy, reward_model, prompts, world,
+    out_dir set by the pipeline)."""
+    ppo_ptx: PPOConfig = field(
+        default_factory=lambda: PPOConfig(kl_coef=LAB_KL_COEF, ptx_coef=LAB_PTX_COEF, ptx_per_episode=0.5)
+    )
+    """Stage 3, PPO-ptx from the `rl_init` policy of each size, the web corpus as the pretraining mix. γ and
+    the mix ratio are far below App. C.4's 27.8 and 8: with those the lab policy's KL to SFT
+    passed 50 nats and the gold of its samples fell from 0.43 to 0.12 (the ptx term
+    outweighed the PPO loss)."""
+    rlhf_sizes: list[Literal["small", "large"]] = field(default_factory=lambda: ["small"])
+    """The sizes PPO and PPO-ptx run at, each from the SFT model of its size with the one reward
+    model (§3.5); Figure 1 has every size (`--preset figure1`). 'small' is always among them:
+    the headline, the β sweep and the walkthrough are the small model's. PPO and PPO-ptx large took 1.8-2.2x
+    their small runs' time in the figure1 runs (2-core Zen 4 EPYC; BENCHMARKS.md, "The lab run")."""
+    sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
+    """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
+    chart: gold and RM score against sqrt(KL). [] skips them."""
+    jobs: int = 0
+    """Stages run side by side at most, each in its own process (like make -j). 0: two on a CPU
+    with two or more cores, one on a GPU. At the lab's matrix sizes two one-thread processes
+    do more work than one two-thread process; stages that can run together (the two
+    pretrainings, the two SFTs, PPO, PPO-ptx and the β sweep) then get cores // jobs threads
+    each, and a stage that every other one waits for (world, RM, eval) all of them."""
+    isolate_stages: bool = True
+    """Run each stage in a fresh process (forked from a server that imported torch and
+    transformers once: training.stage_context). In one process the later stages ran slower
+    than on their own (PPO 185 s against 137 s)."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(temperature=1.0))
+    """The evaluations (world, models, reward_model, out_dir are set by the pipeline). Answers
+    are sampled at T = 1, the temperature PPO trains and is measured at; greedy decoding
+    hides the distribution that RL changes (a seeded generator keeps it deterministic)."""
+
+    def validate(self):
+        check(self.seed >= 0, "seed", self.seed, "must be non-negative")
+        check(self.jobs >= 0, "jobs", self.jobs, "must be >= 0 (0: auto)")
+        check(all(b >= 0 for b in self.sweep_betas), "sweep_betas", self.sweep_betas, "must be >= 0")
+        sizes = self.rlhf_sizes
+        check("small" in sizes and len(set(sizes)) == len(sizes), "rlhf_sizes", sizes, "must hold 'small', once")
+        src = self.comparisons_from
+        check("small" in src and len(set(src)) == len(src), "comparisons_from", src, "must hold 'small', once")
+        check(self.rl_init_epochs >= 1, "rl_init_epochs", self.rl_init_epochs, "must be >= 1")
+        f = self.rl_init_ptx_fraction
+        check(0 < f < 1, "rl_init_ptx_fraction", f, "must be in (0, 1)")
+
+
+RERUN_FREE = {"out_dir", "jobs", "isolate_stages"}
+"""RunConfig keys a rerun into the same directory may change: they move no stage's output."""
