@@ -152,8 +152,8 @@ class RunConfig:
     dealt out between them in turn; the validation comparisons (and the RM's gain, set on
     them) stay SFT-small's. §3.1 collects comparisons on the models being trained. Ranking the
     small policy's samples only (the default), PPO-large fell below SFT-large (gold 0.52
-    against 0.65, world v4); with both (`--preset figure1`) it rose to 0.69; on world v6 PPO-large
-    is 0.65 and PPO-ptx-large 0.70 against SFT-large's 0.65 (README, "Figure 1 at both sizes")."""
+    against 0.65, world v4); with both (`--preset figure1`) it rose to 0.69; on world v7 PPO-large
+    is 0.69 and PPO-ptx-large 0.71 against SFT-large's 0.65 (README, "Figure 1 at both sizes")."""
     rm_base: Literal["small", "large"] = "large"
     """Which SFT model the reward model starts from. §3.5 trains one 6B RM for every policy
     size; on the lab world the large one ranks SFT-small's samples far better (within-prompt

@@ -115,7 +115,8 @@ class Pipeline(Scheduler):
         cfg = dataclasses.replace(base, world=str(world), out_dir=str(self.root / f"pretrain-{size}"), size=size)
         return pretrain, (self._seeded(cfg),)
 
-    def _sft(self, size: str, world: Path):
+    def _sft(self, size: str, world: Path, stage: str = "sft", **more):
+        """SFT of `size` from its base on the demonstrations (`more`: other SFTConfig fields)."""
         from rlhflab.stages.sft import train
 
         cfg = dataclasses.replace(
@@ -123,28 +124,24 @@ class Pipeline(Scheduler):
             base=str(self.root / f"pretrain-{size}" / "model"),
             data=str(world / "sft_train.jsonl"),
             val_data=str(world / "sft_val.jsonl"),
-            out_dir=str(self.root / f"sft-{size}"),
+            out_dir=str(self.root / f"{stage}-{size}"),
+            **more,
         )
         return train, (self._seeded(cfg),)
 
     def _rl_init(self, size: str, world: Path, rm: Path):
         """App. C.3's model: the SFT recipe of `size`, `rl_init_epochs` long, with pretraining
         text mixed in, its epoch chosen by the reward model."""
-        from rlhflab.stages.sft import train
-
-        cfg = dataclasses.replace(
-            getattr(self.cfg, f"sft_{size}"),
-            base=str(self.root / f"pretrain-{size}" / "model"),
-            data=str(world / "sft_train.jsonl"),
-            val_data=str(world / "sft_val.jsonl"),
+        return self._sft(
+            size,
+            world,
+            "rlinit",
             epochs=self.cfg.rl_init_epochs,
             ptx_data=str(world / "corpus_train.jsonl"),
             ptx_fraction=self.cfg.rl_init_ptx_fraction,
             reward_model=str(rm),
             val_prompts=str(world / "ppo_val.jsonl"),
-            out_dir=str(self.root / f"rlinit-{size}"),
         )
-        return train, (self._seeded(cfg),)
 
     def _comparisons(self, world: Path):
         from rlhflab.stages.comparisons import build

@@ -443,7 +443,8 @@ def s_training(run: RunFiles) -> str:
         charts.curves_figure(panels),
         "training curves of every stage",
         "Each stage's own metrics.jsonl. Look for falling losses, RM accuracy well above 0.5 (labelers "
-        "agree with each other only ~73% of the time, so that is near the ceiling), and PPO's RM score "
+        "agree with each other on ~72% of SFT-small's pairs, comparisons/labeler_agreement: that is "
+        "the ceiling), and PPO's RM score "
         "rising while the KL leash keeps the policy close to SFT.",
         "no metrics.jsonl in any stage directory.",
     )
@@ -514,7 +515,10 @@ def s_world(run: RunFiles) -> str:
         f"<p>Seed {fmt(w.get('seed'))}, scale {escape(str(w.get('scale')))}.</p>"
         + table(["file", "rows"], [[k, v] for k, v in counts.items()], "kv")
         + table(["labeler agreement", "fraction of pairs"], agree, "kv")
-        + '<p class="caption">The paper reports 72.6 ± 1.5% agreement between its labelers.</p>'
+        + '<p class="caption">Agreement on the world\'s own candidate answers, which spread wider in '
+        "quality than a policy's samples. The paper reports 72.6 ± 1.5% agreement between its labelers "
+        "on its comparison data; the lab's labelers are calibrated to that on SFT-small's samples (the "
+        "comparisons stage's labeler_agreement).</p>"
         + (table(["answer kind", "mean gold quality"], sanity, "kv") if sanity else "")
     )
 
