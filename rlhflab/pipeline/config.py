@@ -172,8 +172,11 @@ class RunConfig:
     and RM, one run each, 2-core EPYC) 'c3' kept 90% of the base's capability (0.378 against
     SFT-small's 0.221; PPO-small from it 0.354) but the RM chose its first epoch, and PPO-small
     from it reached gold 0.299 against 0.378 from SFT-small, and lost to SFT-small head to head
-    (0.47 [0.44, 0.50]; from SFT-small 0.51): the lab's PPO gains too little over its start to
-    make up the weaker instruction following, so the default starts from SFT."""
+    (0.47 [0.44, 0.50]; from SFT-small 0.51). On world v7 likewise (the RM chose epoch 1 again):
+    gold of PPO-small 0.335 and PPO-ptx-small 0.312 from it against 0.381 and 0.384 from SFT-small,
+    PPO-ptx-small preferred to SFT-small 0.52 [0.49, 0.55] against 0.58, capability 0.358 and
+    0.404 against 0.204 and 0.367. The lab's PPO gains too little over its start to make up the
+    weaker instruction following, so the default starts from SFT."""
     rl_init_epochs: int = 2
     """Epochs of the 'c3' RL init (App. C.3: 2)."""
     rl_init_ptx_fraction: float = 0.1

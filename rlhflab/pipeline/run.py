@@ -93,6 +93,7 @@ class Pipeline(Scheduler):
         return f"rlinit-{size}" if self.cfg.rl_init == "c3" else f"sft-{size}"
 
     def rl_start(self, size: str) -> Path:
+        """The model PPO of `size` starts from and is anchored to."""
         return self.root / self._rl_start_stage(size) / "model"
 
     def models(self) -> dict[str, Path]:
