@@ -306,7 +306,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
 
     logits (B, ..., V), labels (B, ...) -> (B, ...). Works a block of rows at a time, in
     the forward and in the backward (which recomputes the softmax of its block), so what
-    stays alive is the logits themselves and one fp32 number per position.
+    stays alive is the logits themselves.
     """
     return _TokenLogprobs.apply(logits, labels, float(temperature))
 
@@ -317,10 +317,8 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     (B, ..., V) -> (B, ...)"""
     out = torch.empty(logits.shape[:-1], dtype=torch.float32, device=logits.device)
     for rows in _row_blocks(logits):
-        z = _scaled(logits[rows], temperature)
-        lse = torch.logsumexp(z, -1, keepdim=True)
-        p = (z - lse).exp_()
-        out[rows] = lse.squeeze(-1) - (p * z).sum(-1)  # H = log Z - E_p[z]
+        logp = _log_softmax(logits[rows], temperature)
+        out[rows] = -(logp.exp() * logp).sum(-1)
     return out
 
 
@@ -333,10 +331,18 @@ def _row_blocks(logits: torch.Tensor) -> list[slice]:
     return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
 
 
-def _scaled(block: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A block of logits / T as a new fp32 tensor (never a view: callers write into it)."""
-    z = block.to(torch.float32, copy=True)
-    return z.div_(temperature) if temperature != 1.0 else z
+def _log_softmax(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(block / T) in fp32: one fused pass over bf16 or fp32 logits at T = 1."""
+    if temperature == 1.0:
+        return torch.log_softmax(block, -1, dtype=torch.float32)
+    return torch.log_softmax(block.to(torch.float32) / temperature, -1)
+
+
+def _softmax(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(block / T) in fp32, a new tensor (callers write into it)."""
+    if temperature == 1.0:
+        return torch.softmax(block, -1, dtype=torch.float32)
+    return torch.softmax(block.to(torch.float32) / temperature, -1)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -345,24 +351,22 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature):
         out = torch.empty(labels.shape, dtype=torch.float32, device=logits.device)
-        lse = torch.empty_like(out)
         for rows in _row_blocks(logits):
-            z = _scaled(logits[rows], temperature)
-            lse[rows] = torch.logsumexp(z, -1)
-            out[rows] = z.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1) - lse[rows]
-        ctx.save_for_backward(logits, labels, lse)
+            logp = _log_softmax(logits[rows], temperature)
+            out[rows] = logp.gather(-1, labels[rows].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(logits, labels)
         ctx.temperature = temperature
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        logits, labels, lse = ctx.saved_tensors
+        logits, labels = ctx.saved_tensors
         T = ctx.temperature
         out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         for rows in _row_blocks(logits):
             g = (grad[rows] / T).unsqueeze(-1)
-            p = _scaled(logits[rows], T).sub_(lse[rows].unsqueeze(-1)).exp_()
+            p = _softmax(logits[rows], T)  # recomputed: cheaper than keeping a (B, R, V) fp32 tensor
             out[rows] = p.mul_(-g).scatter_add_(-1, labels[rows].unsqueeze(-1), g)
         return out, None, None
 
@@ -376,10 +380,3 @@ def fuse_gelu(model: torch.nn.Module) -> None:
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
                 setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
-
-
-def fast_attention(model: torch.nn.Module, device: torch.device, precision: str) -> None:
-    """bf16 on a CPU: the matmul ('eager') attention. torch's CPU flash-attention backward is
-    ~7x slower in bf16 than in fp32 and would eat the whole bf16 gain (BENCHMARKS.md)."""
-    if precision == "bf16" and device.type == "cpu" and hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")

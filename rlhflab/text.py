@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from rlhflab.attention import LOWP_EAGER
 from rlhflab.errors import InputError
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -210,10 +211,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 # `prompt_ends`, `starts`, `cols`).
 #
 # Only attention implementations that take a custom 4D mask pack (`supports_packing`):
-# `eager` (an additive float mask) and `sdpa` (a boolean one); FlashAttention and flex
-# attention do not, and their callers fall back to padded rows.
+# `eager` and rlhflab's bf16 eager (attention.py; an additive float mask) and `sdpa` (a
+# boolean one); FlashAttention and flex attention do not, and their callers fall back to
+# padded rows.
 
-PACKABLE_ATTENTION = ("eager", "sdpa")
+ADDITIVE_ATTENTION = ("eager", LOWP_EAGER)
+PACKABLE_ATTENTION = (*ADDITIVE_ATTENTION, "sdpa")
 
 
 def supports_packing(model) -> bool:
@@ -224,7 +227,7 @@ def supports_packing(model) -> bool:
 def additive_mask(model) -> bool:
     """Whether `model`'s attention adds its mask to the scores (eager) or takes a boolean
     one (sdpa): the `additive` of `Packed.attention_mask`."""
-    return getattr(model.config, "_attn_implementation", None) == "eager"
+    return getattr(model.config, "_attn_implementation", None) in ADDITIVE_ATTENTION
 
 
 @dataclass

@@ -127,8 +127,9 @@ def native_bf16(device: torch.device) -> bool:
 
 def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """The same function, faster: GPT-2's gelu_new as one fused kernel, and on a CPU in bf16
-    the matmul ('eager') attention. Returns the model."""
-    from rlhflab.models import fast_attention, fuse_gelu
+    the matmul attention in bf16 (attention.py). Returns the model."""
+    from rlhflab.attention import fast_attention
+    from rlhflab.models import fuse_gelu
 
     fuse_gelu(model)
     fast_attention(model, device, precision)

@@ -150,7 +150,7 @@ def test_gpu_workload_is_refused_in_one_line_without_cuda(capsys):
 def test_too_few_steps_and_stray_flag_are_refused(capsys):
     assert cli.main(["bench", "--workload", "tiny", "--steps", "1"]) == 2
     assert "at least 2 steps" in capsys.readouterr().err
-    assert cli.main(["bench", "--workload", "tiny", "--trl-fused-gelu"]) == 2
+    assert cli.main(["bench", "--workload", "tiny", "--trl-kernels"]) == 2
     assert "needs --vs trl" in capsys.readouterr().err
 
 
@@ -170,7 +170,7 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     check_side(report["rlhflab"], w, 3)
     check_side(report["trl"], w, 3, exact_length=False)
     trl = report["trl"]
-    assert trl["version"].startswith("1.12") and trl["fused_gelu"] is False
+    assert trl["version"].startswith("1.12") and trl["kernels"] is False
     s = trl["settings"]
     assert (
         s["num_ppo_epochs"],

@@ -56,7 +56,9 @@ def _loss_and_grads(model, batch: rm.RMBatch):
     return scores.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("arch,attention", [("gpt2", "eager"), ("gpt2", "sdpa"), ("llama", "sdpa")])
+@pytest.mark.parametrize(
+    "arch,attention", [("gpt2", "eager"), ("gpt2", "rlhflab_lowp_eager"), ("gpt2", "sdpa"), ("llama", "sdpa")]
+)
 def test_packed_scores_and_gradients_equal_padded(tmp_path, arch, attention):
     tok = tiny_tokenizer()
     path = (gpt2_dir if arch == "gpt2" else llama_dir)(tmp_path / arch, tok)
@@ -72,7 +74,7 @@ def test_packed_scores_and_gradients_equal_padded(tmp_path, arch, attention):
     ]
     comparisons = rm.encode_rankings(tok, rows, "<test>", 128)
     padded = rm.collate(comparisons, tok.pad_token_id)
-    packed = rm.collate(comparisons, tok.pad_token_id, pack_width=0, additive=attention == "eager")
+    packed = rm.collate(comparisons, tok.pad_token_id, pack_width=0, additive=attention != "sdpa")
     assert packed.input_ids.numel() < padded.input_ids.numel()  # fewer token slots
     s_pad, g_pad = _loss_and_grads(model, padded)
     s_pack, g_pack = _loss_and_grads(model, packed)

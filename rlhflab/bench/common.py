@@ -147,7 +147,7 @@ def build_inputs(w: Workload, root: Path) -> dict[str, str]:
         unk_token="<|unk|>",
     )
     # A stock GPT-2 config (gelu_new, as every GPT-2 checkpoint): each side runs it as it
-    # would any GPT-2 it loads (rlhflab swaps in a fused tanh-GELU kernel; see --trl-fused-gelu).
+    # would any GPT-2 it loads (rlhflab swaps in its own kernels; see --trl-kernels).
     cfg = GPT2Config(
         vocab_size=w.vocab_size,
         n_positions=w.n_positions,

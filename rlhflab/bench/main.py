@@ -52,6 +52,9 @@ from rlhflab.bench.limit import PHASES, fractions, measure_limit
 from rlhflab.errors import InputError
 from rlhflab.training import sync
 
+TRL_AS_LOADED = "as loaded (gelu_new; in bf16 on a CPU, transformers' eager attention)"
+TRL_KERNELS = "rlhflab's kernels (fused tanh-GELU; in bf16 on a CPU, its bf16 attention)"
+
 
 def run_rlhflab(
     w: Workload,
@@ -205,7 +208,7 @@ def bench(
     w: Workload,
     steps: int,
     vs: str | None = None,
-    trl_fused_gelu: bool = False,
+    trl_kernels: bool = False,
     log=print,
     precision: str = "auto",
     lora_r: int = 0,
@@ -256,7 +259,7 @@ def bench(
             log(f"bench: {side} on workload {w.name} ({steps} PPO steps) ...")
             options = {"precision": precision}
             if side == "trl":
-                options["fused_gelu"] = trl_fused_gelu
+                options["kernels"] = trl_kernels
             else:
                 options.update(lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
             report[side] = measure(side, w, inputs, steps, options)
@@ -412,7 +415,7 @@ def format_report(r: dict) -> str:
     if vs:
         t = r["trl"]
         lines.append(
-            f"TRL's models: {'fused tanh-GELU (as rlhflab)' if t['fused_gelu'] else 'as loaded (gelu_new)'}"
+            f"TRL's models: {TRL_KERNELS if t['kernels'] else TRL_AS_LOADED}"
             f"; its shortest response: {t['response_length']} tokens"
         )
         settings = ", ".join(f"{k}={v}" for k, v in t["settings"].items())
@@ -442,11 +445,11 @@ def add_arguments(parser) -> None:
         help="also run TRL's PPOTrainer on the same workload (pip install 'rlhflab[bench]')",
     )
     parser.add_argument(
-        "--trl-fused-gelu",
+        "--trl-kernels",
         action="store_true",
-        help="give TRL's models the "
-        "fused tanh-GELU kernel rlhflab swaps in for GPT-2's gelu_new (same "
-        "function to 1e-7), to compare the trainers alone",
+        help="give TRL's models the kernels rlhflab swaps in (the same functions): a fused "
+        "tanh-GELU for GPT-2's gelu_new, and on a CPU in bf16 attention whose scores stay in "
+        "bf16; to compare the trainers alone",
     )
     parser.add_argument(
         "--lora-r",
@@ -503,13 +506,13 @@ def run_cli(args) -> int:
         w = replace(w, threads=args.threads)
     steps = args.steps if args.steps is not None else w.steps
     quiet = args.json or os.environ.get("RLHFLAB_QUIET")
-    if args.trl_fused_gelu and args.vs != "trl":
-        raise InputError("--trl-fused-gelu needs --vs trl", field="trl-fused-gelu")
+    if args.trl_kernels and args.vs != "trl":
+        raise InputError("--trl-kernels needs --vs trl", field="trl-kernels")
     report = bench(
         w,
         steps,
         args.vs,
-        args.trl_fused_gelu,
+        args.trl_kernels,
         log=(lambda *a: None) if quiet else (lambda msg: print(msg, flush=True)),
         precision=args.precision,
         lora_r=args.lora_r,

@@ -86,7 +86,7 @@ def trl_batch_args(w) -> dict:
     )
 
 
-def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False, precision: str = "fp32") -> dict:
+def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, precision: str = "fp32") -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed arguments
     import torch
@@ -95,9 +95,10 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False,
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trainer_module
 
+    from rlhflab.attention import fast_attention
     from rlhflab.bench.common import PPO_SETTINGS, SEED, peak_memory, side_result
     from rlhflab.data import read_prompts
-    from rlhflab.models import fast_attention, fuse_gelu, load_causal_lm, load_reward_model, load_tokenizer
+    from rlhflab.models import fuse_gelu, load_causal_lm, load_reward_model, load_tokenizer
     from rlhflab.text import encode_query
 
     tok = load_tokenizer(inputs["policy"])
@@ -127,14 +128,15 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False,
         # precision, and transformers 5 no longer exports it, so bf16=True alone changes nothing.
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
     args = PPOConfig(output_dir=out_dir, **settings)
-    policy = load_causal_lm(inputs["policy"], fast_gelu=fused_gelu)  # TRL's models as loaded, by default
+    policy = load_causal_lm(inputs["policy"], fast_gelu=kernels)  # TRL's models as loaded, by default
     reward_model = load_reward_model(inputs["reward_model"])
     value_model = copy.deepcopy(reward_model)  # the value function starts from the RM, as rlhflab's
-    if fused_gelu:  # the kernel rlhflab's loader swaps in (TRL's reference model copies the policy)
+    if kernels:  # the GELU kernel rlhflab's loader swaps in (TRL's reference model copies the policy)
         for model in (policy, reward_model, value_model):
             fuse_gelu(model)
-    for model in (policy, reward_model, value_model):  # bf16 on a CPU: eager attention, as rlhflab
-        fast_attention(model, torch.device(w.device), precision)  # (TRL: 34 episodes/s vs 25 with sdpa)
+    for model in (policy, reward_model, value_model):  # bf16 on a CPU: the matmul attention, eager
+        # as transformers ships it (TRL: 34 episodes/s vs 25 with sdpa), rlhflab's with kernels
+        fast_attention(model, torch.device(w.device), precision, lowp=kernels)
     trainer = PPOTrainer(
         args=args,
         processing_class=tok,
@@ -174,7 +176,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, fused_gelu: bool = False,
         kind,
         version=trl.__version__,
         settings=shown,
-        fused_gelu=fused_gelu,
+        kernels=kernels,
         response_length=clock.min_response_length,
         threads=torch.get_num_threads(),
     )
