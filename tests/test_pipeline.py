@@ -26,6 +26,7 @@ STAGES = [
     "ppo-large",
     "ppoptx-large",
     "sweep/beta-0",
+    "sweep/ptx-beta-0",
     "eval",
 ]
 
@@ -57,6 +58,10 @@ def test_smoke_run_then_rerun_skips_finished_stages(tmp_path, capsys):
         "figure1/large/PPO-ptx/win_vs_sft_large",
         "tax_delta/PPO-large/webtext",
         "rl/ppoptx-large/final_kl",
+        "rl/ptx-beta-0/final_kl",  # the PPO-ptx sweep (smoke: β = 0), its models judged head to head
+        "h2h/PPO-ptx-beta0-small/SFT-small",
+        "h2h/PPO-beta0-small/SFT-small",
+        "tax_delta/PPO-ptx-beta0-small/webtext",
     } <= set(summary)
     assert "PPO-ptx-small preferred to GPT-large:" in first
     assert "PPO-large preferred to SFT-large:" in first
@@ -120,6 +125,17 @@ def test_figure1_preset_runs_ppo_and_ppo_ptx_from_sft_large_too(tmp_path):
     assert jobs["ppo-small"].make()[1][0].policy == str(tmp_path / "sft-small" / "model")
     assert jobs["comparisons"].needs == ("sft-small",)
     assert "PPO-large" not in pipe.models() and ("PPO-ptx-large", "SFT-large") not in head_to_head(["small"])
+    # the β sweeps: PPO-ptx at the paper's β beside PPO at it, both evaluated in full; PPO at β = 0 for capability
+    assert jobs["sweep/ptx-beta-0.02"].needs == ("rm", "sft-small")
+    _train, (ptx,) = jobs["sweep/ptx-beta-0.02"].make()
+    assert ptx.kl_coef == 0.02 and ptx.ptx_data is not None and ptx.ptx_coef == pipe.cfg.ppo_ptx.ptx_coef
+    assert jobs["sweep/beta-0.02"].make()[1][0].ptx_data is None
+    models = pipe.models()
+    assert {"PPO-ptx-beta0.02-small", "PPO-beta0.02-small"} <= set(models) and "PPO-beta0-small" not in models
+    assert "sweep/ptx-beta-0.02" in jobs["eval"].needs and pipe._sweep_models(full=False) == {
+        "PPO-beta0-small": "sweep/beta-0"
+    }
+    assert {("PPO-ptx-beta0.02-small", "SFT-small"), ("PPO-beta0.02-small", "SFT-small")} <= set(pipe.head_to_head())
     pipe, jobs = graph("figure1", "rl_init=c3")
     for name in ("ppo-large", "ppoptx-large"):
         assert jobs[name].needs == ("rm", "rlinit-large") and name in jobs["eval"].needs

@@ -84,6 +84,7 @@ PRESETS: dict[str, dict] = {
         "ppo": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 2},
         "ppo_ptx": {"total_episodes": 64, "batch_size": 16, "minibatch_size": 8, "eval_every": 4},
         "sweep_betas": [0.0],
+        "sweep_ptx_betas": [0.0],
     },
 }
 PRESETS["figure1"] = {**PRESETS["default"], "rlhf_sizes": list(SIZES), "comparisons_from": list(SIZES)}
@@ -200,6 +201,11 @@ class RunConfig:
     sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
     """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
     chart: gold and RM score against sqrt(KL). [] skips them."""
+    sweep_ptx_betas: list[float] = field(default_factory=lambda: [0.02])
+    """Extra PPO-ptx runs (as `ppo_ptx`, one per β, in sweep/ptx-beta-<β>/): the tax PPO-ptx
+    pays back where PPO pays one, at the paper's β (App. C.4: 0.02), beside PPO at that β
+    from `sweep_betas`. Both are evaluated in full (PPO-ptx-beta<β>-small, PPO-beta<β>-small:
+    win rates, head to head against SFT-small, capability); [] skips them."""
     jobs: int = 0
     """Stages run side by side at most, each in its own process (like make -j). 0: two on a CPU
     with two or more cores, one on a GPU. At the lab's matrix sizes two one-thread processes
@@ -219,6 +225,7 @@ class RunConfig:
         check(self.seed >= 0, "seed", self.seed, "must be non-negative")
         check(self.jobs >= 0, "jobs", self.jobs, "must be >= 0 (0: auto)")
         check(all(b >= 0 for b in self.sweep_betas), "sweep_betas", self.sweep_betas, "must be >= 0")
+        check(all(b >= 0 for b in self.sweep_ptx_betas), "sweep_ptx_betas", self.sweep_ptx_betas, "must be >= 0")
         sizes = self.rlhf_sizes
         check("small" in sizes and len(set(sizes)) == len(sizes), "rlhf_sizes", sizes, "must hold 'small', once")
         src = self.comparisons_from

@@ -71,9 +71,11 @@ class Pipeline(Scheduler):
                 )
         for size in sizes:
             out += self._rl_jobs(size, world, rm)
-        for beta in self.cfg.sweep_betas:
-            name, cfg = f"sweep/beta-{beta:g}", dataclasses.replace(self.cfg.ppo, kl_coef=beta)
-            make = lambda n=name, c=cfg: self._ppo(n, c, world, rm, False)
+        sweeps = [(f"sweep/ptx-beta-{b:g}", self.cfg.ppo_ptx, b, True) for b in self.cfg.sweep_ptx_betas]
+        sweeps += [(f"sweep/beta-{b:g}", self.cfg.ppo, b, False) for b in self.cfg.sweep_betas]
+        for name, base, beta, ptx in sweeps:  # PPO-ptx first: the longer
+            cfg = dataclasses.replace(base, kl_coef=beta)
+            make = lambda n=name, c=cfg, p=ptx: self._ppo(n, c, world, rm, p)
             out.append(Job(name, make, ("rm", self._rl_start_stage("small"))))
         out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
         out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
@@ -104,7 +106,22 @@ class Pipeline(Scheduler):
             if s in self.cfg.rlhf_sizes:
                 models[f"PPO-{s}"] = self.root / f"ppo-{s}" / "policy"
                 models[f"PPO-ptx-{s}"] = self.root / f"ppoptx-{s}" / "policy"
+        for name, stage in self._sweep_models(full=True).items():
+            models[name] = self.root / stage / "policy"
         return models
+
+    def head_to_head(self) -> list[tuple[str, str]]:
+        """The eval's head-to-head pairs: `config.head_to_head`'s, and the fully evaluated β
+        sweep models against SFT-small, where they start."""
+        return head_to_head(self.cfg.rlhf_sizes) + [(m, "SFT-small") for m in self._sweep_models(full=True)]
+
+    def _sweep_models(self, full: bool) -> dict[str, str]:
+        """The β sweeps' models by name -> stage: evaluated in full (`full`; PPO-ptx at every β
+        of `sweep_ptx_betas` and PPO at those βs), or for capability only (PPO at the others)."""
+        ptx = set(self.cfg.sweep_ptx_betas)
+        out = {f"PPO-ptx-beta{b:g}-small": f"sweep/ptx-beta-{b:g}" for b in self.cfg.sweep_ptx_betas} if full else {}
+        out.update({f"PPO-beta{b:g}-small": f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas if (b in ptx) == full})
+        return out
 
     def _world(self, path: Path):
         from rlhflab.world.build import build
@@ -201,10 +218,9 @@ class Pipeline(Scheduler):
         models = self.models()
         runs = [f"{r}-{s}" for s in SIZES if s in self.cfg.rlhf_sizes for r in ("ppo", "ppoptx")]
         runs += [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
+        runs += [f"sweep/ptx-beta-{b:g}" for b in self.cfg.sweep_ptx_betas]
         rl_runs = {name.removeprefix("sweep/"): str(self.root / name / "metrics.jsonl") for name in runs}
-        capability_only = {
-            f"PPO-beta{b:g}-small": str(self.root / f"sweep/beta-{b:g}" / "policy") for b in self.cfg.sweep_betas
-        }
+        capability_only = {name: str(self.root / stage / "policy") for name, stage in self._sweep_models(False).items()}
         if self.cfg.rl_init == "c3":
             capability_only.update({f"RL-init-{s}": str(self.rl_start(s)) for s in self.cfg.rlhf_sizes})
         cfg = dataclasses.replace(
@@ -215,7 +231,7 @@ class Pipeline(Scheduler):
             capability_models=capability_only,
             prompted=[m for m in models if m.startswith("GPT-")],
             baseline=FIGURE1_BASELINE,
-            head_to_head=[f"{a}:{b}" for a, b in head_to_head(self.cfg.rlhf_sizes)],
+            head_to_head=[f"{a}:{b}" for a, b in self.head_to_head()],
             reward_model=str(rm),
             out_dir=str(self.root / "eval"),
         )

@@ -96,6 +96,7 @@ def winrate_figure(summary: dict) -> str | None:
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         names = models_with(summary, key)
+        names = [n for n in names if split_name(n)[0] in FAMILY_ORDER] or names  # Figure 1's families
         by_family: dict[str, list[str]] = {}
         for n in names:
             by_family.setdefault(split_name(n)[0], []).append(n)

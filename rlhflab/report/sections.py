@@ -369,7 +369,9 @@ def _rl_runs(run: RunFiles) -> dict[str, list[dict]]:
     runs = {}
     for stage, rows in run.metrics.items():
         if stage.startswith(("ppo", "sweep/")):
-            label = "β_KL=" + stage.split("beta-", 1)[1] if "beta-" in stage else stage
+            label = stage
+            if "beta-" in stage:  # sweep/beta-0.02: PPO at that β; sweep/ptx-beta-0.02: PPO-ptx
+                label = ("PPO-ptx " if "ptx-beta-" in stage else "") + "β_KL=" + stage.split("beta-", 1)[1]
             pts = rl_curve(rows)
             if pts:
                 runs[label] = pts
