@@ -21,7 +21,7 @@ LAB_KL_COEF = 0.1
 past the reward model's useful range: gold of samples peaks at 0.50 (KL 5 nats) and falls to
 0.35 by 4096 episodes (KL 45) in one run (in another it held 0.45 at KL 7), while β = 0.1
 holds KL near 2 nats and keeps the gain (README,
-"What a run shows today"). The β sweep (sweep_betas) shows both."""
+"What a run shows today"). The β sweeps (sweep_betas, sweep_ptx_betas) show both."""
 LAB_PTX_COEF = 0.03
 """γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small). On the
 lab world γ = 0.1 lifted capability to 0.22 (SFT 0.10) but kept little of PPO's gold gain;
