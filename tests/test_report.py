@@ -296,3 +296,16 @@ def test_report_names_the_absent_chart_data(tmp_path):
         "sft-small/metrics.jsonl has no sft/loss.",
     ):
         assert f'<p class="missing">Not shown: {text}</p>' in html, text
+
+
+def test_sweep_curves_of_ppo_and_ppo_ptx_at_one_beta_keep_their_own_labels():
+    from types import SimpleNamespace
+
+    from rlhflab.report.sections import _rl_runs
+
+    rows = [{"step": 0, "eval/gold": 0.4, "eval/kl": 0.0}, {"step": 5, "eval/gold": 0.5, "eval/kl": 1.0}]
+    other = [{"step": 0, "eval/gold": 0.4, "eval/kl": 0.0}, {"step": 5, "eval/gold": 0.3, "eval/kl": 9.0}]
+    run = SimpleNamespace(metrics={"sweep/beta-0.02": rows, "sweep/ptx-beta-0.02": other, "ppo-small": rows})
+    runs = _rl_runs(run)
+    assert set(runs) == {"β_KL=0.02", "PPO-ptx β_KL=0.02", "ppo-small"}
+    assert runs["PPO-ptx β_KL=0.02"][-1]["gold"] == 0.3 and runs["β_KL=0.02"][-1]["gold"] == 0.5
