@@ -78,3 +78,13 @@ def test_fast_attention_switches_only_where_the_function_is_the_same(models):
     assert not lowp_eager_fits(reordered)  # its eager upcasts QKᵀ to fp32 itself
     fast_attention(reordered, CPU, "bf16")
     assert reordered.config._attn_implementation == "eager"
+
+
+def test_a_model_saved_after_the_switch_names_no_rlhflab_attention(models, tmp_path):
+    """Its config must load in plain transformers, where `rlhflab_lowp_eager` is not registered."""
+    model = load_causal_lm(models["gpt2"])
+    fast_attention(model, CPU, "bf16")
+    assert model.config._attn_implementation == LOWP_EAGER
+    model.save_pretrained(tmp_path / "saved")
+    assert LOWP_EAGER not in (tmp_path / "saved" / "config.json").read_text()
+    assert load_causal_lm(tmp_path / "saved").config._attn_implementation != LOWP_EAGER
