@@ -8,7 +8,7 @@ mask is built in bf16 in the first place, and the softmax runs on bf16 (torch's 
 kernel accumulates in float32 and rounds once, as the cast after a float32 softmax does).
 The forward gives the same bf16 probabilities as eager; gradients differ in bf16 rounding
 only (tests/test_attention.py). On the bench's `cpu` workload one policy forward + backward
-takes ~15% less time on a 2-core EPYC (BENCHMARKS.md).
+took 144 against 153 ms (medians of interleaved rounds, 2-core Zen 4 EPYC; BENCHMARKS.md).
 
 Only model types whose eager attention is exactly this computation switch to it
 (`LOWP_EAGER_MODELS`: no soft-capping, no attention sinks, no upcast-and-reorder); any
