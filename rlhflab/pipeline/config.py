@@ -32,19 +32,18 @@ LAB_SFT = {
     "large": {"epochs": 4, "dropout": 0.0, "train": {"lr": 3e-4}},
 }
 """The lab's SFT (SFTConfig overrides by size): 4 epochs, no dropout, lr 3e-4, against
-SFTConfig's paper defaults of 16 epochs, lr 1e-3 and residual dropout 0.2 (§3.5). Optimizer
+SFTConfig's defaults of lr 1e-3 and the paper's 16 epochs and residual dropout 0.2 (§3.5). Optimizer
 steps x peak lr, SFT over pretraining: 0.1 at both sizes (600 steps at 3e-4 against 600 at
 3e-3), SFT a small fraction of pretraining as in App. C.1. The paper's defaults erased what
 pretraining taught (capability mean GPT-small 0.41 -> SFT 0.15), so the alignment tax landed
 at SFT, not at PPO; so did the small model's 4 epochs at 1e-3 (ratio 0.33): at 499c107 its SFT
-kept 56% of the base's capability mean (0.424 -> 0.239; continuation 1.000 -> 0.548) and
-PPO's tax at β = 0.02 was hidden under over-optimization. At 3e-4 (README, "What a run shows
-today"): SFT-small keeps 93% (0.424 -> 0.393, continuation 1.000), its samples score lower
-on gold (0.289 against 0.321), and PPO pays the tax where the paper sees it (webtext and two
-or three benchmarks beyond their CIs at β = 0.1 and at 0.02) while PPO-ptx pays it back. An
-earlier world (before the RM's normalisation) had PPO learn to refuse every prompt from the
-weaker 3e-4 samples (gold 0.28 -> 0.20 at β = 0.02); on this one it gains (0.289 -> 0.298
-at 0.02, 0.314 at 0.1)."""
+kept 56% of the base's capability mean (0.424 -> 0.239; continuation 1.000 -> 0.548, cipher
+and reading to 0). At 3e-4 (README, "What a run shows today"): SFT-small keeps 93% (0.424 ->
+0.393, continuation 1.000), its samples score lower on gold (0.289 against 0.321), PPO pays
+the tax where the paper sees it (webtext and two or three benchmarks beyond their CIs at
+β = 0.1 and at 0.02) and PPO-ptx pays most of it back. An earlier world (before the RM's
+normalisation) had PPO learn to refuse every prompt from the weaker 3e-4 samples (gold 0.28
+-> 0.20 at β = 0.02); on this one it gains (0.289 -> 0.298 at 0.02, 0.314 at 0.1)."""
 
 HEADLINE_RIVALS = ("GPT-large", "GPT-prompted-large")
 """The paper's headline (§1): the small PPO-ptx model against the ~10x larger base model,
