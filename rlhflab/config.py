@@ -141,9 +141,11 @@ def add_config_arguments(parser, cls) -> None:
 
 def config_from_args(cls, args, base: dict | None = None):
     """The config of a command: defaults <- `base` <- --config file <- overrides.
-    With --help-config, print every key with its meaning and exit."""
+    With --help-config, print every key with its meaning and the value it takes (`base`
+    applied: `rlhflab run`'s preset), then exit."""
     if getattr(args, "help_config", False):
-        print("\n".join(describe(cls)))
+        shown = load_config(cls, None, [], base=base) if base else None
+        print("\n".join(describe(cls, default_obj=shown)))
         raise SystemExit(0)
     return load_config(cls, args.config, args.overrides, base=base)
 

@@ -343,3 +343,17 @@ def test_a_run_directory_of_another_config_is_refused_by_key_and_kept(tmp_path, 
     Pipeline(cfg(tmp_path, "figure1", "jobs=1", "isolate_stages=false"))._check_resumable()
     with pytest.raises(InputError, match="ppo.kl_coef"):
         Pipeline(cfg(tmp_path, "figure1", "ppo.kl_coef=0.3"))._check_resumable()
+
+
+@pytest.mark.parametrize("preset", ["default", "smoke"])
+def test_help_config_shows_the_values_the_preset_runs_with(preset, capsys):
+    from rlhflab.pipeline.config import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help-config", "--preset", preset])
+    out = capsys.readouterr().out
+    steps = PRESETS[preset]["pretrain_small"]["steps"]
+    assert f"  pretrain_small.steps = {steps!r}\n" in out
+    assert f"  sft_small.epochs = {PRESETS[preset]['sft_small']['epochs']!r}\n" in out
+    if preset == "default":  # the lab's SFT lr (pipeline.LAB_SFT), not SFTConfig's default
+        assert f"  sft_small.train.lr = {PRESETS[preset]['sft_small']['train']['lr']!r}\n" in out
