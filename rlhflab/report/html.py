@@ -66,3 +66,11 @@ class Raw(str):
 
 def text_cell(s: str) -> Raw:
     return Raw(f'<span class="text">{escape(s) if s else "<em>(empty)</em>"}</span>')
+
+
+def ci_cell(s: dict, key: str, lo: str, hi: str, m: str) -> str:
+    """`key` of model `m` in `s` with its interval `lo`–`hi` (keys with `{m}`), two decimals; – when absent."""
+    v = s.get(key.format(m=m))
+    if v is None:
+        return "–"
+    return f"{v:.2f} [{s.get(lo.format(m=m), v):.2f}–{s.get(hi.format(m=m), v):.2f}]"

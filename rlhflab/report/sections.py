@@ -21,73 +21,19 @@ An eval directory made without the lab world (rlhflab.eval.generic) gets report/
 from __future__ import annotations
 
 import argparse
-import json
-from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
-
-import yaml
 
 from rlhflab.eval.capability import BENCHMARKS
 from rlhflab.eval.overopt import rl_curve
 from rlhflab.io import atomic_write_text
 from rlhflab.report import charts, generic
-from rlhflab.report.html import figure, fmt, missing, read_jsonl, table, text_cell
+from rlhflab.report.files import RunFiles, baseline, load_run
+from rlhflab.report.html import ci_cell, figure, fmt, missing, table, text_cell
 from rlhflab.report.prompted import s_prompted
+from rlhflab.report.truth import s_truth
 from rlhflab.report.walkthrough import s_walkthrough
 from rlhflab.world.gold import STYLES
-
-
-@dataclass
-class RunFiles:
-    root: Path
-    eval: dict = field(default_factory=dict)
-    """eval/summary.json (flat keys; empty when missing)."""
-    eval_config: dict = field(default_factory=dict)
-    samples: list[dict] = field(default_factory=list)
-    bon: list[dict] = field(default_factory=list)
-    world: dict = field(default_factory=dict)
-    metrics: dict[str, list[dict]] = field(default_factory=dict)
-    """Stage directory (relative, e.g. 'sft-small', 'sweep/beta-0.02') -> metrics rows."""
-    summaries: dict[str, dict] = field(default_factory=dict)
-    walkthrough: dict = field(default_factory=dict)
-    prefixes: dict = field(default_factory=dict)
-    """eval/prefixes.json: each prompted model's chosen few-shot demonstrations."""
-
-
-def _json(path: Path) -> dict:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def load_run(run_dir: str | Path) -> RunFiles:
-    root = Path(run_dir)
-    run = RunFiles(
-        root,
-        eval=_json(root / "eval" / "summary.json"),
-        samples=read_jsonl(root / "eval" / "samples.jsonl"),
-        bon=read_jsonl(root / "eval" / "best_of_n.jsonl"),
-        world=_json(root / "world" / "summary.json"),
-        walkthrough=_json(root / "walkthrough.json"),
-        prefixes=_json(root / "eval" / "prefixes.json"),
-    )
-    try:
-        run.eval_config = yaml.safe_load((root / "eval" / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        pass
-    for path in sorted([*root.glob("*/metrics.jsonl"), *root.glob("sweep/*/metrics.jsonl")]):
-        run.metrics[path.parent.relative_to(root).as_posix()] = read_jsonl(path)
-    for path in sorted([*root.glob("*/summary.json"), *root.glob("sweep/*/summary.json")]):
-        run.summaries[path.parent.relative_to(root).as_posix()] = _json(path)
-    return run
-
-
-def _baseline(run: RunFiles) -> str:
-    return str(run.eval_config.get("baseline") or "the baseline")
-
 
 # --------------------------------------------------------------------------- sections
 
@@ -97,7 +43,7 @@ def s_glance(run: RunFiles) -> str:
     names = charts.models_with(s, "winrate")
     if not names:
         return missing("eval/summary.json is missing or has no win rates (run `rlhflab eval`).")
-    base = _baseline(run)
+    base = baseline(run)
     others = [n for n in names if n != base]
     lead = ""
     if others:
@@ -163,7 +109,7 @@ def s_winrate(run: RunFiles) -> str:
     return figure(
         charts.winrate_figure(run.eval),
         "win rate against the baseline by model size",
-        f"Figure 1 analog: how often each model's answer beats {escape(_baseline(run))}'s on the same "
+        f"Figure 1 analog: how often each model's answer beats {escape(baseline(run))}'s on the same "
         "prompt (ties count half; bars are 95% Wilson intervals). Look for PPO-ptx and PPO above the dashed "
         "0.5 line and GPT far below. The right panel asks the gold scorer instead of labelers: where the "
         "two disagree, the policy pleases labelers in ways gold does not reward.",
@@ -184,129 +130,6 @@ def s_likert(run: RunFiles) -> str:
         "Figure 4 analog: held-out labelers' 1–7 rating and the fraction of answers with each failure. "
         "Aligned models should score higher and fail, hallucinate and insult less.",
         "no Likert or metadata keys in eval/summary.json.",
-    )
-
-
-def _rate_series(label: str, key: str) -> tuple[str, str, str, str]:
-    """A series of charts.ci_bars_figure for a key whose interval keys end in _ci_low / _ci_high."""
-    return (label, key, key + "_ci_low", key + "_ci_high")
-
-
-TRUTH_VARIANTS = [("plain", "QA prompt"), ("instruction_qa", "Instruction+QA")]
-TOXICITY_VARIANTS = [("plain", "no prompt"), ("respectful", "respectful prompt"), ("biased", "biased prompt")]
-HALLUCINATION = [
-    (label, f"{key}/{{m}}", f"{key}_ci_low/{{m}}", f"{key}_ci_high/{{m}}")
-    for key, label in (("hallucination", "all answers"), ("hallucination_attempted", "answers that attempt the task"))
-]
-
-
-def _cell(s: dict, key: str, lo: str, hi: str, m: str) -> str:
-    v = s.get(key.format(m=m))
-    if v is None:
-        return "–"
-    return f"{v:.2f} [{s.get(lo.format(m=m), v):.2f}–{s.get(hi.format(m=m), v):.2f}]"
-
-
-def s_truth(run: RunFiles) -> str:
-    s = run.eval
-    truth = [
-        (title, (0, 1), [_rate_series(lab, f"truthful/{v}/{{m}}/{what}") for v, lab in TRUTH_VARIANTS])
-        for what, title in (
-            ("truthful", "truthful"),
-            ("informative", "informative"),
-            ("both", "truthful and informative"),
-            ("mc", "true answer likelier than the myth (MC1)"),
-        )
-    ]
-    tox = [
-        (title, (0, 1), [_rate_series(lab, f"toxicity/{v}/{{m}}/{what}") for v, lab in TOXICITY_VARIANTS])
-        for what, title in (
-            ("expected_max", "expected maximum toxicity (k = 4)"),
-            ("probability", "toxicity probability"),
-        )
-    ]
-    other = [
-        ("hallucination (closed-domain tasks)", (0, 1), HALLUCINATION),
-        (
-            "bias: normalized entropy (higher: less biased)",
-            (0, 1),
-            [_rate_series("sentence pairs", "bias/{m}/entropy")],
-        ),
-    ]
-    figs = [
-        figure(
-            charts.ci_bars_figure(s, truth),
-            "truthfulness on held-out questions per model",
-            "Figure 6 analog, on held-out TruthfulQA-like questions about entities the web corpus tells a myth "
-            "about more often than the truth, asked with no instruction (QA prompt) and after the paper's "
-            "Instruction+QA prefix (“reply I have no comment unless you are certain”). Truthful: asserts nothing "
-            "false; informative: names an answer (“I have no comment” is truthful, not informative). MC1: "
-            "TruthfulQA's multiple-choice form, the share of questions whose true answer the model finds likelier "
-            "than the myth (0.5: no preference; below: the imitative falsehood). Bars are 95% Wilson intervals.",
-            "",
-        ),
-        figure(
-            charts.ci_bars_figure(s, tox),
-            "toxicity on held-out text beginnings per model",
-            "Figure 7 analog, RealToxicityPrompts-like: beginnings of rude text from templates no training split "
-            "uses, each continued plain, after the paper's respectful instruction and after its biased one (the "
-            "same text in all three). Left: mean over prompts of the highest graded toxicity of 4 samples (bootstrap "
-            "interval); right: share of prompts with a sample scoring ≥ 0.5 (Wilson interval).",
-            "",
-        ),
-        figure(
-            charts.ci_bars_figure(s, other),
-            "hallucination and bias per model",
-            "Left: share of answers to closed-domain test prompts (closed QA, summarization, extraction) with a "
-            "statement naming an entity the input does not (§4.1's hallucination metadata), of all answers and of "
-            "those that attempt the task (a base model that says nothing makes nothing up). Right: Winogender / "
-            "CrowS-Pairs-like minimal sentence pairs that differ only in a country or a pronoun; the entropy of "
-            "the model's likelihood choice within a pair, normalized to [0, 1] (App. E). 95% intervals.",
-            "",
-        ),
-    ]
-    if not any(f.startswith("<figure>") for f in figs):
-        return missing("no held-out truthfulness, toxicity, hallucination or bias keys in eval/summary.json.")
-    halluc = ("hallucination", "hallucination_attempted")
-    ci = {f"{k}/{{m}}": (f"{k}_ci_low/{{m}}", f"{k}_ci_high/{{m}}") for k in halluc}
-
-    def ci_table(first: list[str], cols: list[tuple[str, str]], variants=((None, ""),)) -> str:
-        """Rows of model (x variant), a "value [95% interval]" cell per column; keys hold {m} (and {v})."""
-        keys = [k.format(m="{m}", v=v) for v, _ in variants for k, _ in cols]
-        names = charts.model_order({m for k in keys for m in charts.models_matching(s, k)})
-        rows = []
-        for n in names:
-            for v, label in variants:
-                cells = []
-                for k, _ in cols:
-                    key = k.format(m="{m}", v=v)
-                    cells.append(_cell(s, key, *ci.get(key, (key + "_ci_low", key + "_ci_high")), n))
-                rows.append([n] + ([label] if v else []) + cells)
-        return table(first + [t for _, t in cols], rows) if names else ""
-
-    measures = [("truthful", "truthful"), ("informative", "informative"), ("both", "both"), ("mc", "MC1")]
-    tables = (
-        ci_table(["model", "prompt"], [(f"truthful/{{v}}/{{m}}/{w}", t) for w, t in measures], TRUTH_VARIANTS)
-        + ci_table(
-            ["model", "prompt"],
-            [("toxicity/{v}/{m}/expected_max", "expected max toxicity"), ("toxicity/{v}/{m}/probability", "prob.")],
-            TOXICITY_VARIANTS,
-        )
-        + ci_table(
-            ["model"],
-            [
-                ("hallucination/{m}", "hallucination"),
-                ("hallucination_attempted/{m}", "hallucination, attempts"),
-                ("bias/{m}/entropy", "bias entropy"),
-            ],
-        )
-    )
-    n = f"{s.get('n/truthful', '?')} questions, {s.get('n/toxicity', '?')} texts, {s.get('n/bias', '?')} pairs"
-    return (
-        "".join(f for f in figs if f.startswith("<figure>"))
-        + tables
-        + f'<p class="caption">Each cell: value [95% interval] ({n}, {s.get("n/closed_domain", "?")} closed-domain '
-        "test prompts).</p>"
     )
 
 
@@ -351,7 +174,10 @@ def _table14(s: dict) -> str:
     each cell the score [95% bootstrap interval] of the tax/ and tax_fewshot/ keys."""
     names = charts.models_matching(s, "tax/{m}/mean")
     rows = [
-        [f"{bench} ({label})", *[_cell(s, f"{key}/{{m}}/{bench}", *_ci_keys(f"{key}/{{m}}/{bench}"), m) for m in names]]
+        [
+            f"{bench} ({label})",
+            *[ci_cell(s, f"{key}/{{m}}/{bench}", *_ci_keys(f"{key}/{{m}}/{bench}"), m) for m in names],
+        ]
         for key, label in (("tax", "zero-shot"), ("tax_fewshot", "few-shot"))
         for bench in [*BENCHMARKS, "mean"]
         if any(f"{key}/{m}/{bench}" in s for m in names)

@@ -103,7 +103,7 @@ def write_walkthrough(root: Path, world_dir: Path, rm_dir: Path, ppo_dir: Path, 
 
 
 def s_walkthrough(run) -> str:
-    """The section, from a `sections.RunFiles` (its .walkthrough and .metrics)."""
+    """The section, from a `files.RunFiles` (its .walkthrough and .metrics)."""
     w = run.walkthrough
     if not w:
         return missing("walkthrough.json is missing (written by `rlhflab run`).")
