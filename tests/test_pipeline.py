@@ -125,26 +125,17 @@ def test_figure1_preset_runs_ppo_and_ppo_ptx_from_sft_large_too(tmp_path):
     assert jobs["ppo-small"].make()[1][0].policy == str(tmp_path / "sft-small" / "model")
     assert jobs["comparisons"].needs == ("sft-small",)
     assert "PPO-large" not in pipe.models() and ("PPO-ptx-large", "SFT-large") not in head_to_head(["small"])
-    # PPO and PPO-ptx at the paper's β; the β sweep (0 and 0.1) for the over-optimization chart and capability
-    assert jobs["ppo-small"].make()[1][0].kl_coef == jobs["ppoptx-small"].make()[1][0].kl_coef == 0.02
-    assert {"sweep/beta-0", "sweep/beta-0.1"} <= set(jobs) and not any("ptx-beta" in j for j in jobs)
-    assert jobs["sweep/beta-0.1"].make()[1][0].kl_coef == 0.1 and "sweep/beta-0.1" in jobs["eval"].needs
-    assert not any("beta" in m for m in pipe.models()) and pipe._sweep_models(full=False) == {
-        "PPO-beta0-small": "sweep/beta-0",
-        "PPO-beta0.1-small": "sweep/beta-0.1",
-    }
-    # PPO-ptx at a sweep β: beside PPO at it, both evaluated in full and head to head against SFT-small
-    pipe, jobs = graph("default", "sweep_ptx_betas=[0.1]")
-    assert jobs["sweep/ptx-beta-0.1"].needs == ("rm", "sft-small")
-    _train, (ptx,) = jobs["sweep/ptx-beta-0.1"].make()
-    assert ptx.kl_coef == 0.1 and ptx.ptx_data is not None and ptx.ptx_coef == pipe.cfg.ppo_ptx.ptx_coef
-    assert jobs["sweep/beta-0.1"].make()[1][0].ptx_data is None
+    # the β sweeps: PPO-ptx at the paper's β beside PPO at it, both evaluated in full; PPO at β = 0 for capability
+    assert jobs["sweep/ptx-beta-0.02"].needs == ("rm", "sft-small")
+    _train, (ptx,) = jobs["sweep/ptx-beta-0.02"].make()
+    assert ptx.kl_coef == 0.02 and ptx.ptx_data is not None and ptx.ptx_coef == pipe.cfg.ppo_ptx.ptx_coef
+    assert jobs["sweep/beta-0.02"].make()[1][0].ptx_data is None
     models = pipe.models()
-    assert {"PPO-ptx-beta0.1-small", "PPO-beta0.1-small"} <= set(models) and "PPO-beta0-small" not in models
-    assert "sweep/ptx-beta-0.1" in jobs["eval"].needs and pipe._sweep_models(full=False) == {
+    assert {"PPO-ptx-beta0.02-small", "PPO-beta0.02-small"} <= set(models) and "PPO-beta0-small" not in models
+    assert "sweep/ptx-beta-0.02" in jobs["eval"].needs and pipe._sweep_models(full=False) == {
         "PPO-beta0-small": "sweep/beta-0"
     }
-    assert {("PPO-ptx-beta0.1-small", "SFT-small"), ("PPO-beta0.1-small", "SFT-small")} <= set(pipe.head_to_head())
+    assert {("PPO-ptx-beta0.02-small", "SFT-small"), ("PPO-beta0.02-small", "SFT-small")} <= set(pipe.head_to_head())
     pipe, jobs = graph("figure1", "rl_init=c3")
     for name in ("ppo-large", "ppoptx-large"):
         assert jobs[name].needs == ("rm", "rlinit-large") and name in jobs["eval"].needs

@@ -130,7 +130,7 @@ class EvalConfig:
     """Items per capability benchmark; 0: all."""
     capability_models: dict[str, str] = field(default_factory=dict)
     """Name -> model directory measured on the capability benchmarks only (tax/ and tax_fewshot/
-    keys, nothing else): `rlhflab run` gives the β sweep's policies, 'PPO-beta0.1-small'.
+    keys, nothing else): `rlhflab run` gives the β sweep's policies, 'PPO-beta0.02-small'.
     A name '<family>-<size>' is paired with SFT-<size> in the tax_delta/ keys."""
     capability_shots: int = 2
     """Solved items of its benchmark before each task item in the few-shot measurement

@@ -16,13 +16,14 @@ from rlhflab.stages.sft import SFTConfig
 
 SIZES = ("small", "large")
 
-LAB_KL_COEF = 0.02
-"""β of the lab run's PPO and PPO-ptx: the paper's (App. C.4), on the RM normalised as §3.5 and
-openai/lm-human-preferences do (policy samples std 1, demonstrations mean 0). With the lab's
-SFT recipe (LAB_SFT) PPO at 0.02 ends above SFT on gold at KL 14-19 nats and wins more often
-than at 0.1: head to head against SFT-small 0.570 / 0.580 / 0.575 (three seeds) against 0.53
-at β = 0.1 (README, "The γ sweep"). With SFT-small at lr 1e-3 it over-optimized (gold below
-SFT's at KL 24 in one run): the β sweep (sweep_betas, 0 and 0.1) shows both sides."""
+LAB_KL_COEF = 0.1
+"""β of the lab run's PPO and PPO-ptx, at every size. The paper's 0.02 (PPOConfig's default), on
+the RM normalised as §3.5 does, wins at the small size (head to head against SFT-small 0.570 /
+0.580 / 0.575 in three seeds, against 0.53 at 0.1; README, "The γ sweep") but over-optimizes
+the large one: in a figure1 run at 0.02 (420ada7) PPO-large's validation gold fell from
+SFT-large's 0.867 to 0.221 at KL 22 nats while its RM score rose from -0.24 to 1.23
+(PPO-ptx-large: 0.572 at KL 13); at 0.1 PPO-large holds SFT-large's level (README). The β
+sweeps (sweep_betas, sweep_ptx_betas) run the small model at 0.02 beside it."""
 LAB_PTX_COEF = 0.1
 """γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small). Chosen by
 a sweep over the default run's SFT-small and RM (README, "The γ sweep"): against SFT-small
@@ -204,15 +205,14 @@ class RunConfig:
     model (§3.5); Figure 1 has every size (`--preset figure1`). 'small' is always among them:
     the headline, the β sweep and the walkthrough are the small model's. PPO and PPO-ptx large took 1.8-2.2x
     their small runs' time in the figure1 runs (2-core Zen 4 EPYC; BENCHMARKS.md, "The lab run")."""
-    sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.1])
+    sweep_betas: list[float] = field(default_factory=lambda: [0.0, 0.02])
     """Extra PPO runs (as `ppo`, one per β, in sweep/beta-<β>/) for the over-optimization
     chart: gold and RM score against sqrt(KL). [] skips them."""
-    sweep_ptx_betas: list[float] = field(default_factory=list)
-    """Extra PPO-ptx runs (as `ppo_ptx`, one per β, in sweep/ptx-beta-<β>/), to see the tax
-    PPO-ptx pays back at a β other than the run's, beside PPO at that β from `sweep_betas`.
-    Both are then evaluated in full (PPO-ptx-beta<β>-small, PPO-beta<β>-small: win rates, head
-    to head against SFT-small, capability); PPO at the other βs of `sweep_betas` on the
-    capability benchmarks only. [] (the default) runs none."""
+    sweep_ptx_betas: list[float] = field(default_factory=lambda: [0.02])
+    """Extra PPO-ptx runs (as `ppo_ptx`, one per β, in sweep/ptx-beta-<β>/): the tax PPO-ptx
+    pays back where PPO pays one, at the paper's β (App. C.4: 0.02), beside PPO at that β
+    from `sweep_betas`. Both are evaluated in full (PPO-ptx-beta<β>-small, PPO-beta<β>-small:
+    win rates, head to head against SFT-small, capability); [] skips them."""
     jobs: int = 0
     """Stages run side by side at most, each in its own process (like make -j). 0: two on a CPU
     with two or more cores, one on a GPU. At the lab's matrix sizes two one-thread processes
