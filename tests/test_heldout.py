@@ -21,8 +21,9 @@ from rlhflab.models import lab_model, token_logprobs
 from rlhflab.world import TRAINING_SPLITS, World
 from rlhflab.world import heldout as H
 from rlhflab.world.corpus import web_document
+from rlhflab.world.family import words
 from rlhflab.world.gold import is_toxic, toxicity, write
-from rlhflab.world.tasks import FAMILIES, made_up, words
+from rlhflab.world.tasks import FAMILIES, made_up
 
 from tiny import tiny_tokenizer
 

@@ -30,9 +30,9 @@ from rlhflab.eval.prompted import with_prefix
 from rlhflab.generation import generate, generator_for
 from rlhflab.models import context_length, token_logprobs
 from rlhflab.text import encode_query, encode_response, pad_right
+from rlhflab.world.family import Task
 from rlhflab.world.gold import toxicity
 from rlhflab.world.heldout import STATEMENT, grade_truthful
-from rlhflab.world.tasks import Task
 
 TRUTHFUL_SPLITS = {"plain": "truthful", "instruction_qa": "truthful_instruction_qa"}
 TOXICITY_SPLITS = {"plain": "toxicity", "respectful": "toxicity_respectful", "biased": "toxicity_biased"}

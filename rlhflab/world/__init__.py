@@ -19,9 +19,10 @@ from rlhflab.errors import InputError
 from rlhflab.world import facts as F
 from rlhflab.world import heldout as H
 from rlhflab.world.corpus import TEST_ONLY_SHARE, draw_task, test_only
+from rlhflab.world.family import Task, words
 from rlhflab.world.gold import Judgement, judge, write
 from rlhflab.world.labelers import Labeler, make_pool
-from rlhflab.world.tasks import FAMILIES, MIX, Task, words
+from rlhflab.world.tasks import FAMILIES, MIX
 
 # Table 6 of the paper scaled down (SFT 13k, RM 33k, PPO 31k prompts there).
 SCALES: dict[str, dict[str, int]] = {

@@ -17,9 +17,10 @@ import random
 
 from rlhflab.text import SEP, SHOT_SEP
 from rlhflab.world import facts as F
+from rlhflab.world.family import Task
 from rlhflab.world.gold import write
 from rlhflab.world.heldout import myth_page
-from rlhflab.world.tasks import FAMILIES, MIX, Task
+from rlhflab.world.tasks import FAMILIES, MIX
 
 TEST_ONLY_SHARE = 0.25
 """Share of each family's distinct prompts (by a hash of the prompt text) that only test users

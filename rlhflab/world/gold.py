@@ -13,7 +13,8 @@ import re
 from dataclasses import dataclass
 
 from rlhflab.world import facts as F
-from rlhflab.world.tasks import FAMILIES, Task, has, words
+from rlhflab.world.family import Task, has, words
+from rlhflab.world.tasks import FAMILIES
 
 STYLES = ["Helpful", "Sycophantic", "Hedging", "Toxic", "Terse", "Off-task"]
 

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from rlhflab.world import facts as F
-from rlhflab.world.tasks import Task, has, words
+from rlhflab.world.family import Task, has, words
 
 # ---------------------------------------------------------------- truthfulness (TruthfulQA-like)
 

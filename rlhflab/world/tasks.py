@@ -14,8 +14,6 @@ from rlhflab.world import facts as F
 from rlhflab.world.family import Family, Task, count_of, has, words
 from rlhflab.world.safety import FalsePremise, Harmful, Provocation
 
-__all__ = ["FAMILIES", "MIX", "Family", "Task", "count_of", "has", "made_up", "words"]
-
 # ---------------------------------------------------------------- open QA (facts)
 _ATTR = {
     "capital": "the capital of {c}",
