@@ -306,7 +306,7 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
 
     # rm/<m>: the RM stage's own scores of those answers (one scoring function).
     from rlhflab.models import load_reward_model
-    from rlhflab.stages.rm import score_pairs
+    from rlhflab.stages.rm_score import score_pairs
     from rlhflab.training import set_seed
 
     cfg = load_config(EvalConfig, root / "eval.yaml")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from rlhflab.cli import main
 from rlhflab.data import parse_ranking, read_demos, read_rankings
 from rlhflab.models import fold_reward_bias, load_reward_model, load_tokenizer, reward_scores, scale_reward
-from rlhflab.stages import rm
+from rlhflab.stages import rm, rm_score
 from rlhflab.text import encode_query, encode_response, pad_left, pad_right
 
 from tiny import demo_rows, gpt2_dir, llama_dir, make, ranking_rows, tiny_tokenizer, write_jsonl
@@ -100,7 +100,7 @@ def test_scores_do_not_depend_on_padding(world, arch):
         left = reward_scores(model, *pad_left(seqs, tok.pad_token_id))
     torch.testing.assert_close(right, alone, atol=1e-5, rtol=0)
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=0)
-    batched = rm.score_pairs(model, tok, [p for p, _ in texts], [r for _, r in texts], batch_size=2)
+    batched = rm_score.score_pairs(model, tok, [p for p, _ in texts], [r for _, r in texts], batch_size=2)
     assert batched == pytest.approx(alone.tolist(), abs=1e-5)
 
 
@@ -120,7 +120,7 @@ def test_rm_learns_changes_every_parameter_and_centres_demos(world, tmp_path, ar
     assert rm.pairwise_accuracy(model, tok, read_rankings(world["val"])) > 0.8
     # §3.5: after the bias, the demonstrations score mean 0.
     demos = read_demos(world["demos"])
-    scores = rm.score_pairs(model, tok, [d.prompt for d in demos], [d.completion for d in demos])
+    scores = rm_score.score_pairs(model, tok, [d.prompt for d in demos], [d.completion for d in demos])
     assert abs(sum(scores) / len(scores)) < 0.01
     assert summary["bias"] != 0.0
     # Every trainable parameter moved (the head is fresh, so compare the backbone to the SFT).
@@ -145,14 +145,15 @@ def test_rm_scales_policy_samples_to_reward_std_then_centres_demos(world, tmp_pa
         out, summary = rm.train(cfg)
     model, tok = load_reward_model(out), load_tokenizer(out)
     rows = [(r["prompt"], x) for r in _samples() for x in r["responses"]]
-    scores = torch.tensor(rm.score_pairs(model, tok, [p for p, _ in rows], [x for _, x in rows]), dtype=torch.float64)
+    scores = rm_score.score_pairs(model, tok, [p for p, _ in rows], [x for _, x in rows])
+    scores = torch.tensor(scores, dtype=torch.float64)
     # The gain first (openai/lm-human-preferences: the initial policy's samples at std 1) ...
     assert float(scores.std(correction=0)) == pytest.approx(1.0, abs=1e-4)
     assert summary["gain"] == pytest.approx(1.0 / summary["rm/sample_std_before"])
     assert summary["gain"] != pytest.approx(1.0, abs=1e-3)
     # ... then the bias (§3.5): the demonstrations at mean 0; the samples' mean is reported.
     demos = read_demos(world["demos"])
-    demo_scores = rm.score_pairs(model, tok, [d.prompt for d in demos], [d.completion for d in demos])
+    demo_scores = rm_score.score_pairs(model, tok, [d.prompt for d in demos], [d.completion for d in demos])
     assert sum(demo_scores) / len(demo_scores) == pytest.approx(0.0, abs=1e-4)
     assert summary["rm/sample_mean"] == pytest.approx(float(scores.mean()), abs=1e-4)
 

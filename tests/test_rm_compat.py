@@ -22,7 +22,7 @@ from rlhflab.models import (
     position_ids,
     reward_scores,
 )
-from rlhflab.stages import rm
+from rlhflab.stages import rm, rm_score
 from rlhflab.stages.ppo import loop as ppo_loop
 from rlhflab.stages.ppo import step as ppo
 from rlhflab.stages.ppo.config import PPOConfig
@@ -96,7 +96,7 @@ def test_gpt2_rm_bias_is_folded_and_plain_hf_scores_as_rlhflab(world, tmp_path):
 
     seqs = sequences(tok)
     ids, mask = pad_right(seqs, tok.pad_token_id)
-    expected = torch.tensor(rm.score_sequences(ours, seqs, tok.pad_token_id))
+    expected = torch.tensor(rm_score.score_sequences(ours, seqs, tok.pad_token_id))
     with torch.no_grad():
         torch.testing.assert_close(reward_scores(ours, ids, mask), expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(hf_scores(theirs, ids, mask), expected, atol=1e-5, rtol=0)
@@ -121,7 +121,7 @@ def test_llama_rm_keeps_the_bias_in_the_config_and_says_so(world, tmp_path):
 
     tok, seqs = world["tok"], sequences(world["tok"])
     ids, mask = pad_right(seqs, tok.pad_token_id)
-    expected = torch.tensor(rm.score_sequences(load_reward_model(out), seqs, tok.pad_token_id))
+    expected = torch.tensor(rm_score.score_sequences(load_reward_model(out), seqs, tok.pad_token_id))
     torch.testing.assert_close(hf_scores(plain_hf(out), ids, mask) + bias, expected, atol=1e-5, rtol=0)
 
 
@@ -135,7 +135,7 @@ def test_fold_moves_an_older_rlhflab_rm_bias_into_the_weights(world, tmp_path):
     tok, seqs = world["tok"], sequences(world["tok"])
     ids, mask = pad_right(seqs, tok.pad_token_id)
 
-    before = torch.tensor(rm.score_sequences(load_reward_model(old), seqs, tok.pad_token_id))
+    before = torch.tensor(rm_score.score_sequences(load_reward_model(old), seqs, tok.pad_token_id))
     torch.testing.assert_close(before, hf_scores(plain_hf(old), ids, mask) + 0.75, atol=1e-5, rtol=0)
 
     model = load_reward_model(old)
@@ -143,7 +143,7 @@ def test_fold_moves_an_older_rlhflab_rm_bias_into_the_weights(world, tmp_path):
     assert fold_reward_bias(model, 0.0) == "transformer.ln_f.bias"
     assert getattr(model.config, REWARD_BIAS_KEY) == 0.0 and not torch.equal(model.transformer.ln_f.bias, ln_f)
     model.save_pretrained(tmp_path / "new")
-    after = torch.tensor(rm.score_sequences(load_reward_model(tmp_path / "new"), seqs, tok.pad_token_id))
+    after = torch.tensor(rm_score.score_sequences(load_reward_model(tmp_path / "new"), seqs, tok.pad_token_id))
     torch.testing.assert_close(after, before, atol=1e-5, rtol=0)
     torch.testing.assert_close(hf_scores(plain_hf(tmp_path / "new"), ids, mask), before, atol=1e-5, rtol=0)
 
@@ -174,7 +174,7 @@ def test_pad_equal_to_eos_leaves_hf_no_pad_id_one_sequence_scores_the_same(world
     model.save_pretrained(tmp_path / "rm")
     ours, theirs = load_reward_model(tmp_path / "rm").eval(), plain_hf(tmp_path / "rm")
     seqs = sequences(tok)
-    expected = rm.score_sequences(ours, seqs, tok.pad_token_id)
+    expected = rm_score.score_sequences(ours, seqs, tok.pad_token_id)
     alone = [float(hf_scores(theirs, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))) for s in seqs]
     assert alone == pytest.approx(expected, abs=1e-5)
     with pytest.raises(ValueError, match="padding token"):
@@ -214,7 +214,7 @@ def test_plain_hf_rm_scores_the_same_in_rlhflab(world, hf_rm):
     tok, seqs = world["tok"], sequences(world["tok"])
     ids, mask = pad_right(seqs, tok.pad_token_id)
     expected = hf_scores(plain_hf(hf_rm), ids, mask)
-    ours = torch.tensor(rm.score_sequences(load_reward_model(hf_rm), seqs, tok.pad_token_id))
+    ours = torch.tensor(rm_score.score_sequences(load_reward_model(hf_rm), seqs, tok.pad_token_id))
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
     # As `rlhflab ppo` opens it, on PPO's layout (queries left-padded, responses right-padded).

@@ -53,7 +53,7 @@ def reward_models(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_a_sequence_scores_the_same_alone_and_padded_in_a_batch(reward_models, arch):
-    from rlhflab.stages.rm import score_sequences
+    from rlhflab.stages.rm_score import score_sequences
 
     rm, tok = reward_models[arch].train(), reward_models["tok"]  # dropout must be off while scoring
     seqs = [
@@ -75,16 +75,18 @@ def test_eval_and_the_rm_stage_score_with_one_function(reward_models):
     from rlhflab.errors import InputError
     from rlhflab.eval import evaluate
     from rlhflab.stages import rm as rm_stage
+    from rlhflab.stages import rm_score
 
-    assert evaluate.score_pairs is rm_stage.score_pairs
-    assert evaluate.score_sequences is rm_stage.score_sequences
+    assert rm_stage.score_sequences is rm_score.score_sequences  # its validation accuracy
+    assert evaluate.score_pairs is rm_score.score_pairs
+    assert evaluate.score_sequences is rm_score.score_sequences
     rm, tok = reward_models["gpt2"].eval(), reward_models["tok"]
     prompts, responses = ["say cat", "name a color"], ["cat .", "red blue green"]
-    by_text = rm_stage.score_pairs(rm, tok, prompts, responses, batch_size=1)
-    seqs = [rm_stage.encode_sequence(tok, p, r) for p, r in zip(prompts, responses)]
-    by_tokens = rm_stage.score_sequences(rm, seqs, tok.pad_token_id)
+    by_text = rm_score.score_pairs(rm, tok, prompts, responses, batch_size=1)
+    seqs = [rm_score.encode_sequence(tok, p, r) for p, r in zip(prompts, responses)]
+    by_tokens = rm_score.score_sequences(rm, seqs, tok.pad_token_id)
     assert by_text == pytest.approx(by_tokens, abs=1e-5)
     too_long = r"responses\[1\] is \d+ tokens, the reward model's context is 128"
     with pytest.raises(InputError, match=too_long) as e:
-        rm_stage.score_pairs(rm, tok, prompts, ["cat .", "cat " * 200])
+        rm_score.score_pairs(rm, tok, prompts, ["cat .", "cat " * 200])
     assert e.value.field == "responses"

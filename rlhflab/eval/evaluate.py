@@ -87,7 +87,7 @@ from rlhflab.eval.prompted import choose_prefix, prompted_keys, prompted_name, w
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
-from rlhflab.stages.rm import score_pairs, score_sequences
+from rlhflab.stages.rm_score import score_pairs, score_sequences
 from rlhflab.text import encode_query
 from rlhflab.training import default_jobs, resolve_device, set_seed, side_by_side
 from rlhflab.world.gold import STYLES

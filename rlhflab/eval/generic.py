@@ -43,7 +43,7 @@ from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.stages.ppo.step import policy_logprobs
-from rlhflab.stages.rm import score_sequences
+from rlhflab.stages.rm_score import score_sequences
 from rlhflab.text import encode_query, pad_left, pad_right
 from rlhflab.training import progress, resolve_device, set_seed
 

@@ -14,7 +14,8 @@ import torch
 from rlhflab.data import read_demos, read_rankings
 from rlhflab.io import write_json
 from rlhflab.models import load_reward_model, load_tokenizer
-from rlhflab.stages.rm import pairwise_accuracy, score_pairs
+from rlhflab.stages.rm import pairwise_accuracy
+from rlhflab.stages.rm_score import score_pairs
 from rlhflab.world import load_world
 
 

@@ -22,8 +22,9 @@ the RM normalised as §3.5 does, wins at the small size (head to head against SF
 0.580 / 0.575 in three seeds, against 0.53 at 0.1; README, "The γ sweep") but over-optimizes
 the large one: in a figure1 run at 0.02 (420ada7) PPO-large's validation gold fell from
 SFT-large's 0.867 to 0.221 at KL 22 nats while its RM score rose from -0.24 to 1.23
-(PPO-ptx-large: 0.572 at KL 13); at 0.1 PPO-large holds SFT-large's level (README). The β
-sweeps (sweep_betas, sweep_ptx_betas) run the small model at 0.02 beside it."""
+(PPO-ptx-large: 0.572 at KL 13); at 0.1 PPO-large held SFT-large's level, and with the RM at
+lr 3e-4 (LAB_RM) beats it (0.568 [0.537, 0.598] head to head, README). The β sweeps
+(sweep_betas, sweep_ptx_betas) run the small model at 0.02 beside it."""
 LAB_PTX_COEF = 0.1
 """γ of the lab run's PPO-ptx (App. C.4: 27.8, far too strong for models this small). Chosen by
 a sweep over the default run's SFT-small and RM (README, "The γ sweep"): against SFT-small

@@ -23,7 +23,7 @@ from rlhflab.io import write_json
 from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
 from rlhflab.report import charts
 from rlhflab.report.html import figure, missing, table, text_cell
-from rlhflab.stages.rm import score_pairs, score_sequences
+from rlhflab.stages.rm_score import score_pairs, score_sequences
 from rlhflab.text import encode_query, pad_right
 from rlhflab.world import load_world
 

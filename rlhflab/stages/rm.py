@@ -8,7 +8,8 @@
     ──▶ bias: demonstrations score mean 0 ──▶ <out_dir>/model
 
 Keeping a prompt's comparisons together is the paper's point: treated as separate
-examples, each response would be seen K−1 times per epoch and the RM overfits.
+examples, each response would be seen K−1 times per epoch and the RM overfits. Scoring and
+the gain and bias are rm_score.py's, which every other reader of an RM calls too.
 """
 
 from __future__ import annotations
@@ -33,17 +34,16 @@ from rlhflab.config import (
     train_fields,
     validate,
 )
-from rlhflab.data import Ranking, read_demos, read_rankings, read_samples
+from rlhflab.data import Ranking, read_demos, read_rankings
 from rlhflab.errors import InputError
 from rlhflab.models import (
     context_length,
-    fold_reward_bias,
     hf_pad_token_id,
     load_reward_model,
     load_tokenizer,
     reward_scores,
-    scale_reward,
 )
+from rlhflab.stages.rm_score import apply_normalization, encode_samples, encode_sequence, normalize, score_sequences
 from rlhflab.text import additive_mask, encode_pair, encode_query, pack, pad_right, supports_packing
 from rlhflab.training import (
     Loop,
@@ -263,12 +263,6 @@ def _n_correct(scores: list[float], pairs) -> float:
 # --------------------------------------------------------------------------- data
 
 
-def encode_sequence(tokenizer, prompt, response: str, where: dict | None = None) -> list[int]:
-    """query + response token ids (text.py layout, chat template for a conversation)."""
-    query, answer = encode_pair(tokenizer, prompt, response, where)
-    return query + answer
-
-
 def encode_rankings(tokenizer, rankings: list[Ranking], path: str, max_len: int | None) -> list[Comparison]:
     """Token sequences per ranking, refusing any prompt + response that overflows the context."""
     out = []
@@ -308,45 +302,7 @@ def check_demos(tokenizer, demos, path: str, max_len: int | None) -> None:
             )
 
 
-# --------------------------------------------------------------------------- scoring
-
-
-@torch.no_grad()
-def score_sequences(
-    model, seqs: list[list[int]], pad_id: int, batch_size: int = 32, field: str = "sequences", scorer=None
-) -> list[float]:
-    """r_θ of token sequences (query + response), bias included; order preserved.
-
-    The one way anything scores with a reward model: batched by length (little padding),
-    dropout off (the model's mode restored after), and a sequence longer than the model's
-    context refused (InputError naming `field`), never cut. `scorer(ids, mask)`: the
-    forward, when not `reward_scores(model, ...)` itself (under FSDP the module from
-    distributed.wrap(model, ..., forward=reward_scores), whose root gathers the head).
-    """
-    max_len = context_length(model.config)
-    for i, s in enumerate(seqs):
-        if max_len is not None and len(s) > max_len:
-            raise InputError(f"{field}[{i}] is {len(s)} tokens, the reward model's context is {max_len}", field=field)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    scores = [0.0] * len(seqs)
-    for i in range(0, len(order), batch_size):
-        idx = order[i : i + batch_size]
-        ids, mask = pad_right([seqs[j] for j in idx], pad_id)
-        ids, mask = ids.to(device), mask.to(device)
-        values = reward_scores(model, ids, mask) if scorer is None else scorer(ids, mask)
-        for j, s in zip(idx, values.tolist()):
-            scores[j] = s
-    model.train(was_training)
-    return scores
-
-
-def score_pairs(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 32) -> list[float]:
-    """r_θ(x, y) for each (prompt, response) in THE layout (text.py): `score_sequences`."""
-    seqs = [encode_sequence(tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
-    return score_sequences(model, seqs, tokenizer.pad_token_id, batch_size, field="responses")
+# --------------------------------------------------------------------------- accuracy
 
 
 def evaluate(
@@ -375,73 +331,6 @@ def pairwise_accuracy(model, tokenizer, rankings: list[Ranking], batch_size: int
     """Fraction of (winner, loser) pairs the RM orders correctly (ties in the data dropped)."""
     comparisons = encode_rankings(tokenizer, rankings, "<rankings>", context_length(model.config))
     return evaluate(model, comparisons, tokenizer.pad_token_id, batch_size)["accuracy"]
-
-
-def demo_mean(model, tokenizer, demos, batch_size: int, dist=distributed.SINGLE, scorer=None) -> float:
-    """The demonstrations' mean score (scoring shared out over the ranks with `dist`)."""
-    seqs = [encode_sequence(tokenizer, d.prompt, d.completion) for d in demos]
-    scores = shared_scores(model, seqs, tokenizer.pad_token_id, batch_size, dist, scorer)
-    return sum(scores) / len(scores)
-
-
-def shared_scores(model, seqs, pad_id: int, batch_size: int, dist=distributed.SINGLE, scorer=None) -> list[float]:
-    """`score_sequences` of `seqs`, shared out over the ranks with `dist` (every rank gets all)."""
-
-    def score(part: list) -> list[float]:
-        return score_sequences(model, part, pad_id, batch_size, "responses", scorer)
-
-    return dist.map_shards(score, seqs)
-
-
-def encode_samples(tokenizer, path: str, max_len: int | None) -> list[list[int]]:
-    """Every response of `path` (`read_samples`) as query + response ids, a sequence longer
-    than the context refused naming its line."""
-    seqs = []
-    for line, prompt, responses in read_samples(path):
-        for i, response in enumerate(responses):
-            seq = encode_sequence(tokenizer, prompt, response, dict(file=path, line=line, field="prompt"))
-            if max_len is not None and len(seq) > max_len:
-                raise InputError(
-                    f"prompt + response is {len(seq)} tokens, the model's context is {max_len}",
-                    file=path,
-                    line=line,
-                    field=f"responses[{i}]",
-                )
-            seqs.append(seq)
-    return seqs
-
-
-def normalize(model, tokenizer, samples, demos, config: RMConfig, dist=distributed.SINGLE, scorer=None) -> dict:
-    """The gain that gives the policy samples std `reward_std`, and the bias that then gives
-    the demonstrations mean 0 (§3.5), as numbers: `apply_normalization` puts them in the
-    weights. Either part is left out (gain 1, bias 0) without its data."""
-    out, gain = {}, 1.0
-    bs, pad_id = config.eval_batch_size, tokenizer.pad_token_id
-    if samples:
-        scores = torch.tensor(shared_scores(model, samples, pad_id, bs, dist, scorer), dtype=torch.float64)
-        std = float(scores.std(correction=0))
-        if not std > 0:
-            raise ValueError(
-                f"policy_samples: the reward model gives all {len(scores)} responses of "
-                f"{config.policy_samples} the same score, so no gain sets their spread"
-            )
-        gain = config.reward_std / std
-        out.update({"rm/sample_std_before": std, "rm/sample_mean_before": float(scores.mean())})
-    out["rm/gain"] = gain
-    if demos:
-        mean = demo_mean(model, tokenizer, demos, bs, dist, scorer)
-        out.update({"rm/demo_mean_before": mean, "rm/bias": -mean * gain})
-    if samples:  # where the samples land after both: their mean is the RL's starting reward
-        out["rm/sample_mean"] = out["rm/sample_mean_before"] * gain + out.get("rm/bias", 0.0)
-    return out
-
-
-def apply_normalization(model, norm: dict) -> None:
-    """Scale by rm/gain, then shift by rm/bias, in the weights (`scale_reward`, `fold_reward_bias`)."""
-    if norm["rm/gain"] != 1.0:
-        scale_reward(model, norm["rm/gain"])
-    if "rm/bias" in norm:
-        fold_reward_bias(model, norm["rm/bias"])
 
 
 # --------------------------------------------------------------------------- train

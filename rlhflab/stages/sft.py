@@ -37,7 +37,7 @@ from rlhflab.errors import InputError
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import atomic_dir
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_logprobs
-from rlhflab.stages.rm import score_pairs
+from rlhflab.stages.rm_score import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths
 from rlhflab.text import assistant_spans, encode_documents, encode_pair, encode_query, pad_right
 from rlhflab.training import (
