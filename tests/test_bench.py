@@ -24,6 +24,8 @@ SIDE_KEYS = {
     "peak_memory_mb",
     "final_kl",
     "final_rm_score",
+    "mean_kl",
+    "mean_rm_score",
     "response_length",
 }
 
@@ -48,6 +50,8 @@ def check_side(side: dict, w: bench.Workload, steps: int, exact_length: bool = T
     else:  # TRL generates full length but ends a response at a sampled pad token (1 in 256)
         assert 0 < side["response_length"] <= w.response_len
     assert math.isfinite(side["final_kl"]) and math.isfinite(side["final_rm_score"])
+    kl = side["kl_per_step"]
+    assert len(kl) == steps and min(kl) <= side["mean_kl"] <= max(kl)  # the warm-up's rollout too
     assert side["peak_memory_mb"] > 50  # RSS of a process that imported torch
 
 

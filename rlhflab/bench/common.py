@@ -219,6 +219,10 @@ def side_result(
         "memory": memory_kind,
         "final_kl": kl[-1],
         "final_rm_score": rm_score[-1],
+        # One step's KL is one point of a noisy walk (TRL's peaks near 1 and falls back within
+        # eight steps): the mean over every step's rollout compares two trainers more fairly.
+        "mean_kl": sum(kl) / len(kl),
+        "mean_rm_score": sum(rm_score) / len(rm_score),
         "kl_per_step": kl,
         "rm_score_per_step": rm_score,
         **extra,

@@ -390,6 +390,8 @@ def format_report(r: dict) -> str:
             row(f"  {label} (MiB)", [f"{r[s]['param_mb'][key]:.2f}" if "param_mb" in r[s] else "" for s in sides])
     figure("final_kl", ".4f", "final KL (nats/response)")
     figure("final_rm_score", ".4f", "final RM score")
+    figure("mean_kl", ".4f", "KL, mean over every step's rollout")
+    figure("mean_rm_score", ".4f", "RM score, mean over every step's rollout")
     lines += [
         "",
         f"memory: {r['rlhflab']['memory']} of each side's own process; ratios of "
