@@ -357,3 +357,4 @@ def test_help_config_shows_the_values_the_preset_runs_with(preset, capsys):
     assert f"  sft_small.epochs = {PRESETS[preset]['sft_small']['epochs']!r}\n" in out
     if preset == "default":  # the lab's SFT lr (pipeline.LAB_SFT), not SFTConfig's default
         assert f"  sft_small.train.lr = {PRESETS[preset]['sft_small']['train']['lr']!r}\n" in out
+        assert "  rm.epochs = 2\n" in out and "  rm.train.lr = 0.0003\n" in out  # pipeline.LAB_RM
