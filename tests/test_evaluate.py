@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,7 +15,8 @@ import yaml
 from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.eval.evaluate import EvalConfig, build_queries, evaluate
+from rlhflab.eval.answering import answer_stage, answers_key, build_queries
+from rlhflab.eval.evaluate import EvalConfig, evaluate
 from rlhflab.eval.judging import compare, wilson, win_rate
 from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
 from rlhflab.eval.prompted import candidate_shots, choose_prefix, shot_pieces
@@ -321,3 +323,34 @@ def test_eval_writes_documented_keys_and_is_deterministic(lab):
     assert main(["eval", "--config", str(root / "eval.yaml"), f"--out_dir={root / 'out2'}"]) == 0
     assert (root / "out2" / "summary.json").read_text() == (out1 / "summary.json").read_text()
     assert (root / "out2" / "samples.jsonl").read_text() == (out1 / "samples.jsonl").read_text()
+
+
+def test_answers_computed_ahead_give_the_same_eval_and_stale_ones_are_answered_again(lab, capsys):
+    """`answers_from`: results written by answer_stage (as `rlhflab run`'s answer jobs write
+    them) make the same eval byte for byte; a file whose key is not this model's is ignored."""
+    root, _ = lab
+    cfg = dataclasses.replace(load_config(EvalConfig, root / "eval.yaml"), jobs=1, out_dir=str(root / "plain"))
+    evaluate(cfg)
+    ahead = root / "ahead"
+    names = [*cfg.models, *cfg.capability_models]
+    for name in names:
+        answer_stage(cfg, name, str(ahead / name))
+    (ahead / "SFT-small" / "summary.json").write_bytes((ahead / "GPT-small" / "summary.json").read_bytes())
+    capsys.readouterr()
+    evaluate(dataclasses.replace(cfg, answers_from=str(ahead), out_dir=str(root / "kept")))
+    err = capsys.readouterr().err
+    assert f"{ahead / 'SFT-small' / 'summary.json'} is not for these weights and settings" in err
+    assert f"eval: 1 models to answer, 1 at a time, {len(names) - 1} answered already" in err
+    for f in ("summary.json", "samples.jsonl", "heldout_samples.jsonl", "prefixes.json", "best_of_n.jsonl"):
+        assert (root / "kept" / f).read_bytes() == (root / "plain" / f).read_bytes(), f
+
+    # The key follows what the answers depend on: settings, threads, weights.
+    path = cfg.models["SFT-small"]
+    key = answers_key(cfg, "answers", "SFT-small", path, 1, "cpu")
+    assert (
+        answers_key(dataclasses.replace(cfg, head_to_head=[], out_dir="x"), "answers", "SFT-small", path, 1, "cpu")
+        == key
+    )
+    assert answers_key(dataclasses.replace(cfg, max_new_tokens=11), "answers", "SFT-small", path, 1, "cpu") != key
+    assert answers_key(cfg, "answers", "SFT-small", path, 2, "cpu") != key
+    assert answers_key(cfg, "answers", "SFT-small", cfg.models["GPT-small"], 1, "cpu") != key

@@ -27,6 +27,9 @@ STAGES = [
     "ppoptx-large",
     "sweep/beta-0",
     "sweep/ptx-beta-0",
+    *[f"answers/{m}-{s}" for s in ("small", "large") for m in ("GPT", "SFT", "PPO", "PPO-ptx")],
+    "answers/PPO-beta0-small",
+    "answers/RL-init-small",  # capability only
     "eval",
 ]
 

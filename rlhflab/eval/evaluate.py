@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -79,23 +78,21 @@ import yaml
 from rlhflab.config import RunFields, add_config_arguments, check, config_from_args, describe, save_config
 from rlhflab.data import iter_jsonl
 from rlhflab.errors import ConfigError, InputError
-from rlhflab.eval.capability import capability_items, few_shot, load_benchmarks, scores_of, tax_keys, tax_references
-from rlhflab.eval.heldout import HeldoutSets, answer_heldout, hallucination_keys, heldout_metrics, sample_rows
+from rlhflab.eval.answering import SPLITS, Inputs, answer_all, build_queries
+from rlhflab.eval.capability import tax_keys, tax_references
+from rlhflab.eval.heldout import hallucination_keys, heldout_metrics, sample_rows
 from rlhflab.eval.judging import figure1_keys, likert_mean, unseen_win_keys, win_keys
 from rlhflab.eval.overopt import best_of_n_kl, bon_summary, rl_summary
-from rlhflab.eval.prompted import choose_prefix, prompted_keys, prompted_name, with_prefix
+from rlhflab.eval.prompted import prompted_keys, prompted_name
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import write_json, write_jsonl
-from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
+from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer
 from rlhflab.stages.rm_score import score_pairs, score_sequences
-from rlhflab.text import encode_query
-from rlhflab.training import default_jobs, resolve_device, set_seed, side_by_side
+from rlhflab.training import resolve_device, set_seed
 from rlhflab.world.gold import STYLES
 
 CLOSED_DOMAIN = ("closed_qa", "summarization", "extraction")
 """Families whose answer must come from the prompt: hallucination is counted on these (§4.1)."""
-SPLITS = ("test",)
-"""Splits judged by the gold scorer; the held-out sets are rlhflab.eval.heldout's."""
 N_SHOTS = 3
 
 
@@ -152,6 +149,11 @@ class EvalConfig:
     jobs: int = 0
     """Models answered side by side, each in a one-thread process of its own (0: two on a CPU
     of two or more cores, one on a GPU; 1: one after another in this process)."""
+    answers_from: str = ""
+    """A directory of models' results computed ahead (`<dir>/<name>/summary.json`, written by
+    eval.answering.answer_stage: `rlhflab run` answers each model as soon as it is trained);
+    a model's file there is used when it holds the same weights, world, settings, device and
+    thread count, else the model is answered again. Empty: every model is answered here."""
     run: RunFields = field(default_factory=RunFields)
     """Seed (sampling, and which held-out labeler judges what) and device."""
     out_dir: str = "runs/eval"
@@ -210,33 +212,6 @@ class EvalConfig:
     def names(self) -> list[str]:
         """Every evaluated name: the models, then their prompted variants."""
         return list(self.models) + [prompted_name(m) for m in self.prompted]
-
-
-# --------------------------------------------------------------------------- answering
-
-
-def build_queries(
-    tokenizer, prompts: list[str], n_pos: int | None, max_new_tokens: int, prefix: list[list[int]] = ()
-) -> list[list[int]]:
-    """Query ids per prompt; with a few-shot prefix, prefix and prompt make one document
-    (prompted.with_prefix: whole shots dropped, oldest first, to fit the context n_pos; None:
-    no limit). A prompt still too long is cut by `generate(fit_context=True)`."""
-    bos = tokenizer.bos_token_id
-    return [with_prefix(prefix, encode_query(tokenizer, p), n_pos, max_new_tokens, bos) for p in prompts]
-
-
-def answer(model, tokenizer, queries: list[list[int]], cfg: EvalConfig):
-    """Every answer of the eval: batched, greedy at temperature 0, fitted to the context."""
-    return generate(
-        model,
-        tokenizer,
-        queries,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        batch_size=cfg.batch_size,
-        generator=generator_for(model, cfg.run.seed),
-        fit_context=True,
-    ).texts
 
 
 def _mean(xs) -> float:
@@ -320,92 +295,6 @@ def best_of_n_curve(
 # --------------------------------------------------------------------------- the run
 
 
-def _answer_model(cfg: EvalConfig, name: str, path: str, prompts: dict, demos: list[dict], bench: dict, device, sets):
-    """One model (and its prompted variant) answers every split and the held-out sets; its capability."""
-    answers, summary, held = {}, {}, {}
-    tok = load_tokenizer(path)
-    model = load_causal_lm(path).to(device).eval()
-    n_pos = context_length(model.config)
-    variants = [(name, [])]
-    if name in cfg.prompted:
-        variant = prompted_name(name)
-        prefix, shots, means = _prefix_for(cfg, model, tok, n_pos, demos, prompts["prefix"], device)
-        variants.append((variant, prefix))
-        summary[f"_prefix/{variant}"] = {"shots": shots, "rm_of_candidates": means}
-    for variant, prefix in variants:
-        answers[variant] = {
-            s: answer(model, tok, build_queries(tok, prompts[s], n_pos, cfg.max_new_tokens, prefix), cfg)
-            for s in SPLITS
-        }
-        held[variant] = answer_heldout(
-            model,
-            tok,
-            sets,
-            prefix=prefix,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            seed=cfg.run.seed,
-            batch_size=cfg.batch_size,
-        )
-        summary[f"params/{variant}"] = n_params(model)
-    # A prompt prefix does not change the weights, so capability is measured once per model.
-    summary.update(_capability_items(cfg, name, model, tok, bench))
-    summary.update({f"capability/{k}/{name}": v for k, v in scores_of(summary[f"_items/{name}"]).items()})
-    return answers, summary, held
-
-
-def _capability_items(cfg: EvalConfig, name: str, model, tok, bench: dict) -> dict:
-    """The model's items, zero-shot (`_items/<name>`) and few-shot (`_items_fewshot/<name>`)."""
-    out = {f"_items/{name}": capability_items(model, tok, bench)}
-    if cfg.capability_shots:
-        fewshot = few_shot(bench, cfg.capability_shots, tok, context_length(model.config))
-        out[f"_items_fewshot/{name}"] = capability_items(model, tok, fewshot)
-    return out
-
-
-def _capability_model(cfg: EvalConfig, name: str, path: str, bench: dict, device) -> dict:
-    """A model of `capability_models`: its capability items and nothing else."""
-    model = load_causal_lm(path).to(device).eval()
-    return _capability_items(cfg, name, model, load_tokenizer(path), bench)
-
-
-def _prefix_for(cfg: EvalConfig, model, tok, n_pos, demos: list[dict], prompts: list[str], device):
-    """The few-shot prefix of a prompted model: the candidate the reward model likes best
-    on validation prompts (prompted.choose_prefix)."""
-    score_fn = None
-    if cfg.reward_model and cfg.prefix_candidates > 1:
-        set_seed(cfg.run.seed)  # as evaluate() loads it (an LM directory's score head is drawn)
-        rm, rm_tok = load_reward_model(cfg.reward_model).to(device).eval(), load_tokenizer(cfg.reward_model)
-
-        def score_fn(ps, answers):
-            return score_pairs(rm, rm_tok, ps, answers, cfg.batch_size)
-
-    def answer_fn(prefix, ps):
-        return answer(model, tok, build_queries(tok, ps, n_pos, cfg.max_new_tokens, prefix), cfg)
-
-    seed = cfg.run.seed
-    return choose_prefix(answer_fn, score_fn, tok, demos, prompts, cfg.prefix_shots, cfg.prefix_candidates, seed)
-
-
-def _answer_all(
-    cfg: EvalConfig, prompts: dict, demos: list[dict], bench: dict, device, sets: HeldoutSets
-) -> tuple[dict, dict, dict]:
-    """Every model answers, `jobs` models at a time in one-thread processes of their own
-    (training.side_by_side); in this process when jobs is 1."""
-    jobs = cfg.jobs or default_jobs(device)
-    print(f"eval: {len(cfg.models)} models, {min(jobs, len(cfg.models))} at a time", file=sys.stderr, flush=True)
-    calls = [(cfg, name, path, prompts, demos, bench, device, sets) for name, path in cfg.models.items()]
-    answers, summary, held = {}, {}, {}
-    for a, s, h in side_by_side(_answer_model, calls, jobs):
-        answers.update(a)
-        summary.update(s)
-        held.update(h)
-    calls = [(cfg, name, path, bench, device) for name, path in cfg.capability_models.items()]
-    for s in side_by_side(_capability_model, calls, jobs):
-        summary.update(s)
-    return answers, summary, held
-
-
 def _best_of_n(cfg: EvalConfig, rm, world, prompts: list[str], device) -> list[dict]:
     path = cfg.models[cfg.bon_policy()]
     policy = load_causal_lm(path).to(device).eval()
@@ -433,19 +322,18 @@ def evaluate(cfg: EvalConfig) -> dict:
     set_seed(cfg.run.seed)
     device = resolve_device(cfg.run.device)
     out = Path(cfg.out_dir)
-    limit = cfg.n_prompts or None
-    tasks = {s: world.splits[s][:limit] for s in SPLITS}
-    prompts = {s: [t.prompt for t in ts] for s, ts in tasks.items()}
-    prompts["prefix"] = [t.prompt for t in world.splits["ppo_val"][: cfg.prefix_prompts]] if cfg.prompted else []
-    sets = HeldoutSets.of(world, limit)
-    demos = [obj for _, obj in iter_jsonl(Path(cfg.world) / "sft_train.jsonl")] if cfg.prompted else []
-    bench = load_benchmarks(cfg.world, limit=cfg.capability_items or None)
+    inputs = Inputs.of(cfg, world)
+    tasks, prompts, sets = inputs.tasks, inputs.prompts, inputs.sets
     rm = load_reward_model(cfg.reward_model).to(device).eval() if cfg.reward_model else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # not finished until written again
     save_config(cfg, out / "config.yaml")
 
-    answers, summary, held = _answer_all(cfg, prompts, demos, bench, device, sets)
+    answers, summary, held = {}, {}, {}
+    for result in answer_all(cfg, inputs, device).values():  # in the config's order
+        answers.update(result.answers)
+        summary.update(result.summary)
+        held.update(result.held)
     prefixes = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith("_prefix/")]}
     for kind, prefix in (("_items", "tax"), ("_items_fewshot", "tax_fewshot")):
         items = {k.split("/", 1)[1]: summary.pop(k) for k in [k for k in summary if k.startswith(f"{kind}/")]}

@@ -78,7 +78,26 @@ class Pipeline(Scheduler):
             make = lambda n=name, c=cfg, p=ptx: self._ppo(n, c, world, rm, p)
             out.append(Job(name, make, ("rm", self._rl_start_stage("small"))))
         out.append(Job("rm-eval", lambda: self._rm_eval(world), ("rm", "comparisons")))
+        out += self._answer_jobs(world, rm)
         out.append(Job("eval", lambda: self._evaluate(world, rm), tuple(j.name for j in out)))
+        return out
+
+    def _answer_jobs(self, world: Path, rm: Path) -> list[Job]:
+        """Each evaluated model answers the eval's prompts as soon as its stage is done, beside
+        the stages still running (eval.answering.answer_stage; the eval takes the results from
+        `answers/`). A prompted model waits for the RM too, which picks its prefix. The large
+        and prompted ones first: the longer."""
+        from rlhflab.eval.answering import answer_stage
+
+        cfg = self._eval_config(world, rm)
+        paths = {**cfg.models, **cfg.capability_models}
+        names = sorted(paths, key=lambda n: (not n.endswith("-large"), n not in cfg.prompted))
+        out = []
+        for name in names:
+            stage = Path(paths[name]).parent.relative_to(self.root).as_posix()
+            needs = (stage, "rm") if name in cfg.prompted else (stage,)
+            make = lambda n=name: (answer_stage, (cfg, n, str(self.root / "answers" / n)))  # eval's cfg, unchecked
+            out.append(Job(f"answers/{name}", make, needs))
         return out
 
     def _rl_jobs(self, size: str, world: Path, rm: Path) -> list[Job]:
@@ -215,6 +234,12 @@ class Pipeline(Scheduler):
     def _evaluate(self, world: Path, rm: Path):
         from rlhflab.eval.evaluate import evaluate
 
+        cfg = self._eval_config(world, rm)
+        validate(cfg)  # here, when the stage starts: its rl_runs exist by then
+        return evaluate, (cfg,)
+
+    def _eval_config(self, world: Path, rm: Path):
+        """The eval's config (its answer jobs' too): every model's answers in `answers/`."""
         models = self.models()
         runs = [f"{r}-{s}" for s in SIZES if s in self.cfg.rlhf_sizes for r in ("ppo", "ppoptx")]
         runs += [f"sweep/beta-{b:g}" for b in self.cfg.sweep_betas]
@@ -233,11 +258,10 @@ class Pipeline(Scheduler):
             baseline=FIGURE1_BASELINE,
             head_to_head=[f"{a}:{b}" for a, b in self.head_to_head()],
             reward_model=str(rm),
+            answers_from=str(self.root / "answers"),
             out_dir=str(self.root / "eval"),
         )
-        cfg = self._seeded(cfg)
-        validate(cfg)
-        return evaluate, (cfg,)
+        return self._seeded(cfg)
 
     def run(self) -> dict:
         self._check_resumable()
