@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from rlhflab.attention import LOWP_EAGER
+from rlhflab.device import LOWP_EAGER
 from rlhflab.errors import InputError
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
@@ -211,7 +211,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
 # `prompt_ends`, `starts`, `cols`).
 #
 # Only attention implementations that take a custom 4D mask pack (`supports_packing`):
-# `eager` and rlhflab's bf16 eager (attention.py; an additive float mask) and `sdpa` (a
+# `eager` and rlhflab's bf16 eager (device.py; an additive float mask) and `sdpa` (a
 # boolean one); FlashAttention and flex attention do not, and their callers fall back to
 # padded rows.
 

@@ -1,6 +1,7 @@
 """The one training loop of pretrain, SFT and RM (`fit`), and what every stage shares:
-seeding, devices, precision, the schedule, the NaN guard, progress, checkpoints, outputs.
-Under torchrun the same loop runs on every rank (rlhflab.distributed)."""
+seeding, devices, the schedule, the NaN guard, progress, stage processes, checkpoints,
+outputs (precision and kernels: rlhflab.device). Under torchrun the same loop runs on every
+rank (rlhflab.distributed)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from rlhflab.checkpoint import has_checkpoint, load_checkpoint, save_checkpoint
 from rlhflab.config import flat_dict, save_config
+from rlhflab.device import sync
 from rlhflab.distributed import SINGLE, Dist, dump_point, local
 from rlhflab.errors import InputError, TrainingError
 from rlhflab.io import MetricsLog, atomic_dir, kill_point, write_json
@@ -32,108 +34,6 @@ def set_seed(seed: int) -> torch.Generator:
     random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision for a block: 'bf16' runs matmuls in bfloat16 with fp32 weights, fp32
-    optimizer state and fp32 log-softmax (a CPU with AMX, or a GPU); 'fp32' changes nothing."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
-BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-"""CPU flags (/proc/cpuinfo) of bf16 matrix instructions: AMX tiles, AVX-512 BF16 dot products."""
-
-BF16_MIN_SPEEDUP = 1.15
-"""`auto` takes bf16 on a CPU only where a bf16 matmul measured at least this much faster."""
-
-
-@dataclass(frozen=True)
-class PrecisionChoice:
-    precision: str
-    """'bf16' or 'fp32'."""
-    reason: str
-    """Why, in one line (printed by `rlhflab run` and the bench)."""
-
-
-def cpu_bf16_flags() -> list[str]:
-    """Which of BF16_CPU_FLAGS this CPU reports (Linux /proc/cpuinfo; [] where unreadable)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-    return [f for f in BF16_CPU_FLAGS if f in flags]
-
-
-def matmul_speedup(device: torch.device, rows: int = 2048, inner: int = 192, cols: int = 768, reps: int = 8) -> float:
-    """fp32 time / bf16 time of one (rows × inner) @ (inner × cols) matmul, the shape of the
-    lab-large model's MLP over a training batch; the median of `reps` after a warm-up, on
-    one thread (on a CPU)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(rows, inner, device=device, generator=g)
-    b = torch.randn(inner, cols, device=device, generator=g)
-
-    def median_time(x, y) -> float:
-        times = []
-        for i in range(reps + 2):
-            sync(device)
-            t0 = time.perf_counter()
-            x @ y
-            sync(device)
-            if i >= 2:  # warm-up: the first calls pick kernels
-                times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
-
-    # One thread: with every core's thread, a core that another process holds makes both
-    # timings wait at OpenMP barriers (1.0x measured that way on a busy AMX machine, 7.8x alone).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return median_time(a, b) / max(median_time(a.bfloat16(), b.bfloat16()), 1e-12)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@functools.lru_cache(maxsize=8)
-def _choose(device: str) -> PrecisionChoice:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return PrecisionChoice("bf16" if ok else "fp32", f"CUDA {'with' if ok else 'without'} bf16")
-    if dev.type != "cpu":
-        return PrecisionChoice("fp32", f"{dev.type}: bf16 not measured there")
-    flags = cpu_bf16_flags()
-    if not flags:  # bf16 is emulated there (~50x slower on a Zen 2): no need to time it
-        none = " or ".join(BF16_CPU_FLAGS)
-        return PrecisionChoice("fp32", f"CPU has no bf16 matrix instructions ({none})")
-    speedup = matmul_speedup(dev)
-    measured = f"a bf16 matmul ran {speedup:.2f}x the speed of fp32"
-    if speedup >= BF16_MIN_SPEEDUP:
-        return PrecisionChoice("bf16", f"CPU has {', '.join(flags)} and {measured}")
-    return PrecisionChoice("fp32", f"CPU has {', '.join(flags)} but {measured} (< {BF16_MIN_SPEEDUP}x)")
-
-
-def choose_precision(device: torch.device) -> PrecisionChoice:
-    """What `precision=auto` runs on `device`: bf16 on a CUDA GPU with bf16; on a CPU, bf16
-    where it has bf16 matrix instructions (AMX or AVX-512 BF16) AND a short timed matmul
-    (once per process) confirms they are faster; else fp32. With the reason."""
-    return _choose(str(torch.device(device)))
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `precision=auto` picks bf16 on this device (`choose_precision`)."""
-    return choose_precision(device).precision == "bf16"
-
-
-def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
-    """The same function, faster: GPT-2's gelu_new as one fused kernel, and on a CPU in bf16
-    the matmul attention in bf16 (attention.py). Returns the model."""
-    from rlhflab.attention import fast_attention
-    from rlhflab.models import fuse_gelu
-
-    fuse_gelu(model)
-    fast_attention(model, device, precision)
-    return model
 
 
 @functools.lru_cache(maxsize=4)
@@ -509,12 +409,6 @@ class _NoLog:
 
     def close(self) -> None:
         pass
-
-
-def sync(device) -> None:
-    """Wait for the device's queued work (a no-op on the CPU): timings must not stop early."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class PhaseTimer:

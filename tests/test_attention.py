@@ -6,9 +6,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from rlhflab.attention import LOWP_EAGER, fast_attention, lowp_eager_fits
+from rlhflab.device import LOWP_EAGER, autocast, fast_attention, lowp_eager_fits
 from rlhflab.models import load_causal_lm, position_ids, token_logprobs
-from rlhflab.training import autocast
 
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
 

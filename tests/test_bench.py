@@ -62,7 +62,7 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert report["workload"]["policy_params"] > 0 and "cpu" in report["machine"]
     assert "trl" not in report and "ratio" not in report
     # --precision auto (the default) runs what this CPU runs natively, as `rlhflab run` does
-    from rlhflab.training import native_bf16
+    from rlhflab.device import native_bf16
 
     assert report["workload"]["precision"] == ("bf16" if native_bf16(torch.device("cpu")) else "fp32")
     check_side(report["rlhflab"], w, 3)

@@ -16,7 +16,8 @@ from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
 from rlhflab.eval.answering import answer_stage, answers_key, build_queries
-from rlhflab.eval.evaluate import EvalConfig, evaluate
+from rlhflab.eval.config import EvalConfig
+from rlhflab.eval.evaluate import evaluate
 from rlhflab.eval.judging import compare, wilson, win_rate
 from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
 from rlhflab.eval.prompted import candidate_shots, choose_prefix, shot_pieces

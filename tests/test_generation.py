@@ -117,7 +117,8 @@ def test_every_generator_is_made_on_the_models_device(sampler_calls, tmp_path):
     """On a GPU a generator made on the CPU raises at the first draw; here (CPU only) the
     check is that every generator handed to the sampler was asked for the model's device."""
     from rlhflab.eval.capability import capability_scores, load_benchmarks
-    from rlhflab.eval.evaluate import EvalConfig, evaluate
+    from rlhflab.eval.config import EvalConfig
+    from rlhflab.eval.evaluate import evaluate
     from rlhflab.eval.lab import gold_of_policy, make_lab_evaluator
     from rlhflab.models import lab_model
     from rlhflab.report.walkthrough import ppo_episode

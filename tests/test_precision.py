@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from rlhflab import pipeline, training
+from rlhflab import device, pipeline
 from rlhflab.config import ConfigError, TrainFields, validate
+from rlhflab.device import autocast, fast_kernels, native_bf16
 from rlhflab.models import load_causal_lm, load_reward_model, position_ids, token_logprobs, token_values
 from rlhflab.stages.ppo import PPOConfig
-from rlhflab.training import autocast, fast_kernels, native_bf16
 
 from tiny import gpt2_dir, llama_dir, tiny_tokenizer
 
@@ -68,8 +68,8 @@ def test_precision_is_checked_and_auto_follows_the_hardware(tmp_path, monkeypatc
     assert isinstance(native_bf16(CPU), bool)
     cfg = pipeline.RunConfig(out_dir=str(tmp_path))
     for expected in ("fp32", "bf16"):
-        choice = training.PrecisionChoice(expected, "because")
-        monkeypatch.setattr("rlhflab.training.choose_precision", lambda device, c=choice: c)
+        choice = device.PrecisionChoice(expected, "because")
+        monkeypatch.setattr("rlhflab.device.choose_precision", lambda device, c=choice: c)
         run = pipeline.Pipeline(cfg)
         assert (run.precision, run.precision_reason) == (expected, "because")
     cfg.precision = "fp32"
@@ -86,20 +86,20 @@ def test_precision_is_checked_and_auto_follows_the_hardware(tmp_path, monkeypatc
     ],
 )
 def test_auto_precision_needs_bf16_instructions_and_a_measured_gain(monkeypatch, flags, speedup, expected):
-    monkeypatch.setattr(training, "cpu_bf16_flags", lambda: flags)
-    monkeypatch.setattr(training, "matmul_speedup", lambda device: speedup)
-    training._choose.cache_clear()
+    monkeypatch.setattr(device, "cpu_bf16_flags", lambda: flags)
+    monkeypatch.setattr(device, "matmul_speedup", lambda device: speedup)
+    device._choose.cache_clear()
     try:
-        choice = training.choose_precision(CPU)
+        choice = device.choose_precision(CPU)
     finally:
-        training._choose.cache_clear()
+        device._choose.cache_clear()
     assert choice.precision == expected
     assert all(f in choice.reason for f in flags)
     assert (f"{speedup:.2f}x" in choice.reason) == bool(flags)  # timed only where the flags are
 
 
 def test_matmul_speedup_is_measured_on_this_cpu():
-    ratio = training.matmul_speedup(CPU, rows=256, reps=3)
+    ratio = device.matmul_speedup(CPU, rows=256, reps=3)
     assert math.isfinite(ratio) and ratio > 0
-    flags = training.cpu_bf16_flags()
-    assert set(flags) <= set(training.BF16_CPU_FLAGS)
+    flags = device.cpu_bf16_flags()
+    assert set(flags) <= set(device.BF16_CPU_FLAGS)

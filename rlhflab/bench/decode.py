@@ -22,7 +22,7 @@ import time
 import torch
 
 from rlhflab.bench.common import WORKLOADS, Workload
-from rlhflab.training import sync
+from rlhflab.device import sync
 
 
 def copy_bandwidth(device: torch.device, mib: int = 1024, reps: int = 5) -> float:

@@ -49,8 +49,8 @@ from rlhflab.bench.common import (
 )
 from rlhflab.bench.limit import fractions, measure_limit
 from rlhflab.bench.report import format_report
+from rlhflab.device import sync
 from rlhflab.errors import InputError
-from rlhflab.training import sync
 
 
 def run_rlhflab(
@@ -300,14 +300,14 @@ def check_nproc(w: Workload, nproc: int) -> None:
 
 
 def resolve_precision(precision: str, w: Workload) -> tuple[str, str]:
-    """'auto': what `rlhflab run` picks on the workload's device (training.choose_precision:
+    """'auto': what `rlhflab run` picks on the workload's device (device.choose_precision:
     bf16 where bf16 matmuls are natively fast, else fp32), with its reason; both sides then
     run at that precision."""
     if precision != "auto":
         return precision, "asked for"
     import torch
 
-    from rlhflab.training import choose_precision
+    from rlhflab.device import choose_precision
 
     choice = choose_precision(torch.device(w.device))
     return choice.precision, choice.reason

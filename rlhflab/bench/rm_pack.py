@@ -52,11 +52,12 @@ def bench_rm(steps: int = 30, precision: str = "auto", threads: int | None = 2, 
 
     from rlhflab import distributed
     from rlhflab.bench.common import cpu_name
+    from rlhflab.device import autocast, choose_precision, fast_kernels
     from rlhflab.errors import InputError
     from rlhflab.models import reward_scores
     from rlhflab.stages.rm import RMConfig, _loss, collate
     from rlhflab.text import additive_mask
-    from rlhflab.training import adam, autocast, choose_precision, fast_kernels
+    from rlhflab.training import adam
 
     if steps < 2:
         raise InputError("needs at least 2 steps", field="steps")

@@ -20,8 +20,8 @@ import warnings
 
 from transformers import TrainerCallback
 
+from rlhflab.device import sync
 from rlhflab.errors import InputError
-from rlhflab.training import sync
 
 TRL_VERSIONS = ">=1.12,<1.13"
 """What `rlhflab bench --vs trl` was verified against (the newest release with PPO)."""
@@ -95,9 +95,9 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, pr
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trainer_module
 
-    from rlhflab.attention import fast_attention
     from rlhflab.bench.common import PPO_SETTINGS, SEED, peak_memory, side_result
     from rlhflab.data import read_prompts
+    from rlhflab.device import fast_attention
     from rlhflab.models import fuse_gelu, load_causal_lm, load_reward_model, load_tokenizer
     from rlhflab.text import encode_query
 

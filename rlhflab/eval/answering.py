@@ -17,13 +17,13 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from rlhflab.config import flat_dict
 from rlhflab.data import iter_jsonl
 from rlhflab.eval.capability import capability_items, few_shot, load_benchmarks, scores_of
+from rlhflab.eval.config import EvalConfig
 from rlhflab.eval.heldout import HeldoutAnswers, HeldoutSets, answer_heldout
 from rlhflab.eval.prompted import choose_prefix, prompted_name, with_prefix
 from rlhflab.generation import generate, generator_for
@@ -32,9 +32,6 @@ from rlhflab.models import context_length, load_causal_lm, load_reward_model, lo
 from rlhflab.stages.rm_score import score_pairs
 from rlhflab.text import encode_query
 from rlhflab.training import cpu_cores, default_jobs, resolve_device, set_seed, side_by_side
-
-if TYPE_CHECKING:
-    from rlhflab.eval.evaluate import EvalConfig
 
 SPLITS = ("test",)
 """Splits judged by the gold scorer; the held-out sets are rlhflab.eval.heldout's."""

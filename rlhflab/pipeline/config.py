@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhflab.config import check
-from rlhflab.eval.evaluate import EvalConfig
+from rlhflab.eval.config import EvalConfig
 from rlhflab.stages.ppo.config import PPOConfig
 from rlhflab.stages.pretrain import PretrainConfig
 from rlhflab.stages.rm import RMConfig
@@ -148,7 +148,7 @@ class RunConfig:
     """Precision of the training stages, pretraining, SFT, RM and PPO (their own `precision`
     is set from this): 'auto' is bf16 autocast where bf16 matmuls are natively fast (a CPU
     with AMX or AVX-512 BF16, a GPU with bf16) and a short timed matmul at start-up confirms
-    it (training.choose_precision; the run prints why), else fp32. Sampling for comparisons
+    it (device.choose_precision; the run prints why), else fp32. Sampling for comparisons
     and evaluation run in fp32."""
     pretrain_small: PretrainConfig = field(default_factory=lambda: _pretrain("small"))
     """Stage 0, the small base model (world, out_dir, size, seed are set by the pipeline)."""

@@ -33,7 +33,8 @@ class Pipeline(Scheduler):
     """The lab recipe's stages (`jobs`) on the scheduler, and the run around them (`run`)."""
 
     def __init__(self, cfg: RunConfig):
-        from rlhflab.training import choose_precision, resolve_device
+        from rlhflab.device import choose_precision
+        from rlhflab.training import resolve_device
 
         super().__init__(Path(cfg.out_dir), cfg.isolate_stages, cfg.jobs, resolve_device("auto"))
         self.cfg = cfg

@@ -22,10 +22,11 @@ from rlhflab import distributed
 from rlhflab.adapters import checkpoint_activations
 from rlhflab.config import RunFields, TrainFields, add_config_arguments, check, config_from_args, train_fields
 from rlhflab.data import read_texts
+from rlhflab.device import autocast, fast_kernels
 from rlhflab.errors import InputError
 from rlhflab.models import LAB_SIZES, lab_model, load_tokenizer, n_params
 from rlhflab.text import train_tokenizer
-from rlhflab.training import Loop, autocast, fast_kernels, fit, resolve_device, set_seed, write_outputs
+from rlhflab.training import Loop, fit, resolve_device, set_seed, write_outputs
 
 
 @dataclass

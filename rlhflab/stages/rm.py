@@ -35,6 +35,7 @@ from rlhflab.config import (
     validate,
 )
 from rlhflab.data import Ranking, read_demos, read_rankings
+from rlhflab.device import autocast, fast_kernels
 from rlhflab.errors import InputError
 from rlhflab.models import (
     context_length,
@@ -45,16 +46,7 @@ from rlhflab.models import (
 )
 from rlhflab.stages.rm_score import apply_normalization, encode_samples, encode_sequence, normalize, score_sequences
 from rlhflab.text import additive_mask, encode_pair, encode_query, pack, pad_right, supports_packing
-from rlhflab.training import (
-    Loop,
-    autocast,
-    fast_kernels,
-    fit,
-    resolve_device,
-    set_seed,
-    shuffled_batch,
-    write_outputs,
-)
+from rlhflab.training import Loop, fit, resolve_device, set_seed, shuffled_batch, write_outputs
 
 
 @dataclass

@@ -33,6 +33,7 @@ from rlhflab.config import (
     validate,
 )
 from rlhflab.data import read_demos, read_prompt_rows, read_texts
+from rlhflab.device import autocast, fast_kernels
 from rlhflab.errors import InputError
 from rlhflab.generation import generate, generator_for
 from rlhflab.io import atomic_dir
@@ -40,16 +41,7 @@ from rlhflab.models import context_length, load_causal_lm, load_reward_model, lo
 from rlhflab.stages.rm_score import score_pairs
 from rlhflab.stages.sample import check_prompt_lengths
 from rlhflab.text import assistant_spans, encode_documents, encode_pair, encode_query, pad_right
-from rlhflab.training import (
-    Loop,
-    autocast,
-    fast_kernels,
-    fit,
-    resolve_device,
-    set_seed,
-    shuffled_batch,
-    write_outputs,
-)
+from rlhflab.training import Loop, fit, resolve_device, set_seed, shuffled_batch, write_outputs
 
 IGNORE = -100
 """Label of positions that carry no loss (prompt and padding)."""

@@ -22,6 +22,7 @@ import torch
 
 from rlhflab import adapters, distributed
 from rlhflab.config import add_config_arguments, config_from_args, save_config, validate
+from rlhflab.device import autocast
 from rlhflab.errors import InputError
 from rlhflab.generation import sample
 from rlhflab.io import MetricsLog, atomic_dir, read_metrics, write_json
@@ -29,7 +30,7 @@ from rlhflab.stages.ppo import parallel
 from rlhflab.stages.ppo.config import PPOConfig
 from rlhflab.stages.ppo.run import Run, open_run
 from rlhflab.stages.ppo.step import _join, policy_logprobs, ppo_step, score
-from rlhflab.training import autocast, progress, resolve_device, set_seed
+from rlhflab.training import progress, resolve_device, set_seed
 
 # --------------------------------------------------------------------------- measurement
 

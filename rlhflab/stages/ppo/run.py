@@ -26,13 +26,14 @@ import torch
 
 from rlhflab import adapters, checkpoint, data, distributed
 from rlhflab.config import flat_dict
+from rlhflab.device import fast_kernels
 from rlhflab.distributed import SINGLE, Dist
 from rlhflab.errors import InputError
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, token_values
 from rlhflab.stages.ppo.core import AdaptiveKLController, FixedKLController
 from rlhflab.stages.ppo.parallel import check_parallel
 from rlhflab.text import encode_documents, encode_query, pad_right
-from rlhflab.training import NonFiniteGuard, adam, check_resumable, fast_kernels, resolve_device
+from rlhflab.training import NonFiniteGuard, adam, check_resumable, resolve_device
 
 if TYPE_CHECKING:
     from rlhflab.stages.ppo.config import PPOConfig

@@ -22,6 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from rlhflab.device import autocast
 from rlhflab.distributed import Forward, unwrap
 from rlhflab.generation import Generation, sample
 from rlhflab.models import (
@@ -45,7 +46,7 @@ from rlhflab.stages.ppo.core import (
 )
 from rlhflab.stages.ppo.run import Run
 from rlhflab.text import pad_left
-from rlhflab.training import PhaseTimer, autocast
+from rlhflab.training import PhaseTimer
 
 
 @dataclass
