@@ -2,12 +2,12 @@
 
 `answer_all` runs the models of an `EvalConfig` side by side (training.side_by_side); what
 comes back is judged by evaluate.py. A model's results can also be computed before the eval
-by `answer_stage` (`rlhflab run` answers each model as soon as its stage has finished, beside
-the stages still running) and kept in `<dir>/<name>/summary.json`; an eval whose
+by `answer_stage` (`rlhflab run` answers each model as soon as its stage and the RM have
+finished, beside the stages still running) and kept in `<dir>/<name>/summary.json`; an eval whose
 `answers_from` is `dir` takes them from there when their key matches: the same weights, world,
 settings, device and intra-op thread count that it would answer with itself, so the results
-are the ones it would compute (tests/test_evaluate.py checks the summary is the same byte
-for byte). Any other file there is ignored and the model answered again.
+are the ones it would compute (tests/test_evaluate.py checks every output file is the same
+byte for byte). Any other file there is ignored and the model answered again.
 """
 
 from __future__ import annotations
