@@ -188,15 +188,26 @@ def default_jobs(device: torch.device) -> int:
     return 1 if device.type != "cpu" else min(2, cpu_cores())
 
 
+def side_by_side_threads(jobs: int) -> int:
+    """The intra-op threads every call of `side_by_side(..., jobs)` runs with."""
+    return max(1, cpu_cores() // jobs) if jobs > 1 else torch.get_num_threads()
+
+
 def side_by_side(fn, calls: list[tuple], jobs: int) -> list:
     """[fn(*args) for args in calls], `jobs` at a time in stage processes (stage_context) of
-    cores // jobs threads each (in this process when jobs is 1); results in call order, the
-    first error raised again here."""
+    cores // jobs threads each, however many calls there are (one call runs in this process
+    at that count; jobs 1: in this process as it is); results in call order, the first
+    error raised again here."""
+    threads = side_by_side_threads(jobs)
     if jobs <= 1 or len(calls) <= 1:
-        return [fn(*args) for args in calls]
+        outer = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return [fn(*args) for args in calls]
+        finally:
+            torch.set_num_threads(outer)
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, cpu_cores() // jobs)
     init = (dict(os.environ), threads)
     with ProcessPoolExecutor(jobs, mp_context=stage_context(), initializer=apply_env, initargs=init) as pool:
         return [f.result() for f in [pool.submit(fn, *args) for args in calls]]

@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from rlhflab.cli import main
 from rlhflab.errors import InputError
@@ -290,7 +291,10 @@ def test_side_by_side_keeps_call_order_threads_and_errors():
     out = side_by_side(_threads_and_square, [(i,) for i in range(5)], jobs=2)
     assert [sq for _, sq in out] == [0, 1, 4, 9, 16]
     assert {th for th, _ in out} == {max(1, cpu_cores() // 2)}
-    assert side_by_side(_threads_and_square, [(3,)], jobs=2) == [_threads_and_square(3)]  # one call: here
+    threads = torch.get_num_threads()
+    # One call runs here, at the threads it would have had beside the others.
+    assert side_by_side(_threads_and_square, [(3,)], jobs=2) == [(max(1, cpu_cores() // 2), 9)]
+    assert torch.get_num_threads() == threads
     with pytest.raises(ValueError, match="negative: -1"):
         side_by_side(_threads_and_square, [(2,), (-1,)], jobs=2)
 

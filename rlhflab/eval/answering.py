@@ -31,7 +31,7 @@ from rlhflab.io import write_json
 from rlhflab.models import context_length, load_causal_lm, load_reward_model, load_tokenizer, n_params
 from rlhflab.stages.rm_score import score_pairs
 from rlhflab.text import encode_query
-from rlhflab.training import cpu_cores, default_jobs, resolve_device, set_seed, side_by_side
+from rlhflab.training import default_jobs, resolve_device, set_seed, side_by_side, side_by_side_threads
 
 SPLITS = ("test",)
 """Splits judged by the gold scorer; the held-out sets are rlhflab.eval.heldout's."""
@@ -220,14 +220,6 @@ def _run(cfg: EvalConfig, kind: str, name: str, path: str, inputs: Inputs, devic
     return ANSWER[kind](cfg, name, path, inputs, device)
 
 
-def answer_threads(cfg: EvalConfig, device) -> int:
-    """The intra-op threads this eval answers each model with (training.side_by_side's choice)."""
-    jobs = cfg.jobs or default_jobs(device)
-    if jobs > 1 and len(_calls(cfg)) > 1:
-        return max(1, cpu_cores() // jobs)
-    return torch.get_num_threads()
-
-
 def tree_digest(path: str) -> str:
     """sha256 over the relative paths and bytes of every file under `path` (or of the file)."""
     root, h = Path(path), hashlib.sha256()
@@ -278,22 +270,13 @@ def answer_all(cfg: EvalConfig, inputs: Inputs, device) -> dict[str, Answered]:
     """Every model's results by name: kept ones from `answers_from`, the rest answered
     `jobs` models at a time in one-thread processes of their own (training.side_by_side); in
     this process when jobs is 1."""
-    calls, threads = _calls(cfg), answer_threads(cfg, device)
+    calls, jobs = _calls(cfg), cfg.jobs or default_jobs(device)
+    threads = side_by_side_threads(jobs)  # what each model is answered with here
     out = {name: _kept(cfg, kind, name, path, threads, device) for kind, name, path in calls}
     todo = [(cfg, kind, name, path, inputs, device) for kind, name, path in calls if out[name] is None]
-    jobs = cfg.jobs or default_jobs(device)
     kept = f", {len(calls) - len(todo)} answered already ({cfg.answers_from})" if len(todo) < len(calls) else ""
     print(f"eval: {len(todo)} models to answer, {min(jobs, max(1, len(todo)))} at a time{kept}", file=sys.stderr)
-    if len(todo) == 1:  # in this process, at the threads it would have had beside the others
-        outer = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            results = [_run(*todo[0])]
-        finally:
-            torch.set_num_threads(outer)
-    else:
-        results = side_by_side(_run, todo, jobs)
-    for args, result in zip(todo, results):
+    for args, result in zip(todo, side_by_side(_run, todo, jobs)):
         out[args[2]] = result
     return out
 

@@ -84,8 +84,8 @@ class Pipeline(Scheduler):
         return out
 
     def _answer_jobs(self, world: Path, rm: Path) -> list[Job]:
-        """Each evaluated model answers the eval's prompts as soon as its stage is done, beside
-        the stages still running (eval.answering.answer_stage; the eval takes the results from
+        """Each evaluated model answers the eval's prompts once its stage is done, beside the
+        stages still running (eval.answering.answer_stage; the eval takes the results from
         `answers/`). Each waits for the RM too (a prompted model's prefix is the RM's pick),
         so that the RM, on the critical path, keeps every core: beside an answer job it would
         get one thread (RM 181 s against 120 s on two threads, 2-core EPYC). The large and
@@ -98,9 +98,8 @@ class Pipeline(Scheduler):
         out = []
         for name in names:
             stage = Path(paths[name]).parent.relative_to(self.root).as_posix()
-            needs = (stage, "rm")
             make = lambda n=name: (answer_stage, (cfg, n, str(self.root / "answers" / n)))  # eval's cfg, unchecked
-            out.append(Job(f"answers/{name}", make, needs))
+            out.append(Job(f"answers/{name}", make, (stage, "rm")))
         return out
 
     def _rl_jobs(self, size: str, world: Path, rm: Path) -> list[Job]:
