@@ -75,6 +75,19 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert "update, of limit" in text and report["workload"]["precision_reason"] in text
 
 
+def test_seed_moves_the_ppo_run_and_not_the_workload(capsys):
+    """--seed draws other rollouts from the same models: at step 1 the policy is still the
+    workload's, so the RM scores of its samples differ only by the sampling."""
+    a = run_json(capsys, "--steps", "2", "--precision", "fp32")
+    b = run_json(capsys, "--steps", "2", "--precision", "fp32", "--seed", "1")
+    assert (a["workload"]["seed"], b["workload"]["seed"]) == (0, 1)
+    assert a["workload"]["policy_params"] == b["workload"]["policy_params"]
+    assert a["rlhflab"]["rm_score_per_step"][0] != b["rlhflab"]["rm_score_per_step"][0]
+    assert a["rlhflab"]["kl_per_step"][0] == pytest.approx(0.0, abs=1e-5)  # policy = reference at step 1
+    assert b["rlhflab"]["kl_per_step"][0] == pytest.approx(0.0, abs=1e-5)
+    assert "seed 1;" in bench.format_report(b)
+
+
 def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
     """bench/limit.py's GEMM FLOPs of one forward (and forward + backward) equal what
     torch's FlopCounterMode counts on a real GPT-2 of the workload's shape; its attention
@@ -170,7 +183,7 @@ def test_vs_trl_without_trl_is_one_clear_line(capsys, monkeypatch):
 @pytest.mark.slow
 def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
     w = bench.WORKLOADS["tiny"]
-    report = run_json(capsys, "--steps", "3", "--vs", "trl")
+    report = run_json(capsys, "--steps", "3", "--vs", "trl", "--seed", "3")
     check_side(report["rlhflab"], w, 3)
     check_side(report["trl"], w, 3, exact_length=False)
     trl = report["trl"]
@@ -183,6 +196,7 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
         s["num_mini_batches"],
         s["gradient_checkpointing"],
         s["bf16"],
+        s["seed"],
     ) == (
         w.ppo_epochs,
         w.response_len,
@@ -190,7 +204,8 @@ def test_vs_trl_runs_both_sides_on_the_same_workload(capsys):
         w.batch_size // w.minibatch_size,
         False,
         report["workload"]["precision"] == "bf16",
-    )  # the same precision on both sides
+        3,
+    )  # the same precision and seed on both sides
     assert report["ratio"]["episodes_per_s"] == pytest.approx(
         report["rlhflab"]["episodes_per_s"] / trl["episodes_per_s"]
     )
@@ -209,3 +224,5 @@ def test_rm_bench_times_padded_against_packed_rows_with_the_same_scores(capsys):
 def test_rm_bench_refuses_ppo_only_options(capsys):
     assert cli.main(["bench", "--rm", "--nproc", "2"]) != 0
     assert "--rm times rlhflab's RM step alone" in capsys.readouterr().err
+    assert cli.main(["bench", "--rm", "--seed", "1"]) != 0
+    assert "--seed" in capsys.readouterr().err

@@ -62,9 +62,11 @@ def run_rlhflab(
     lora_r: int = 0,
     gradient_checkpointing: bool = False,
     parallel: str = "auto",
+    seed: int = SEED,
 ) -> dict:
     """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload; `lora_r` > 0: LoRA
-    adapters of that rank (peft) on policy and value model, the reference their shared base.
+    adapters of that rank (peft) on policy and value model, the reference their shared base;
+    `seed` the run's (sampling and minibatch order; the workload's models and prompts are fixed).
     Under torchrun (bench/ranks.py) every rank runs it; `parallel` is train.parallel, and
     the peak memory is the largest of the ranks'."""
     import torch
@@ -87,13 +89,13 @@ def run_rlhflab(
         no_eos_penalty=0.0,
         warmup_steps=0,
         total_episodes=steps * w.batch_size,
-        run=RunFields(seed=SEED, device=w.device),
+        run=RunFields(seed=seed, device=w.device),
         train=train,
         out_dir=out_dir,
         lora_r=lora_r,
         **settings,
     )
-    set_seed(SEED)
+    set_seed(seed)
     run = open_run(config)
     wall, phases, kl, rm_score = [], [], [], []
     for step in range(1, steps + 1):
@@ -212,10 +214,12 @@ def bench(
     gradient_checkpointing: bool = False,
     nproc: int = 1,
     parallel: str = "ddp",
+    seed: int = SEED,
 ) -> dict:
     """Run the workload with rlhflab (and TRL); return the report as a dict. `lora_r` and
     `gradient_checkpointing` are rlhflab's memory savers (adapters.py), its side only.
-    `nproc` > 1: rlhflab also at that many processes (`parallel`: ddp or fsdp)."""
+    `nproc` > 1: rlhflab also at that many processes (`parallel`: ddp or fsdp). `seed`: the
+    PPO runs' seed on every side; the models and prompts are the workload's whatever it is."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     if nproc < 1:
@@ -244,6 +248,7 @@ def bench(
             "lora_r": lora_r,
             "gradient_checkpointing": gradient_checkpointing,
             "nproc": nproc,
+            "seed": seed,
         },
         "machine": machine_info(w),
         "date": datetime.date.today().isoformat(),
@@ -254,7 +259,7 @@ def bench(
         inputs = build_inputs(w, Path(root))
         for side in sides:
             log(f"bench: {side} on workload {w.name} ({steps} PPO steps) ...")
-            options = {"precision": precision}
+            options = {"precision": precision, "seed": seed}
             if side == "trl":
                 options["kernels"] = trl_kernels
             else:
@@ -262,7 +267,7 @@ def bench(
             report[side] = measure(side, w, inputs, steps, options)
         if nproc > 1:
             log(f"bench: rlhflab at {nproc} processes ({parallel}) on workload {w.name} ...")
-            options = dict(precision=precision, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing)
+            options = dict(precision=precision, lora_r=lora_r, gradient_checkpointing=gradient_checkpointing, seed=seed)
             report["nproc"] = measure_nproc(nproc, w, inputs, steps, dict(options, parallel=parallel), Path(root))
             report["nproc"]["speedup"] = report["nproc"]["episodes_per_s"] / report["rlhflab"]["episodes_per_s"]
         log("bench: this machine's matmul rate at the workload's shapes ...")
@@ -390,6 +395,14 @@ def add_arguments(parser) -> None:
         help="time the reward model's training step instead: padded rows against packed rows "
         "(rm pack), on lab-shaped rankings, on the CPU (--steps per side, default 30)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="the PPO runs' seed on both sides (sampling, minibatch order; default 0); the "
+        "workload's models and prompts stay the same. One seed's KL is one noisy walk: "
+        "compare the trainers' KL and RM score over several seeds",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the workload's)")
     parser.add_argument(
@@ -426,6 +439,7 @@ def run_cli(args) -> int:
         gradient_checkpointing=args.gradient_checkpointing,
         nproc=args.nproc,
         parallel=args.parallel,
+        seed=args.seed,
     )
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -434,9 +448,10 @@ def run_cli(args) -> int:
 def _run_rm(args) -> int:
     from rlhflab.bench.rm_pack import bench_rm, format_rm_report
 
-    if args.vs or args.nproc != 1 or args.lora_r or args.gradient_checkpointing or args.workload != "cpu":
+    ppo_only = args.vs or args.nproc != 1 or args.lora_r or args.gradient_checkpointing or args.seed != SEED
+    if ppo_only or args.workload != "cpu":
         raise InputError(
-            "--rm times rlhflab's RM step alone, on the CPU: no --vs/--nproc/--lora-r/--workload", field="rm"
+            "--rm times rlhflab's RM step alone, on the CPU: no --vs/--nproc/--lora-r/--seed/--workload", field="rm"
         )
     if args.threads is not None and args.threads < 1:
         raise InputError("must be >= 1", field="threads")

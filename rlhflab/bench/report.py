@@ -28,7 +28,7 @@ def format_report(r: dict) -> str:
         + f"; torch {m['torch']}, transformers {m['transformers']}"
         + (f", trl {r['trl']['version']}" if vs else "")
         + f"; {r['date']}",
-        f"{w['steps']} PPO steps per side, the first left out; precision "
+        f"{w['steps']} PPO steps per side, the first left out; seed {w.get('seed', 0)}; precision "
         f"{w.get('precision', 'fp32')}: {w.get('precision_reason', 'asked for')}",
         "",
         f"{'':26}{'rlhflab':>14}"

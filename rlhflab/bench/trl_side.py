@@ -86,7 +86,9 @@ def trl_batch_args(w) -> dict:
     )
 
 
-def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, precision: str = "fp32") -> dict:
+def run_trl(
+    w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, precision: str = "fp32", seed: int = 0
+) -> dict:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed arguments
     import torch
@@ -95,7 +97,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, pr
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as trainer_module
 
-    from rlhflab.bench.common import PPO_SETTINGS, SEED, peak_memory, side_result
+    from rlhflab.bench.common import PPO_SETTINGS, peak_memory, side_result
     from rlhflab.data import read_prompts
     from rlhflab.device import fast_attention
     from rlhflab.models import fuse_gelu, load_causal_lm, load_reward_model, load_tokenizer
@@ -121,7 +123,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, pr
         local_rollout_forward_batch_size=w.batch_size,
         total_episodes=steps * w.batch_size,
         use_cpu=w.device == "cpu",
-        seed=SEED,
+        seed=seed,
     )
     if precision == "bf16":
         # TRL 1.12's PPOTrainer builds its Accelerator without the TrainingArguments' mixed
@@ -165,7 +167,7 @@ def run_trl(w, inputs: dict, steps: int, out_dir: str, kernels: bool = False, pr
             setattr(trainer_module, name, fn)
     wall, phases = clock.wall[1:], clock.phases[1:]  # the first step is a warm-up
     peak, kind = peak_memory(w.device)
-    shown = {k: v for k, v in settings.items() if k not in ("total_episodes", "seed")}
+    shown = {k: v for k, v in settings.items() if k != "total_episodes"}
     return side_result(
         wall,
         phases,
