@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +18,14 @@ import yaml
 from rlhflab.cli import main
 from rlhflab.config import load_config
 from rlhflab.errors import ConfigError
-from rlhflab.eval.answering import answer_stage, answers_key, build_queries
+from rlhflab.eval import config as config_module
+from rlhflab.eval.answering import _prefix_for, answer_stage, answers_key, build_queries
 from rlhflab.eval.config import EvalConfig
 from rlhflab.eval.evaluate import evaluate
 from rlhflab.eval.judging import compare, wilson, win_rate
 from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
 from rlhflab.eval.prompted import candidate_shots, choose_prefix, shot_pieces
-from rlhflab.models import lab_model, load_tokenizer
+from rlhflab.models import lab_model, load_causal_lm, load_tokenizer
 from rlhflab.text import encode_query
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build
@@ -171,6 +175,34 @@ def test_the_prefix_the_reward_model_scores_highest_is_kept(lab):
     assert pieces == shot_pieces(tok, shots)
     first = choose_prefix(answer_fn, None, tok, demos, ["p1"], k=2, n=5, seed=3)  # no RM: the first draw
     assert first[1] == cands[0] and first[2] == []
+
+
+def test_the_prefix_loop_of_the_docs_runs_and_scores_the_evals_candidates(lab, tmp_path, monkeypatch, capsys):
+    """docs/evaluation.md's loop over candidate prefixes runs as printed on a run's layout, and
+    its first four candidates get the RM scores the eval chose GPT-prompted-small's prefix by."""
+    root, tok = lab
+    run = tmp_path / "runs" / "lab"
+    for link, target in (("world", "world"), ("pretrain-small/model", "GPT-small"), ("rm/model", "rm")):
+        (run / link).parent.mkdir(parents=True, exist_ok=True)
+        (run / link).symlink_to(root / target)
+    (code,) = re.findall(
+        r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text(), re.S
+    )
+    monkeypatch.chdir(tmp_path)
+    short = functools.partial(EvalConfig, max_new_tokens=12)  # the tiny world's prompts are long in tokens
+    monkeypatch.setattr(config_module, "EvalConfig", short)
+    exec(compile(code, "docs/evaluation.md", "exec"), {"__name__": "docs"})
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"-?\d+ RM ", line)]
+    assert [r[0] for r in rows] == [str(c) for c in range(-1, 16)]  # no prefix, then 16 candidates
+    assert all(0.0 <= float(r[5]) <= 1.0 for r in rows)  # test gold is a mean quality
+    world = load_world(root / "world")
+    demos = [json.loads(x) for x in (root / "world" / "sft_train.jsonl").read_text().splitlines()]
+    val = [t.prompt for t in world.splits["ppo_val"][:64]]
+    cfg = short(world=str(root / "world"), reward_model=str(root / "rm"), temperature=1.0)
+    model = load_causal_lm(root / "GPT-small").eval()
+    _, _, means = _prefix_for(cfg, model, tok, 128, demos, val, torch.device("cpu"))
+    assert len(means) == cfg.prefix_candidates == 4
+    assert [float(r[2]) for r in rows[1:5]] == pytest.approx(means, abs=5e-4)  # printed to 3 decimals
 
 
 def test_config_validation(lab):
