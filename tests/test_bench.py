@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,17 +77,29 @@ def test_tiny_bench_reports_every_figure(capsys):
     assert "update, of limit" in text and report["workload"]["precision_reason"] in text
 
 
-def test_seed_moves_the_ppo_run_and_not_the_workload(capsys):
-    """--seed draws other rollouts from the same models: at step 1 the policy is still the
-    workload's, so the RM scores of its samples differ only by the sampling."""
+def test_seed_moves_the_ppo_run_and_not_the_workload(capsys, monkeypatch):
+    """--seed draws other prompts and samples from the same models and prompt set; one seed
+    repeats its run exactly."""
+    built, build_inputs = [], bench.build_inputs
+
+    def recording(w, root):  # the digest of every model and prompt file the bench builds
+        paths = build_inputs(w, root)
+        files = sorted(f for p in paths.values() for f in ([Path(p)] if Path(p).is_file() else Path(p).rglob("*")))
+        built.append(hashlib.sha256(b"".join(f.read_bytes() for f in files if f.is_file())).hexdigest())
+        return paths
+
+    monkeypatch.setattr(bench, "build_inputs", recording)
     a = run_json(capsys, "--steps", "2", "--precision", "fp32")
     b = run_json(capsys, "--steps", "2", "--precision", "fp32", "--seed", "1")
+    again = run_json(capsys, "--steps", "2", "--precision", "fp32", "--seed", "1")
     assert (a["workload"]["seed"], b["workload"]["seed"]) == (0, 1)
-    assert a["workload"]["policy_params"] == b["workload"]["policy_params"]
-    assert a["rlhflab"]["rm_score_per_step"][0] != b["rlhflab"]["rm_score_per_step"][0]
-    assert a["rlhflab"]["kl_per_step"][0] == pytest.approx(0.0, abs=1e-5)  # policy = reference at step 1
-    assert b["rlhflab"]["kl_per_step"][0] == pytest.approx(0.0, abs=1e-5)
+    assert len(built) == 3 and len(set(built)) == 1  # the same models and prompts at every seed
+    assert a["rlhflab"]["rm_score_per_step"] != b["rlhflab"]["rm_score_per_step"]
+    assert again["rlhflab"]["kl_per_step"] == b["rlhflab"]["kl_per_step"]
+    assert again["rlhflab"]["rm_score_per_step"] == b["rlhflab"]["rm_score_per_step"]
     assert "seed 1;" in bench.format_report(b)
+    assert cli.main(["bench", "--workload", "tiny", "--seed", "-1"]) == 2
+    assert "seed" in capsys.readouterr().err
 
 
 def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():

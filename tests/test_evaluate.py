@@ -25,7 +25,8 @@ from rlhflab.eval.evaluate import evaluate
 from rlhflab.eval.judging import compare, wilson, win_rate
 from rlhflab.eval.overopt import best_of_n_kl, fit_best_of_n, fit_rl, rl_curve
 from rlhflab.eval.prompted import candidate_shots, choose_prefix, shot_pieces
-from rlhflab.models import lab_model, load_causal_lm, load_tokenizer
+from rlhflab.models import context_length, lab_model, load_causal_lm, load_tokenizer
+from rlhflab.pipeline.config import RunConfig
 from rlhflab.text import encode_query
 from rlhflab.world import World, load_world
 from rlhflab.world.build import build
@@ -189,18 +190,22 @@ def test_the_prefix_loop_of_the_docs_runs_and_scores_the_evals_candidates(lab, t
         r"```python\n(.*?)```", (Path(__file__).parents[1] / "docs" / "evaluation.md").read_text(), re.S
     )
     monkeypatch.chdir(tmp_path)
+    answering = ("temperature", "max_new_tokens", "batch_size", "prefix_shots", "prefix_candidates", "prefix_prompts")
+    doc, run_eval = EvalConfig(temperature=1.0), RunConfig().eval  # the loop's "the eval's settings"
+    assert [getattr(doc, f) for f in answering] == [getattr(run_eval, f) for f in answering]
+    assert (doc.prefix_shots, doc.prefix_prompts, doc.run.seed) == (3, 64, 0)  # as the loop spells them
     short = functools.partial(EvalConfig, max_new_tokens=12)  # the tiny world's prompts are long in tokens
     monkeypatch.setattr(config_module, "EvalConfig", short)
     exec(compile(code, "docs/evaluation.md", "exec"), {"__name__": "docs"})
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if re.match(r"-?\d+ RM ", line)]
     assert [r[0] for r in rows] == [str(c) for c in range(-1, 16)]  # no prefix, then 16 candidates
-    assert all(0.0 <= float(r[5]) <= 1.0 for r in rows)  # test gold is a mean quality
+    assert len({r[5] for r in rows}) > 1  # the prefixes change the answers' gold
     world = load_world(root / "world")
     demos = [json.loads(x) for x in (root / "world" / "sft_train.jsonl").read_text().splitlines()]
     val = [t.prompt for t in world.splits["ppo_val"][:64]]
     cfg = short(world=str(root / "world"), reward_model=str(root / "rm"), temperature=1.0)
     model = load_causal_lm(root / "GPT-small").eval()
-    _, _, means = _prefix_for(cfg, model, tok, 128, demos, val, torch.device("cpu"))
+    _, _, means = _prefix_for(cfg, model, tok, context_length(model.config), demos, val, torch.device("cpu"))
     assert len(means) == cfg.prefix_candidates == 4
     assert [float(r[2]) for r in rows[1:5]] == pytest.approx(means, abs=5e-4)  # printed to 3 decimals
 

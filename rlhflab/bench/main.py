@@ -66,7 +66,7 @@ def run_rlhflab(
 ) -> dict:
     """rlhflab's own PPO step (`rlhflab ppo`'s code path) on the workload; `lora_r` > 0: LoRA
     adapters of that rank (peft) on policy and value model, the reference their shared base;
-    `seed` the run's (sampling and minibatch order; the workload's models and prompts are fixed).
+    `seed` the run's (prompt order, sampling, minibatch order; the models and prompt set are fixed).
     Under torchrun (bench/ranks.py) every rank runs it; `parallel` is train.parallel, and
     the peak memory is the largest of the ranks'."""
     import torch
@@ -224,6 +224,8 @@ def bench(
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     if nproc < 1:
         raise InputError("must be >= 1", field="nproc")
+    if seed < 0:
+        raise InputError("must be >= 0", field="seed")
     if nproc > 1 and vs:
         raise InputError("--nproc measures rlhflab alone: not with --vs", field="nproc")
     if parallel not in ("ddp", "fsdp"):
@@ -399,8 +401,8 @@ def add_arguments(parser) -> None:
         "--seed",
         type=int,
         default=SEED,
-        help="the PPO runs' seed on both sides (sampling, minibatch order; default 0); the "
-        "workload's models and prompts stay the same. One seed's KL is one noisy walk: "
+        help="the PPO runs' seed on both sides (prompt order, sampling, minibatch order; default "
+        "0); the workload's models and prompt set stay the same. One seed's KL is one noisy walk: "
         "compare the trainers' KL and RM score over several seeds",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
