@@ -219,7 +219,7 @@ def bench(
     """Run the workload with rlhflab (and TRL); return the report as a dict. `lora_r` and
     `gradient_checkpointing` are rlhflab's memory savers (adapters.py), its side only.
     `nproc` > 1: rlhflab also at that many processes (`parallel`: ddp or fsdp). `seed`: the
-    PPO runs' seed on every side; the models and prompts are the workload's whatever it is."""
+    PPO runs' seed on every side; the models and prompt set are the workload's at any seed."""
     if steps < 2:
         raise InputError("needs at least 2 steps (the first is a warm-up)", field="steps")
     if nproc < 1:
