@@ -1,6 +1,7 @@
 """What a device runs fast: the precision `auto` picks (timed where flags are not enough),
 bf16 autocast, the same functions as faster kernels (`fast_kernels`: GPT-2's GELU fused, and
-on a CPU in bf16 the attention below), and a device sync for timings.
+on a CPU in bf16 the attention below), the last GPT-2 block only where its output is read
+(`reading_last`, at the end), and a device sync for timings.
 
 Attention on a CPU in bf16: the matmul ('eager') attention, without its fp32 detour.
 
@@ -21,6 +22,7 @@ other model keeps transformers' own eager attention.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass
@@ -29,6 +31,9 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.gpt2.modeling_gpt2 import GPT2Block, eager_attention_forward
+from transformers.pytorch_utils import Conv1D
 
 
 def sync(device) -> None:
@@ -131,11 +136,20 @@ def native_bf16(device: torch.device) -> bool:
 def fast_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
     """The same function, faster: GPT-2's gelu_new as one fused kernel, and on a CPU in bf16
     the matmul attention in bf16 (`fast_attention`). Returns the model."""
-    from rlhflab.models import fuse_gelu
-
     fuse_gelu(model)
     fast_attention(model, device, precision)
     return model
+
+
+def fuse_gelu(model: torch.nn.Module) -> None:
+    """Swap GPT-2's gelu_new (eight elementwise passes in Python) for the same tanh-GELU
+    as one fused kernel; equal to ~1e-7, and ~3x faster forward + backward on a CPU."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
 # --------------------------------------------------------------------------- bf16 attention on a CPU
@@ -205,3 +219,126 @@ def fast_attention(model: torch.nn.Module, device: torch.device, precision: str,
     bf16 than in fp32 and would eat the whole bf16 gain (BENCHMARKS.md)."""
     if precision == "bf16" and device.type == "cpu" and hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(LOWP_EAGER if lowp and lowp_eager_fits(model) else "eager")
+
+
+# --------------------------------------------------------------------------- the last block where it is read
+
+# PPO reads the policy's and the reference's logits at the response positions, the value
+# model at the same positions and the reward model at the last real token, yet a plain
+# forward runs every block at every position. The blocks before the last must (the last
+# block's keys and values read every position's input); the last need not. Inside
+# `reading_last(model, k)` the last block of a GPT-2 model computes its keys and values at
+# every position and its queries, attention output and MLP at the last k positions only;
+# at the other positions it hands on its input unchanged, which no caller reads. At the k
+# positions the outputs are the full forward's to float rounding (the matmuls have fewer
+# rows), and since every forward of a PPO step, the rollout's and the update's, goes the
+# same way, the PPO ratio stays exactly 1 at lr = 0.
+#
+# GPT-2 blocks only (transformers' `GPT2Block`: the lab's models and the bench's). Any other
+# model, a KV cache, cross-attention, gradient checkpointing (its recomputation would run
+# outside the context) or an attention mask of a form this does not know runs the full block.
+
+
+def _last_gpt2_block(model: torch.nn.Module) -> GPT2Block | None:
+    """The model's last GPT-2 block, or None where it has none or it must run whole."""
+    blocks = [m for m in model.modules() if isinstance(m, GPT2Block)]
+    if not blocks:
+        return None
+    last = blocks[-1]
+    if last.gradient_checkpointing or hasattr(last, "crossattention") or last.attn.reorder_and_upcast_attn:
+        return None
+    return last
+
+
+@contextlib.contextmanager
+def reading_last(model: torch.nn.Module, k: int):
+    """Within the context, `model`'s forwards run its last block at the last k positions only
+    (the other positions of its output: its input). The caller reads the last k positions'
+    outputs and nothing else. No-op where `_last_gpt2_block` finds no block to cut."""
+    block = _last_gpt2_block(model)
+    if block is None or k < 1:
+        yield
+        return
+    own = block.__dict__.get("forward")  # an instance-level forward someone else set
+    block.forward = functools.partial(_forward_at_last, block, k)
+    try:
+        yield
+    finally:
+        if own is None:
+            del block.forward
+        else:
+            block.forward = own
+
+
+def _mask_rows(mask, k: int, T: int, implementation: str):
+    """The attention mask of the last k query rows, or False where its form is unknown.
+
+    A 4D mask (eager's additive one, sdpa's boolean one) keeps its last k rows. sdpa gets
+    None where the rows need only causality (no padding): its `is_causal` would align k
+    queries to the first k keys, so the causal rows are built here.
+    """
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] == T:
+        return mask[:, :, -k:, :]
+    if mask is None and implementation == "sdpa":
+        return None  # built by the caller, which knows the device
+    return False
+
+
+def _forward_at_last(
+    block: GPT2Block,
+    k: int,
+    hidden_states: torch.Tensor,
+    cache=None,
+    attention_mask=None,
+    encoder_hidden_states=None,
+    encoder_attention_mask=None,
+    use_cache: bool | None = False,
+    **kwargs,
+) -> torch.Tensor:
+    """GPT2Block.forward at the last k positions (keys and values at all); the rest: its input."""
+    T = hidden_states.shape[1]
+    attn = block.attn
+    impl = attn.config._attn_implementation
+    mask = _mask_rows(attention_mask, k, T, impl)
+    if k >= T or cache is not None or use_cache or encoder_hidden_states is not None or mask is False:
+        return GPT2Block.forward(
+            block,
+            hidden_states,
+            cache,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache,
+            **kwargs,
+        )
+    if mask is None:  # causal rows T-k .. T-1 over keys 0 .. T-1
+        rows = torch.arange(T - k, T, device=hidden_states.device)[:, None]
+        mask = (torch.arange(T, device=hidden_states.device)[None, :] <= rows)[None, None]
+    x = block.ln_1(hidden_states)
+    d = attn.split_size
+    if type(attn.c_attn) is Conv1D:  # x @ w + b with w (d, 3d) = [q | k | v]: q at the k rows only
+        w, b = attn.c_attn.weight, attn.c_attn.bias
+        query = torch.addmm(b[:d], x[:, -k:].reshape(-1, d), w[:, :d]).view(x.shape[0], k, d)
+        key, value = torch.addmm(b[d:], x.reshape(-1, d), w[:, d:]).view(*x.shape[:2], 2 * d).split(d, dim=2)
+    else:  # a wrapped projection (LoRA): the module itself, at every position
+        query, key, value = attn.c_attn(x).split(d, dim=2)
+        query = query[:, -k:]
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.view(*t.shape[:-1], -1, attn.head_dim).transpose(1, 2)
+
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+    out, _ = interface(
+        attn,
+        heads(query),
+        heads(key),
+        heads(value),
+        mask,
+        dropout=attn.attn_dropout.p if attn.training else 0.0,
+        scaling=attn.scaling,
+        **kwargs,
+    )
+    out = attn.resid_dropout(attn.c_proj(out.reshape(*out.shape[:-2], -1).contiguous()))
+    h = hidden_states[:, -k:] + out
+    h = h + block.mlp(block.ln_2(h))
+    return torch.cat([hidden_states[:, :-k], h], dim=1)

@@ -25,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rlhflab.device import fuse_gelu, reading_last
 from rlhflab.errors import InputError
 
 transformers.utils.logging.set_verbosity_error()
@@ -189,8 +190,10 @@ def reward_scores(
     last token from the `Packed`; (N,), the score each sequence gets alone in a padded row.
     """
     if score_at is None:
-        values = token_values(model, input_ids, attention_mask)  # (B, T)
-        return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+        last = last_token_index(attention_mask)
+        with reading_last(model, input_ids.shape[1] - int(last.min())):  # the last block from the first read
+            values = token_values(model, input_ids, attention_mask)  # (B, T)
+        return values.gather(1, last[:, None]).squeeze(1)
     out = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )
@@ -369,14 +372,3 @@ class _TokenLogprobs(torch.autograd.Function):
             p = _softmax(logits[rows], T)  # recomputed: cheaper than keeping a (B, R, V) fp32 tensor
             out[rows] = p.mul_(-g).scatter_add_(-1, labels[rows].unsqueeze(-1), g)
         return out, None, None
-
-
-def fuse_gelu(model: torch.nn.Module) -> None:
-    """Swap GPT-2's gelu_new (eight elementwise passes in Python) for the same tanh-GELU
-    as one fused kernel; equal to ~1e-7, and ~3x faster forward + backward on a CPU."""
-    from transformers.activations import ACT2FN, NewGELUActivation
-
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is NewGELUActivation:
-                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])

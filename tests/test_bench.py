@@ -149,6 +149,47 @@ def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
     assert linear_both == blocks + head + backward
 
 
+def test_the_limits_count_of_a_forward_read_at_its_last_positions_is_what_torch_counts():
+    """A forward under `reading_last` (the last block at the read positions only) does
+    what bench/limit.py counts for it: the GEMMs of L - 1 blocks, `_last_linears`, the LM
+    head at the read positions, and their backward; its last layer's attention runs the
+    read queries only."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rlhflab.bench.limit import _backward, _last_linears, _linears
+    from rlhflab.device import reading_last
+
+    w = bench.WORKLOADS["tiny"]
+    cfg = GPT2Config(
+        vocab_size=w.vocab_size,
+        n_positions=w.n_positions,
+        n_embd=w.n_embd,
+        n_layer=w.n_layer,
+        n_head=w.n_head,
+        attn_implementation="sdpa",
+    )
+    model = GPT2LMHeadModel(cfg)
+    B, T, read = 4, w.prompt_len + w.response_len, w.response_len
+    ids = torch.randint(0, w.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as fc:
+        with reading_last(model, read):
+            out = model(ids, use_cache=False, logits_to_keep=read).logits
+        out.float().sum().backward()
+    counts = {str(k): v for k, v in fc.get_flop_counts()["Global"].items()}
+
+    def gemm(shapes) -> int:
+        return sum(2 * m * k * n for m, k, n in shapes)
+
+    head = [(B * read, w.n_embd, w.vocab_size)]
+    shapes = (w.n_layer - 1) * _linears(w, B * T) + _last_linears(w, B * T, B * read) + head
+    linear = sum(v for k, v in counts.items() if "mm" in k and "bmm" not in k)
+    assert linear == gemm(shapes) + gemm(_backward(shapes))
+    attention = sum(v for k, v in counts.items() if "attention" in k or "bmm" in k)
+    forward = 4 * B * w.n_embd * ((w.n_layer - 1) * T * T + read * T)  # torch counts the full rectangle
+    assert attention == 3 * forward  # forward and backward
+
+
 def test_workload_shapes_are_the_documented_ones():
     cpu, gpu = bench.WORKLOADS["cpu"], bench.WORKLOADS["gpu"]
     assert round(bench.n_params(cpu) / 1e6, 2) == 1.19  # GPT-2 shape, 4 layers, d 128, vocab 2048

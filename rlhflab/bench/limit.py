@@ -2,12 +2,15 @@
 
 The work a PPO step must do is counted in FLOPs, from the workload's shape alone: the
 GEMMs of every GPT-2 block (qkv, attention projection, MLP in and out), the LM head where
-its logits are read, and causal attention (half of the T x T scores). Per phase:
+its logits are read, and causal attention (half of the T x T scores); the last block only
+where its output is read (keys and values at every position: rlhflab's `device.reading_last`).
+Per phase:
 
   generate  prefill of B prompts (LM head at the last prompt token) and R - 1 decode steps
             of B rows each, attention over the cache so far
   score     four forwards over B x (P + R) tokens (policy and reference with the LM head at
-            the R response positions, value model and reward model with a scalar head)
+            the R response positions, the value model there too, the reward model at the
+            last token)
   update    ppo_epochs x (B / minibatch) forward + backward passes of policy and value model
             (backward: the dX and dW GEMMs of every linear, 2x the attention forward)
 
@@ -35,6 +38,13 @@ def _linears(w: Workload, m: int) -> list[tuple[int, int, int]]:
     return [(m, d, 3 * d), (m, d, d), (m, d, 4 * d), (m, 4 * d, d)]
 
 
+def _last_linears(w: Workload, m: int, read: int) -> list[tuple[int, int, int]]:
+    """The last block's linears where only `read` of its m rows are read: keys and values
+    at every row, the query, attention projection and MLP at the read rows."""
+    d = w.n_embd
+    return [(m, d, 2 * d), (read, d, d), (read, d, d), (read, d, 4 * d), (read, 4 * d, d)]
+
+
 def _backward(shapes: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     """dX = dY W^T is (M, N) x (N, K); dW = X^T dY is (K, M) x (M, N)."""
     return [s for m, k, n in shapes for s in ((m, n, k), (k, m, n))]
@@ -49,41 +59,48 @@ def phase_work(w: Workload) -> dict[str, dict]:
     T, mb = P + R, w.minibatch_size
     work = {p: {"gemm": defaultdict(int), "attention": defaultdict(int)} for p in PHASES}
 
-    def blocks(phase: str, m: int, times: int = 1, backward: bool = False) -> None:
-        for s in _linears(w, m):
-            work[phase]["gemm"][s] += L * times
-        if backward:
-            for s in _backward(_linears(w, m)):
-                work[phase]["gemm"][s] += L * times
+    def forward(phase: str, rows: int, t: int, read: int, times: int = 1, backward: bool = False) -> None:
+        """A forward over `rows` sequences of t tokens whose last `read` positions are read:
+        L - 1 whole blocks, the last block at the read positions (`_last_linears`)."""
+        gemms = [(s, L - 1) for s in _linears(w, rows * t)] + [(s, 1) for s in _last_linears(w, rows * t, rows * read)]
+        attention = [(("causal", rows, t, t), L - 1), (("causal", rows, read, t), 1)]
+        for s, n in gemms:
+            for shape in [s, *_backward([s])] if backward else [s]:
+                work[phase]["gemm"][shape] += n * times
+        for (kind, *shape), n in attention:
+            work[phase]["attention"][(kind, *shape)] += n * times
+            if backward:
+                work[phase]["attention"][("causal_backward", *shape)] += n * times
 
-    # generate: one prefill, R - 1 decode steps (the R-th token needs no forward of its own)
-    blocks("generate", B * P)
+    # generate: one prefill (the LM head and the last block's queries at the last prompt
+    # token), R - 1 decode steps (the R-th token needs no forward of its own)
+    forward("generate", B, P, 1)
     work["generate"]["gemm"][(B, d, V)] += R  # LM head: last prompt token, then each new one
-    work["generate"]["attention"][("prefill", B, P, P)] += L
-    blocks("generate", B, R - 1)
+    for s in _linears(w, B):
+        work["generate"]["gemm"][s] += L * (R - 1)
     work["generate"]["attention"][("decode", B, 1, P + R // 2)] += L * (R - 1)
-    # score: policy, reference, value, reward model over the whole sequence
-    blocks("score", B * T, 4)
+    # score: policy, reference and value model read the R positions before each response
+    # token, the reward model the last one
+    forward("score", B, T, R, 3)
+    forward("score", B, T, 1)
     work["score"]["gemm"][(B * R, d, V)] += 2
-    work["score"]["attention"][("causal", B, T, T)] += 4 * L
     # update: policy and value model, forward and backward, per minibatch per epoch
     n = w.ppo_epochs * (B // mb)
-    blocks("update", mb * T, 2 * n, backward=True)
+    forward("update", mb, T, R, 2 * n, backward=True)
     head = (mb * R, d, V)
     for s in [head, *_backward([head])]:
         work["update"]["gemm"][s] += n
-    work["update"]["attention"][("causal", mb, T, T)] += 2 * L * n
-    work["update"]["attention"][("causal_backward", mb, T, T)] += 2 * L * n
     return work
 
 
 def attention_flops(w: Workload, kind: str, b: int, q: int, kv: int) -> float:
-    """FLOPs of QK^T and AV over all heads of one layer: causal ones count the lower triangle
-    (diagonal included); a backward is twice its forward (dQ, dK from dS; dP, dV)."""
+    """FLOPs of QK^T and AV over all heads of one layer. Causal: the last q of kv positions
+    as queries, each over the keys up to its own (q = kv: the lower triangle, diagonal
+    included); a backward is twice its forward (dQ, dK from dS; dP, dV)."""
     d = w.n_embd
     if kind == "decode":
         return 4.0 * b * q * kv * d
-    causal = 4.0 * b * d * q * (q + 1) / 2
+    causal = 4.0 * b * d * (q * kv - q * (q - 1) / 2)
     return 2 * causal if kind == "causal_backward" else causal
 
 

@@ -99,8 +99,8 @@ def run_trl(
 
     from rlhflab.bench.common import PPO_SETTINGS, peak_memory, side_result
     from rlhflab.data import read_prompts
-    from rlhflab.device import fast_attention
-    from rlhflab.models import fuse_gelu, load_causal_lm, load_reward_model, load_tokenizer
+    from rlhflab.device import fast_attention, fuse_gelu
+    from rlhflab.models import load_causal_lm, load_reward_model, load_tokenizer
     from rlhflab.text import encode_query
 
     tok = load_tokenizer(inputs["policy"])

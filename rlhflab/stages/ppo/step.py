@@ -22,7 +22,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from rlhflab.device import autocast
+from rlhflab.device import autocast, reading_last
 from rlhflab.distributed import Forward, unwrap
 from rlhflab.generation import Generation, sample
 from rlhflab.models import (
@@ -89,16 +89,18 @@ def cut(attention_mask: torch.Tensor, mask: torch.Tensor) -> tuple[slice, int]:
 def policy_logprobs(policy, query_responses, attention_mask, R: int, temperature: float):
     """log π(response tokens) at `temperature`, from one forward over query+response.
 
-    Only the R positions that predict response tokens reach the LM head (logits_to_keep),
-    and no full-vocabulary log-softmax is kept. -> logprobs (B, R), logits (B, R, V)
+    Only the R + 1 last positions run the last block (`reading_last`) and the R that
+    predict response tokens reach the LM head (logits_to_keep); no full-vocabulary
+    log-softmax is kept. -> logprobs (B, R), logits (B, R, V)
     """
-    out = policy(
-        input_ids=query_responses,
-        attention_mask=attention_mask,
-        position_ids=position_ids(attention_mask),
-        use_cache=False,
-        **keep_last(unwrap(policy), R + 1),
-    )
+    with reading_last(unwrap(policy), R + 1):
+        out = policy(
+            input_ids=query_responses,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            use_cache=False,
+            **keep_last(unwrap(policy), R + 1),
+        )
     logits = out.logits[:, -R - 1 : -1]  # position t predicts response token t
     return token_logprobs(logits, query_responses[:, -R:], temperature), logits
 
@@ -107,11 +109,13 @@ def response_values(value_model, query_responses, attention_mask, R: int) -> tor
     """V(s_t) at the state before each response token.  (B, R)
 
     `value_model`: the model itself, or the Run's `value_train` (token_values through the
-    root forward of distributed.wrap: DDP's or FSDP's)."""
-    if isinstance(value_model, (Forward, DistributedDataParallel)):
-        values = value_model(query_responses, attention_mask)
-    else:
-        values = token_values(value_model, query_responses, attention_mask)
+    root forward of distributed.wrap: DDP's or FSDP's). The last block runs at the last
+    R + 1 positions only (`reading_last`)."""
+    with reading_last(unwrap(value_model), R + 1):
+        if isinstance(value_model, (Forward, DistributedDataParallel)):
+            values = value_model(query_responses, attention_mask)
+        else:
+            values = token_values(value_model, query_responses, attention_mask)
     return values[:, -R - 1 : -1]
 
 
