@@ -138,15 +138,13 @@ def progress(iterable=None, total: int | None = None, desc: str = "", initial: i
 
 
 def in_fresh_process(fn, *args):
-    """`fn(*args)` in a fresh child process; its result or its own exception comes back.
-    A stage process (`stage_context`): forked by the fork server, never by this process (a
-    forked child would inherit torch's OpenMP pool, which is not fork-safe), with this
-    process's environment and thread count. `fn` and `args` must pickle (a module-level
-    function, dataclass configs, paths)."""
+    """`fn(*args)` in a spawned child process; its result or its own exception comes back.
+    Spawn, not fork: a forked child inherits torch's OpenMP pool, which is not fork-safe.
+    `fn` and `args` must pickle (a module-level function, dataclass configs, paths)."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    init = (dict(os.environ), torch.get_num_threads())
-    with ProcessPoolExecutor(1, mp_context=stage_context(), initializer=apply_env, initargs=init) as pool:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, *args).result()
 
 

@@ -8,8 +8,7 @@ stop at it) so two runs do the same work. Models are
 built from config (random init) and written to a scratch directory with a word-level
 tokenizer of the workload's vocabulary; the prompts are random words of exactly the
 prompt length. Each side runs in a fresh process (its own peak memory, its own thread
-pool; forked by the stages' fork server, `training.stage_context`), one after the other;
-its first PPO step (warm-up) is left out of every figure.
+pool), one after the other; its first PPO step (warm-up) is left out of every figure.
 
 Figures: episodes/s over whole steps; generated tokens/s over the generate phase;
 training tokens/s = epochs x batch x (prompt + response) over the update phase; the
