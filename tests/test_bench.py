@@ -102,16 +102,10 @@ def test_seed_moves_the_ppo_run_and_not_the_workload(capsys, monkeypatch):
     assert "seed" in capsys.readouterr().err
 
 
-def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
-    """bench/limit.py's GEMM FLOPs of one forward (and forward + backward) equal what
-    torch's FlopCounterMode counts on a real GPT-2 of the workload's shape; its attention
-    FLOPs are the causal share of torch's full count."""
-    from torch.utils.flop_counter import FlopCounterMode
+def _workload_gpt2(w):
+    """A GPT-2 of the workload's shape, sdpa attention (random init)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from rlhflab.bench.limit import _backward, _linears, attention_flops
-
-    w = bench.WORKLOADS["tiny"]
     cfg = GPT2Config(
         vocab_size=w.vocab_size,
         n_positions=w.n_positions,
@@ -120,7 +114,19 @@ def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
         n_head=w.n_head,
         attn_implementation="sdpa",
     )
-    model = GPT2LMHeadModel(cfg)
+    return GPT2LMHeadModel(cfg)
+
+
+def test_the_limits_flop_count_is_what_torch_counts_for_gpt2():
+    """bench/limit.py's GEMM FLOPs of one forward (and forward + backward) equal what
+    torch's FlopCounterMode counts on a real GPT-2 of the workload's shape; its attention
+    FLOPs are the causal share of torch's full count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rlhflab.bench.limit import _backward, _linears, attention_flops
+
+    w = bench.WORKLOADS["tiny"]
+    model = _workload_gpt2(w)
     B, T = 4, w.prompt_len + w.response_len
     ids = torch.randint(0, w.vocab_size, (B, T))
 
@@ -155,21 +161,12 @@ def test_the_limits_count_of_a_forward_read_at_its_last_positions_is_what_torch_
     head at the read positions, and their backward; its last layer's attention runs the
     read queries only."""
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     from rlhflab.bench.limit import _backward, _last_linears, _linears
     from rlhflab.device import reading_last
 
     w = bench.WORKLOADS["tiny"]
-    cfg = GPT2Config(
-        vocab_size=w.vocab_size,
-        n_positions=w.n_positions,
-        n_embd=w.n_embd,
-        n_layer=w.n_layer,
-        n_head=w.n_head,
-        attn_implementation="sdpa",
-    )
-    model = GPT2LMHeadModel(cfg)
+    model = _workload_gpt2(w)
     B, T, read = 4, w.prompt_len + w.response_len, w.response_len
     ids = torch.randint(0, w.vocab_size, (B, T))
     with FlopCounterMode(display=False) as fc:
