@@ -13,7 +13,10 @@ import pytest
 import torch
 
 os.environ.setdefault("RLHFLAB_QUIET", "1")  # no progress bars in test output
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The cores shared among pytest-xdist's workers (`-n 2`: one torch thread each), so they never
+# spin more threads than there are cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 def pytest_collection_modifyitems(config, items):
