@@ -102,6 +102,22 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESETS["figure1"] = {**PRESETS["default"], "rlhf_sizes": list(SIZES), "comparisons_from": list(SIZES)}
+PRESETS["quick"] = {
+    **PRESETS["default"],
+    "pretrain_large": {"steps": 300, "batch_size": 16},
+    "sft_large": {**LAB_SFT["large"], "epochs": 2},  # SFT over pretraining stays 0.1
+    "rm": {**LAB_RM, "epochs": 1},
+    "ppo": {"total_episodes": 2048, "eval_every": 4},  # the β = 0 run's gold curve: 8 points, as the default's
+    "ppo_ptx": {"total_episodes": 2048},
+    "sweep_betas": [0.0],
+    "sweep_ptx_betas": [],
+}
+"""The default halved where it waits on one stage after another, for a CPU on which the default
+takes twice its budget (fp32 without bf16 instructions; README, "What a run shows today"): the
+large model pretrained 300 steps (SFT-large 2 epochs, keeping SFT at a tenth of pretraining),
+the RM one epoch, PPO and PPO-ptx 2,048 episodes, and of the β sweep PPO at β = 0 only. What it
+gives up: the tax at the paper's β (PPO and PPO-ptx at 0.02) and a weaker GPT-large, SFT-large
+and RM than the default's; the README says what it measured."""
 """Figure 1's every point: the default run, plus PPO and PPO-ptx from SFT-large, with the RM's
 training comparisons ranked on samples of both SFT models (README, "What a run shows today",
 says what they cost and what the second SFT model's samples change)."""
