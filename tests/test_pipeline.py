@@ -159,6 +159,34 @@ def test_figure1_preset_runs_ppo_and_ppo_ptx_from_sft_large_too(tmp_path):
     assert {("PPO-large", "SFT-large"), ("PPO-ptx-large", "SFT-large"), ("PPO-ptx-small", "SFT-small")} <= set(pairs)
 
 
+def test_quick_preset_halves_the_critical_path_and_keeps_the_rest_of_the_recipe(tmp_path):
+    """`quick`: the large model's pretraining and SFT, the RM and PPO at half the default's
+    steps, SFT still a tenth of pretraining, the β sweep at β = 0 only; the rest is the
+    default's (β, γ, the small model, the eval)."""
+    from rlhflab.config import load_config
+    from rlhflab.pipeline import Pipeline, RunConfig, _base
+
+    def cfg(preset: str) -> RunConfig:
+        return load_config(RunConfig, overrides=[f"out_dir={tmp_path}"], base=_base(preset))
+
+    quick, default = cfg("quick"), cfg("default")
+    ratio = {
+        name: (c.pretrain_large.steps, c.sft_large.epochs, c.rm.epochs, c.ppo.total_episodes, c.ppo_ptx.total_episodes)
+        for name, c in (("quick", quick), ("default", default))
+    }
+    assert [d / q for q, d in zip(ratio["quick"], ratio["default"])] == [2, 2, 2, 2, 2]
+    assert (quick.ppo.kl_coef, quick.ppo_ptx.kl_coef, quick.ppo_ptx.ptx_coef) == (
+        default.ppo.kl_coef,
+        default.ppo_ptx.kl_coef,
+        default.ppo_ptx.ptx_coef,
+    )
+    assert quick.pretrain_small == default.pretrain_small and quick.sft_small == default.sft_small
+    assert quick.eval == default.eval and quick.sft_large.train.lr == default.sft_large.train.lr
+    assert quick.ppo.eval_every * 2 == default.ppo.eval_every  # the β = 0 gold curve keeps its points
+    jobs = {j.name for j in Pipeline(quick).jobs()}
+    assert "sweep/beta-0" in jobs and not {"sweep/beta-0.02", "sweep/ptx-beta-0.02"} & jobs
+
+
 @pytest.mark.parametrize("key", ["rlhf_sizes", "comparisons_from"])
 @pytest.mark.parametrize("sizes", ["[large]", "[small, small]"])
 def test_sizes_without_the_small_model_or_twice_are_refused(tmp_path, capsys, sizes, key):

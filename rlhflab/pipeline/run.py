@@ -317,7 +317,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'default': the full lab run; 'figure1': the default plus PPO and PPO-ptx at the large size "
         "(Figure 1's every point), the RM's comparisons ranked on both SFT models' samples; 'quick': the "
         "default halved on its critical path (large model pretrained 300 steps, RM 1 epoch, PPO 2,048 "
-        "episodes, β sweep at 0 only), for CPUs without bf16; 'smoke': a one-minute check",
+        "episodes, β sweep at 0 only), for CPUs without bf16: it gives up the large model's lead over the small "
+        "one; 'smoke': a one-minute check",
     )
 
 
