@@ -102,6 +102,9 @@ PRESETS: dict[str, dict] = {
     },
 }
 PRESETS["figure1"] = {**PRESETS["default"], "rlhf_sizes": list(SIZES), "comparisons_from": list(SIZES)}
+"""Figure 1's every point: the default run, plus PPO and PPO-ptx from SFT-large, with the RM's
+training comparisons ranked on samples of both SFT models (README, "What a run shows today",
+says what they cost and what the second SFT model's samples change)."""
 PRESETS["quick"] = {
     **PRESETS["default"],
     "pretrain_large": {"steps": 300, "batch_size": 16},
@@ -117,13 +120,10 @@ takes twice its budget (fp32 without bf16 instructions; README, "What a run show
 large model pretrained 300 steps (SFT-large 2 epochs, keeping SFT at a tenth of pretraining),
 the RM one epoch, PPO and PPO-ptx 2,048 episodes, and of the β sweep PPO at β = 0 only. 17 min 54 s
 with set-up on a 2-core Zen 3 EPYC in fp32, where the default took 39 min. It keeps the small
-model's findings: the headline, RLHF over SFT, the tax at β = 0.1 and PPO-ptx's repayment,
+model's findings: the headline, PPO-ptx over SFT-small, the tax at β = 0.1 and PPO-ptx's repayment,
 over-optimization at β = 0. It gives up the large model (300 steps left GPT-large no better
 than GPT-small: gold 0.096 against 0.115), the tax at the paper's β, and some RM quality
 (README, "What a run shows today")."""
-"""Figure 1's every point: the default run, plus PPO and PPO-ptx from SFT-large, with the RM's
-training comparisons ranked on samples of both SFT models (README, "What a run shows today",
-says what they cost and what the second SFT model's samples change)."""
 
 
 # Paths the pipeline sets for each stage; placeholders so the nested configs validate.
