@@ -119,7 +119,7 @@ PRESETS["quick"] = {
 takes twice its budget (fp32 without bf16 instructions; README, "What a run shows today"): the
 large model pretrained 300 steps (SFT-large 2 epochs, keeping SFT at a tenth of pretraining),
 the RM one epoch, PPO and PPO-ptx 2,048 episodes, and of the β sweep PPO at β = 0 only. 17 min 54 s
-with set-up on a 2-core Zen 3 EPYC in fp32, where the default took 39 min. It keeps the small
+with set-up on a 2-core Zen 3 EPYC in fp32, where the default took 38 min 20 s. It keeps the small
 model's findings: the headline, PPO-ptx over SFT-small, the tax at β = 0.1 and PPO-ptx's repayment,
 over-optimization at β = 0. It gives up the large model (300 steps left GPT-large no better
 than GPT-small: gold 0.096 against 0.115), the tax at the paper's β, and some RM quality
